@@ -1,0 +1,44 @@
+# segexp: `make demo` trains on synthetic HC18 into ./mlruns; `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install test test-all lint format demo ui data clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check segexp tests
+	$(BIN)/ruff format --check segexp tests
+
+format: install
+	$(BIN)/ruff format segexp tests
+	$(BIN)/ruff check --fix segexp tests
+
+mlruns/data/hc18_synthetic: | install
+	$(BIN)/segexp make-data hc18 $@ --n 240 --seed 0
+
+data: mlruns/data/hc18_synthetic
+
+demo: install mlruns/data/hc18_synthetic
+	$(BIN)/segexp train experiment=hc18_seed dataset=hc18_synthetic trainer.max_epochs=4
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf mlruns/outputs mlruns/cache

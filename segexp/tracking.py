@@ -1,0 +1,262 @@
+"""MLflow tracking: the explicit default store, run lifecycle, params, tags and per-epoch metrics.
+
+The embedded default is `sqlite:///<work_dir>/mlflow.db` with artifacts in `<work_dir>/artifacts`
+(`work_dir` defaults to `./mlruns`); `tracking.uri` or `MLFLOW_TRACKING_URI` points at a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PARAM_BATCH = 100  # MLflow's per-request limit on params
+SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key|credential", re.IGNORECASE)
+URI_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
+OVERRIDE_SECRET = re.compile(
+    r"((?:pass(?:word)?|secret|token|api_?key|credential)[^=\s]*=)\S+", re.IGNORECASE
+)
+
+
+def redact(key: str, value: str) -> str:
+    """Hide passwords in URIs and the values of secret-looking keys."""
+    if SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+        return "***"
+    value = OVERRIDE_SECRET.sub(r"\1***", value)
+    return URI_PASSWORD.sub(r"\1***\3", value)
+
+
+def store_locations(tracking_cfg: DictConfig, work_dir: Path) -> tuple[str, str]:
+    """(tracking URI, artifact root URI): explicit config, then MLFLOW_TRACKING_URI, then default."""
+    uri = tracking_cfg.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = uri or f"sqlite:///{(work_dir / 'mlflow.db').resolve()}"
+    artifacts = tracking_cfg.get("artifact_location") or (work_dir / "artifacts").resolve().as_uri()
+    return uri, artifacts
+
+
+def prepare_store(uri: str, artifact_root: str) -> MlflowClient:
+    """A client for `uri`; a SQLite store is created and migrated once, under a file lock.
+
+    Several processes opening a fresh SQLite database at once race in MLflow's schema setup,
+    so the first one creates it while the others wait on the lock.
+    """
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(Path(f"{db}.lock")):
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            SqlAlchemyStore(uri, artifact_root)  # creates or migrates the schema, then closes
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_root: str) -> str:
+    """Get or create the experiment, with its artifacts under `artifact_root/<name>`."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(
+            name, artifact_location=f"{artifact_root.rstrip('/')}/{name}"
+        )
+    except MlflowException:  # created by a concurrent job in between
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def redacted(cfg: DictConfig | ListConfig, key: str = ""):
+    """The resolved config as plain containers, with secret values and URI passwords hidden."""
+    node = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    if isinstance(node, dict):
+        return {k: redacted(v, f"{key}.{k}") for k, v in node.items()}
+    if isinstance(node, list):
+        return [redacted(v, key) for v in node]
+    return redact(key, node) if isinstance(node, str) else node
+
+
+def flatten(node: dict, prefix: str = "") -> dict[str, str]:
+    """Nested dict as `a.b.c -> value` strings, lists kept whole, values never truncated."""
+    flat: dict[str, str] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def git_tags() -> dict[str, str]:
+    """Commit and dirty flag of the segexp checkout, when it is one."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        return {
+            "mlflow.source.git.commit": git("rev-parse", "HEAD"),
+            "git.dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by segexp's SIGTERM handler so Lightning shuts down as on Ctrl-C."""
+
+
+class TrackedRun:
+    """Context manager around one MLflow run: creates or resumes it and always ends its status.
+
+    FINISHED when the block completes; KILLED on Ctrl-C or SIGTERM; FAILED with a
+    `failure_reason` tag on any other exception (which is re-raised).
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        experiment: str,
+        artifact_root: str,
+        run_name: str,
+        resume_run_id: str | None = None,
+    ):
+        self.client, self.run_name, self.resume_run_id = client, run_name, resume_run_id
+        self.experiment_id = experiment_id(client, experiment, artifact_root)
+        self.run_id: str | None = resume_run_id
+        self.signal_received: int | None = None
+        self.interrupted = False  # set by EpochMetricsToMLflow when Lightning saw Ctrl-C
+
+    def __enter__(self) -> TrackedRun:
+        if self.resume_run_id:
+            self.client.update_run(self.resume_run_id, status="RUNNING")
+        else:
+            self.run_id = self.client.create_run(
+                self.experiment_id, run_name=self.run_name
+            ).info.run_id
+        self.set_tags({"segexp.pid": str(os.getpid()), "segexp.host": socket.gethostname()})
+        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum, frame):
+        self.signal_received = signum
+        raise Interrupted(f"received signal {signum}")
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        signal.signal(signal.SIGTERM, self._previous_sigterm)
+        if exc_type is None:
+            status = "FINISHED"
+        elif self.signal_received or self.interrupted or issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"  # Lightning turns Ctrl-C into SystemExit(1): `interrupted` remembers
+            self.set_tags(
+                {
+                    "stop_reason": f"signal {self.signal_received}"
+                    if self.signal_received
+                    else "interrupted"
+                }
+            )
+        else:
+            status = "FAILED"
+            self.set_tags({"failure_reason": f"{exc_type.__name__}: {exc}"[:5000]})
+        self.client.set_terminated(self.run_id, status=status)
+        if self.signal_received:
+            raise SystemExit(
+                128 + self.signal_received
+            ) from exc  # the shell's code for "killed by"
+        return False
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_params(self, params: dict[str, str]) -> None:
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
+    def metric_history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+        return {
+            k: sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, k))
+            for k in keys
+        }
+
+
+class NonFiniteMetricError(FloatingPointError):
+    """A loss or metric became NaN or Inf: training stops instead of logging it as if fine."""
+
+
+class EpochMetricsToMLflow(pl.Callback):
+    """Logs every `train/*` and `val/*` metric once per epoch with step = epoch, then `last.ckpt`.
+
+    Metrics are logged before `last.ckpt` is replaced, and epochs that a resumed run already
+    logged are skipped, so a crash at any point leaves one value per epoch, no gaps, no duplicates.
+    On an exception (Ctrl-C, SIGTERM, error) the current state goes to `on_exception.ckpt`.
+    """
+
+    def __init__(self, run: TrackedRun, checkpoint_dir: Path):
+        self.run, self.checkpoint_dir = run, Path(checkpoint_dir)
+        self.logged: set[int] = set()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.logged = self.run.logged_steps("train/loss")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("train/", "val/"))
+        }
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+        if bad:
+            raise NonFiniteMetricError(f"non-finite metrics at epoch {epoch}: {bad}")
+        if epoch not in self.logged:
+            self.run.log_metrics(metrics, step=epoch)
+            self.logged.add(epoch)
+        self._save(trainer, "last.ckpt")
+
+    def _save(self, trainer, name: str) -> None:
+        tmp = self.checkpoint_dir / f".{name}.tmp"
+        trainer.save_checkpoint(tmp, weights_only=False)
+        os.replace(
+            tmp, self.checkpoint_dir / name
+        )  # atomic: a kill mid-write keeps the previous file
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if isinstance(exception, KeyboardInterrupt | SystemExit):
+            self.run.interrupted = True
+        self._save(trainer, "on_exception.ckpt")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock held for the duration of the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

@@ -1,0 +1,196 @@
+"""`segexp train`: compose the config, train one model, log everything to MLflow."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+from segexp import report, tracking
+from segexp.data import SegDataModule
+from segexp.module import SegModule
+
+CONFIG_DIR = tracking.PROJECT_ROOT / "conf"
+# `_target_`s may only name these packages: a config can never call os.system & co.
+ALLOWED_TARGETS = (
+    "torch.",
+    "segmentation_models_pytorch.",
+    "albumentations.",
+    "segexp.",
+    "pytorch_lightning.",
+    "lightning.",
+)
+OmegaConf.register_new_resolver(
+    "pm", lambda delta, center=0: [center - delta, center + delta], replace=True
+)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named by its key."""
+
+
+def check_config(cfg: DictConfig, path: str = "") -> None:
+    """Reject `_target_`s outside ALLOWED_TARGETS before anything is instantiated."""
+    for key, value in cfg.items() if isinstance(cfg, DictConfig) else enumerate(cfg):
+        name = f"{path}.{key}" if path else str(key)
+        if key == "_target_" and not str(value).startswith(ALLOWED_TARGETS):
+            raise ConfigError(
+                f"{name}={value!r} is not allowed: targets must start with one of {ALLOWED_TARGETS}"
+            )
+        if OmegaConf.is_config(value):
+            check_config(value, name)
+
+
+@dataclass
+class Resume:
+    run_id: str
+    checkpoint: Path
+    output_dir: Path
+
+
+def resume_target(client, run_id: str, overrides: list[str]) -> tuple[Resume, DictConfig]:
+    """The run's last checkpoint and its logged config with `overrides` applied on top."""
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:
+        raise ConfigError(f"resume={run_id}: no such run in the tracking store ({err})") from err
+    output_dir = Path(run.data.tags.get("segexp.output_dir", ""))
+    checkpoint = output_dir / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        raise ConfigError(
+            f"resume={run_id}: no checkpoint at {checkpoint}; the run cannot be resumed"
+        )
+    try:
+        torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(
+            f"resume={run_id}: checkpoint {checkpoint} is unreadable ({err})"
+        ) from err
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
+    extra = [o for o in overrides if not o.startswith("resume=")]
+    cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(extra))
+    cfg.resume = run_id
+    return Resume(run_id, checkpoint, output_dir), cfg
+
+
+def choice(cfg: DictConfig, group: str) -> str:
+    """The config-group option chosen for `group` (e.g. `unet_small`), when Hydra knows it."""
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.choices.get(group) or "?"
+    target = str(OmegaConf.select(cfg, f"{group}._target_", default="?"))
+    return OmegaConf.select(cfg, f"{group}.arch") or target.rsplit(".", 1)[-1]
+
+
+def run_name(cfg: DictConfig) -> str:
+    if cfg.run_name:
+        return cfg.run_name
+    return f"{cfg.dataset.name} {choice(cfg, 'model')} lr={cfg.optimizer.lr:g} bs={cfg.dataset.batch_size}"
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto`: bf16-mixed where the hardware has fast bf16, else 32-true."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
+
+
+def build_module(cfg: DictConfig, datamodule: SegDataModule) -> SegModule:
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    channels_last = bool(model_cfg.pop("channels_last", False))  # segexp's option, not the model's
+    return SegModule(
+        net=instantiate(model_cfg),
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        volumetric=datamodule.volumetric,
+        channels_last=channels_last,
+        monitor=cfg.checkpoint.monitor,
+    )
+
+
+def build_trainer(cfg: DictConfig, run: tracking.TrackedRun, output_dir: Path) -> pl.Trainer:
+    checkpoints = output_dir / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(
+            checkpoints, filename="best", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode
+        ),
+        tracking.EpochMetricsToMLflow(run, checkpoints),
+    ]
+    if cfg.early_stopping:
+        callbacks.append(
+            EarlyStopping(cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, **cfg.early_stopping)
+        )
+    return instantiate(
+        cfg.trainer,
+        precision=resolve_precision(cfg.trainer.precision),
+        default_root_dir=str(output_dir),
+        callbacks=callbacks,
+        logger=False,
+    )
+
+
+def default_output_dir(cfg: DictConfig) -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+    return Path(cfg.work_dir) / "outputs" / f"{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]:
+    """Train one run, log it to MLflow; returns the final metrics of the restored best epoch."""
+    overrides = list(overrides or [])
+    check_config(cfg)
+    uri, artifact_root = tracking.store_locations(cfg.tracking, Path(cfg.work_dir))
+    client = tracking.prepare_store(uri, artifact_root)
+    resume = None
+    if cfg.resume:
+        resume, cfg = resume_target(client, cfg.resume, overrides)
+    pl.seed_everything(cfg.seed, workers=True)
+    augment = A.Compose(instantiate(cfg.augment.transforms)) if cfg.augment.transforms else None
+    datamodule = instantiate(cfg.dataset, train_transform=augment)
+    datamodule.prepare_data()  # bad input fails here, before a run exists
+    module = build_module(cfg, datamodule)
+    output_dir = resume.output_dir if resume else default_output_dir(cfg)
+    with tracking.TrackedRun(
+        client, cfg.tracking.experiment, artifact_root, run_name(cfg), resume and resume.run_id
+    ) as run:
+        if resume:
+            run.set_tags({"segexp.resumed_with": " ".join(overrides)})
+        else:
+            report.log_run_inputs(run, cfg, overrides, datamodule, output_dir)
+        trainer = build_trainer(cfg, run, output_dir)
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=resume and str(resume.checkpoint),
+            weights_only=True,
+        )
+        return report.log_final_evaluation(run, trainer, module, datamodule, output_dir)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point (`segexp train`, `python -m segexp.train`); returns val/dice_best."""
+    torch.set_num_threads(int(os.environ.get("SEGEXP_THREADS", torch.get_num_threads())))
+    final = train(cfg, list(HydraConfig.get().overrides.task))
+    return final["val/dice_best"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Shared fixtures: synthetic datasets made once per session, a fresh MLflow store per test."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow import MlflowClient
+
+from segexp import synthetic, tracking
+from segexp.train import CONFIG_DIR
+
+SHARED_HC18 = Path(__file__).resolve().parents[2] / "shared" / "data" / "hc18"
+TINY = [
+    "dataset.image_size=32",
+    "dataset.batch_size=4",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session")
+def hc18_root(tmp_path_factory) -> Path:
+    return synthetic.make_hc18(tmp_path_factory.mktemp("hc18") / "hc18", n=24, seed=0, n_test=3)
+
+
+@pytest.fixture(scope="session")
+def lgg_root(tmp_path_factory) -> Path:
+    return synthetic.make_lgg(
+        tmp_path_factory.mktemp("lgg") / "kaggle_3m", n=4, seed=0, size=64, slices=(20, 24)
+    )
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An MLflow SQLite schema made once (creating it costs seconds) and copied per test."""
+    root = tmp_path_factory.mktemp("store")
+    tracking.prepare_store(f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri())
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def work_dir(tmp_path, store_template) -> Path:
+    """A segexp work dir (store, outputs, cache) in tmp_path, its SQLite store pre-created."""
+    shutil.copy(store_template, tmp_path / "mlflow.db")
+    return tmp_path
+
+
+@pytest.fixture
+def client(work_dir) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{work_dir / 'mlflow.db'}")
+
+
+def make_cfg(work_dir: Path, *overrides: str):
+    """Compose conf/train.yaml with CLI-style overrides, as `segexp train` would."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"work_dir={work_dir}", *overrides])
+
+
+def only_run(client: MlflowClient, experiment: str):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))

@@ -1,0 +1,369 @@
+"""Data layer: both layouts, synthetic generators, splits, input checks, cache."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SHARED_HC18, make_cfg
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from PIL import Image
+from skimage import draw
+
+from segexp import cli, synthetic
+from segexp.cases import DataError, scan_hc18, scan_lgg, split_groups
+from segexp.data import SegDataModule, filled_mask, load_arrays
+
+
+def datamodule(root, layout="hc18", **kwargs) -> SegDataModule:
+    defaults = {
+        "hc18": dict(channels=1, val_fraction=0.25),
+        "lgg": dict(channels=3, val_count=1, normalize="volume"),
+    }
+    args = dict(
+        name=f"{layout}_synthetic", layout=layout, root=str(root), image_size=32, batch_size=4
+    )
+    return SegDataModule(**{**args, **defaults[layout], **kwargs})
+
+
+def copy_root(src, tmp_path):
+    return shutil.copytree(src, tmp_path / src.name)
+
+
+# ---------------------------------------------------------------- synthetic data, both layouts
+
+
+def test_synthetic_hc18_has_official_layout_and_exact_hc(hc18_root):
+    table = pd.read_csv(hc18_root / "training_set_pixel_size_and_HC.csv")
+    assert list(table.columns) == ["filename", "pixel size(mm)", "head circumference (mm)"]
+    assert len(table) == 24 and table["pixel size(mm)"].between(0.052, 0.326).all()
+    assert any("_2HC" in f for f in table.filename), "exams with repeats, as in HC18"
+    image = np.asarray(Image.open(hc18_root / "training_set" / table.filename[0]))
+    annotation = np.asarray(
+        Image.open(
+            hc18_root / "training_set" / table.filename[0].replace(".png", "_Annotation.png")
+        )
+    )
+    assert image.shape == annotation.shape == (540, 800)
+    assert set(np.unique(annotation)) == {0, 255}
+    assert (annotation > 0).mean() < 0.01, "a 1-pixel outline, like the official release"
+    assert (
+        len(pd.read_csv(hc18_root / "test_set_pixel_size.csv"))
+        == len(list((hc18_root / "test_set").glob("*.png")))
+        == 3
+    )
+
+
+def test_ramanujan_perimeter_matches_known_values():
+    assert synthetic.ramanujan_perimeter(10, 10) == pytest.approx(2 * np.pi * 10)
+    # numerically integrated perimeter of a 3:1 ellipse
+    t = np.linspace(0, 2 * np.pi, 200001)
+    exact = np.sum(np.hypot(np.diff(3 * np.cos(t)), np.diff(np.sin(t))))
+    assert synthetic.ramanujan_perimeter(3, 1) == pytest.approx(exact, rel=1e-6)
+
+
+def test_synthetic_lgg_has_kaggle_layout_with_3d_lesions_and_empty_slices(lgg_root):
+    patients = sorted(p for p in lgg_root.iterdir() if p.is_dir())
+    assert len(patients) == 4 and (lgg_root / "data.csv").is_file()
+    for patient in patients:
+        masks = sorted(patient.glob("*_mask.tif"), key=lambda p: int(p.stem.split("_")[-2]))
+        assert 20 <= len(masks) <= 24
+        image = np.asarray(Image.open(patient / f"{patient.name}_1.tif"))
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+        positive = [bool(np.asarray(Image.open(m)).any()) for m in masks]
+        assert 0 < sum(positive) < len(positive), "a lesion on some slices, empty masks on others"
+        first, last = positive.index(True), len(positive) - 1 - positive[::-1].index(True)
+        assert all(positive[first : last + 1]), "the lesion spans consecutive slices"
+
+
+# ---------------------------------------------------------------- HC18 loader
+
+
+def test_hc18_cases_know_exam_pixel_size_and_hc(hc18_root):
+    cases = scan_hc18(hc18_root)
+    assert len(cases) == 24
+    repeat = next(c for c in cases if "_2HC" in c.case_id)
+    assert repeat.group == repeat.case_id.split("_")[0]
+    table = pd.read_csv(hc18_root / "training_set_pixel_size_and_HC.csv").set_index("filename")
+    assert repeat.pixel_size_mm == pytest.approx(
+        table.loc[f"{repeat.case_id}.png", "pixel size(mm)"]
+    )
+    assert repeat.hc_mm == pytest.approx(
+        table.loc[f"{repeat.case_id}.png", "head circumference (mm)"]
+    )
+    dm = datamodule(hc18_root)
+    dm.prepare_data()
+    assert dm.original_sizes.tolist() == [[540, 800]] * 24
+
+
+def test_outline_and_filled_annotations_give_the_same_mask():
+    outline = np.zeros((540, 800), np.uint8)
+    rr, cc = draw.ellipse_perimeter(270, 400, 120, 200, 0.4, shape=outline.shape)
+    outline[rr, cc] = 255
+    filled = np.zeros_like(outline)
+    rr, cc = draw.ellipse(270, 400, 120, 200, shape=outline.shape, rotation=-0.4)  # same ellipse
+    filled[rr, cc] = 255
+    rgb_filled = np.stack([filled] * 3, axis=-1).max(axis=2)  # as the RGB copy in ../shared
+    a, b = filled_mask(outline), filled_mask(rgb_filled)
+    assert (a & b).sum() / (a | b).sum() > 0.98
+    # an outline cut by the image border does not close: the ellipse is fitted and filled
+    cut = np.zeros_like(outline)
+    rr, cc = draw.ellipse_perimeter(100, 400, 150, 200, 0.0, shape=cut.shape)
+    cut[rr, cc] = 255
+    area = filled_mask(cut).sum()
+    rr, cc = draw.ellipse(100, 400, 150, 200, shape=cut.shape)
+    assert abs(area - len(rr)) / len(rr) < 0.03
+
+
+def test_hc18_split_is_by_exam_and_stable_under_listing_order(hc18_root):
+    cases = scan_hc18(hc18_root)
+    val = split_groups(cases, 0.25, None, seed=3)
+    shuffled = cases[:]
+    random.Random(0).shuffle(shuffled)
+    assert split_groups(shuffled, 0.25, None, seed=3) == val
+    assert split_groups(cases, 0.25, None, seed=4) != val
+    dm = datamodule(hc18_root, split_seed=3)
+    dm.setup()
+    train_exams = {dm.cases[i].group for i in dm.train_idx}
+    val_exams = {dm.cases[i].group for i in dm.val_idx}
+    assert val_exams == val and not train_exams & val_exams
+    split = dm.split_table()
+    assert split.groupby("group").split.nunique().max() == 1
+
+
+def test_batches_follow_the_contract(hc18_root, lgg_root):
+    for dm in (datamodule(hc18_root), datamodule(lgg_root, "lgg")):
+        dm.setup()
+        batch = next(iter(dm.train_dataloader()))
+        channels = 1 if dm.layout == "hc18" else 3
+        assert (
+            batch["image"].shape == (4, channels, 32, 32) and batch["image"].dtype.is_floating_point
+        )
+        assert batch["mask"].shape == (4, 1, 32, 32)
+        assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+        assert len(batch["case_id"]) == len(batch["group"]) == 4
+    # per-volume z-score: each patient's channels come out near zero mean, unit spread
+    images = torch_cat(dm.val_dataloader())
+    assert abs(images.mean()) < 0.5 and 0.5 < images.std() < 1.5
+
+
+def torch_cat(loader):
+    import torch
+
+    return torch.cat([b["image"] for b in loader])
+
+
+def test_predict_loader_reads_unannotated_hc18_test_set(hc18_root):
+    dm = datamodule(hc18_root)
+    dm.setup()
+    batch = next(iter(dm.predict_dataloader()))
+    assert (
+        "mask" not in batch
+        and batch["image"].shape[1:] == (1, 32, 32)
+        and len(batch["case_id"]) == 3
+    )
+
+
+# ---------------------------------------------------------------- LGG loader
+
+
+def test_lgg_slices_are_in_numeric_order_and_patients_never_straddle(lgg_root, tmp_path):
+    cases = scan_lgg(lgg_root)
+    for patient in {c.group for c in cases}:
+        indices = [c.slice_index for c in cases if c.group == patient]
+        assert indices == list(range(1, len(indices) + 1))
+    # the download folder that contains kaggle_3m/ is accepted as root too
+    parent = tmp_path / "lgg-mri-segmentation"
+    parent.mkdir()
+    os.symlink(lgg_root, parent / "kaggle_3m")
+    assert len(scan_lgg(parent)) == len(cases)
+    dm = datamodule(lgg_root, "lgg", val_count=2)
+    dm.setup()
+    val_patients = {dm.cases[i].group for i in dm.val_idx}
+    assert len(val_patients) == 2
+    assert not val_patients & {dm.cases[i].group for i in dm.train_idx}
+    assert {"patients", "empty_mask_fraction"} <= set(dm.summary())
+    assert 0 < dm.summary()["empty_mask_fraction"] < 1
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def break_hc18(kind: str, root):
+    training = root / "training_set"
+    if kind == "missing annotation":
+        (training / "000_HC_Annotation.png").unlink()
+        return "000_HC.png", "missing annotation"
+    if kind == "image without CSV row":
+        shutil.copy(training / "000_HC.png", training / "999_HC.png")
+        shutil.copy(training / "000_HC_Annotation.png", training / "999_HC_Annotation.png")
+        return "999_HC.png", "no row in"
+    if kind == "CSV row without image":
+        (training / "001_HC.png").unlink()
+        (training / "001_HC_Annotation.png").unlink()
+        return "001_HC.png", "no such image"
+    if kind == "corrupt image":
+        data = (training / "002_HC.png").read_bytes()
+        (training / "002_HC.png").write_bytes(data[: len(data) // 3])
+        return "002_HC.png", "corrupt"
+    if kind == "mask size mismatch":
+        Image.fromarray(np.zeros((100, 100), np.uint8)).save(training / "003_HC_Annotation.png")
+        return "003_HC_Annotation.png", "mask size"
+    if kind == "non-binary mask":
+        Image.fromarray(np.arange(540 * 800).reshape(540, 800).astype(np.uint8)).save(
+            training / "004_HC_Annotation.png"
+        )
+        return "004_HC_Annotation.png", "non-binary"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing annotation",
+        "image without CSV row",
+        "CSV row without image",
+        "corrupt image",
+        "mask size mismatch",
+        "non-binary mask",
+    ],
+)
+def test_each_bad_input_is_named_with_its_file(kind, hc18_root, tmp_path):
+    root = copy_root(hc18_root, tmp_path)
+    filename, reason = break_hc18(kind, root)
+    with pytest.raises(DataError) as err:
+        datamodule(root).prepare_data()
+    assert filename in str(err.value) and reason in str(err.value)
+
+
+def test_every_offending_file_is_listed_in_one_error(hc18_root, tmp_path):
+    root = copy_root(hc18_root, tmp_path)
+    for kind in ("corrupt image", "mask size mismatch", "non-binary mask"):
+        break_hc18(kind, root)
+    with pytest.raises(DataError) as err:
+        datamodule(root).prepare_data()
+    assert len(err.value.problems) == 3
+    for name in ("002_HC.png", "003_HC_Annotation.png", "004_HC_Annotation.png"):
+        assert name in str(err.value)
+
+
+def test_empty_or_wrong_root_is_a_clear_error(tmp_path, lgg_root):
+    with pytest.raises(DataError, match="does not exist"):
+        datamodule(tmp_path / "nope").prepare_data()
+    with pytest.raises(DataError, match="missing folder"):
+        datamodule(tmp_path).prepare_data()
+    with pytest.raises(DataError, match="missing folder"):
+        datamodule(lgg_root).prepare_data()  # an LGG root given as HC18
+    with pytest.raises(DataError, match="no patient folders"):
+        datamodule(tmp_path, "lgg").prepare_data()
+
+
+def test_lgg_missing_mask_is_named(lgg_root, tmp_path):
+    root = copy_root(lgg_root, tmp_path)
+    patient = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    (patient / f"{patient.name}_3_mask.tif").unlink()
+    with pytest.raises(DataError, match=f"{patient.name}_3.tif: missing mask"):
+        scan_lgg(root)
+
+
+def test_check_data_prints_summary_or_fails_with_the_file(hc18_root, tmp_path, capsys):
+    overrides = [
+        "dataset=hc18",
+        f"dataset.root={hc18_root}",
+        f"work_dir={tmp_path}",
+        "dataset.image_size=32",
+    ]
+    assert cli.main(["check-data", *overrides]) == 0
+    assert '"images": 24' in capsys.readouterr().out
+    root = copy_root(hc18_root, tmp_path)
+    break_hc18("corrupt image", root)
+    assert (
+        cli.main(["check-data", "dataset=hc18", f"dataset.root={root}", f"work_dir={tmp_path}"])
+        == 2
+    )
+    assert "002_HC.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("dataset.image_size=30", "dataset.image_size"),
+        ("dataset.batch_size=0", "dataset.batch_size"),
+        ("dataset.val_fraction=1.5", "dataset.val_fraction"),
+        ("dataset.normalize=zscore", "dataset.normalize"),
+    ],
+)
+def test_bad_dataset_values_name_their_key(override, key, hc18_root, tmp_path):
+    cfg = make_cfg(tmp_path, f"dataset.root={hc18_root}", override)
+    with pytest.raises((ValueError, InstantiationException), match=key):
+        instantiate(cfg.dataset).setup()
+
+
+# ---------------------------------------------------------------- cache
+
+
+def test_cache_hit_and_invalidation(hc18_root, tmp_path):
+    root = copy_root(hc18_root, tmp_path)
+    cache = tmp_path / "cache"
+    cases = scan_hc18(root)
+    start = time.perf_counter()
+    images, masks, _ = load_arrays(cases, 32, 1, cache)
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    images2, masks2, _ = load_arrays(scan_hc18(root), 32, 1, cache)
+    warm = time.perf_counter() - start
+    assert len(list(cache.iterdir())) == 1 and warm < cold
+    np.testing.assert_array_equal(images, images2)
+    np.testing.assert_array_equal(masks, masks2)
+    # another size is another entry; a changed file invalidates
+    load_arrays(cases, 64, 1, cache)
+    assert len(list(cache.iterdir())) == 2
+    path = root / "training_set" / "000_HC.png"
+    image = np.asarray(Image.open(path)).copy()
+    image[:10] = 255
+    Image.fromarray(image).save(path)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    changed, _, _ = load_arrays(scan_hc18(root), 32, 1, cache)
+    assert len(list(cache.iterdir())) == 3
+    assert not np.array_equal(changed[0], images[0])
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+@pytest.mark.parametrize("augment", ["none", "buda", "strong"])
+def test_augment_presets_keep_masks_binary(augment, hc18_root, tmp_path):
+    import albumentations as A
+
+    cfg = make_cfg(tmp_path, f"augment={augment}")
+    transforms = instantiate(cfg.augment.transforms)
+    dm = datamodule(hc18_root, train_transform=A.Compose(transforms) if transforms else None)
+    dm.setup()
+    for batch in dm.train_dataloader():
+        assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+    if augment == "buda":
+        assert list(cfg.augment.transforms[0].scale) == [0.95, 1.05]
+        assert list(cfg.augment.transforms[0].rotate) == [-15, 15]
+
+
+# ---------------------------------------------------------------- the real HC18 data
+
+
+@pytest.mark.skipif(not SHARED_HC18.is_dir(), reason=f"real HC18 data not found at {SHARED_HC18}")
+def test_real_hc18_loads_and_no_exam_straddles_the_split(tmp_path):
+    dm = SegDataModule(
+        "hc18", "hc18", str(SHARED_HC18), channels=1, image_size=32, cache_dir=str(tmp_path)
+    )
+    dm.setup()
+    assert len(dm.cases) == 741
+    assert len(dm.train_idx) + len(dm.val_idx) == 741
+    assert not {dm.cases[i].group for i in dm.train_idx} & {dm.cases[i].group for i in dm.val_idx}
+    assert 0.15 < len(dm.val_idx) / 741 < 0.25
+    assert dm.masks.max() == 1 and 0.05 < dm.masks.mean() < 0.6  # filled heads
+    assert len(scan_hc18(SHARED_HC18, "test")) == 40
