@@ -1,0 +1,321 @@
+"""Training and tracking: tiny real runs into a real MLflow store in tmp_path."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, make_cfg, only_run, steps
+from hydra.utils import instantiate
+from mlflow import MlflowClient
+
+from segexp import tracking
+from segexp.cases import DataError
+from segexp.metrics import case_table
+from segexp.train import ConfigError, build_module, train
+
+EXPERIMENTS = sorted(
+    p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_builds(experiment, tmp_path, hc18_root, lgg_root):
+    data = (
+        [f"dataset.root={lgg_root}", "dataset.val_count=1"]
+        if experiment.startswith("lgg")
+        else [f"dataset.root={hc18_root}"]
+    )
+    cfg = make_cfg(tmp_path, f"experiment={experiment}", *data, "dataset.image_size=32")
+    datamodule = instantiate(cfg.dataset)
+    datamodule.setup()
+    module = build_module(cfg, datamodule)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert module(batch["image"]).shape == batch["mask"].shape
+    assert module.volumetric == experiment.startswith("lgg")
+    instantiate(cfg.trainer, logger=False)
+
+
+def test_lgg_experiments_state_the_reference_configs(tmp_path):
+    one = make_cfg(tmp_path, "experiment=lgg_buda_1")
+    two = make_cfg(tmp_path, "experiment=lgg_buda_2")
+    assert (one.dataset.batch_size, one.optimizer.lr, one.trainer.max_epochs) == (16, 3e-4, 7)
+    assert (
+        two.dataset.batch_size,
+        two.optimizer.lr,
+        two.optimizer.weight_decay,
+        two.trainer.max_epochs,
+    ) == (32, 1e-3, 1e-4, 10)
+    assert one.loss._target_.endswith("DiceLoss") and one.augment.aug_angle == 15
+    seed = make_cfg(tmp_path, "experiment=hc18_seed")
+    assert (seed.dataset.image_size, seed.dataset.batch_size, seed.early_stopping.patience) == (
+        128,
+        20,
+        5,
+    )
+    assert seed.checkpoint.monitor == "val/loss"
+
+
+@pytest.mark.parametrize("model", ["unet_small", "unet_buda", "smp"])
+@pytest.mark.parametrize("loss", ["bce", "dice", "bce_dice"])
+def test_models_and_losses_give_finite_gradients(model, loss, tmp_path):
+    cfg = make_cfg(tmp_path, f"model={model}", f"loss={loss}")
+    net, criterion = (
+        instantiate({k: v for k, v in cfg.model.items() if k != "channels_last"}),
+        instantiate(cfg.loss),
+    )
+    logits = net(torch.randn(2, 1, 32, 32))
+    assert logits.shape == (2, 1, 32, 32)
+    # extreme logits: numerically stable losses stay finite
+    value = criterion(logits * 1e4, (torch.rand(2, 1, 32, 32) > 0.5).float())
+    value.backward()
+    assert torch.isfinite(value) and all(
+        torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None
+    )
+
+
+def test_dice_rule_for_empty_masks():
+    table = case_table(
+        [[0, 0, 0, 16, 16], [0, 4, 0, 12, 16], [2, 2, 4, 14, 16]], ["a", "b", "c"], ["g"] * 3
+    )
+    assert table.dice.tolist() == [1.0, 0.0, pytest.approx(2 * 2 / 6)]
+    assert table.iou.tolist() == [1.0, 0.0, pytest.approx(2 / 4)]
+
+
+def test_two_epoch_run_lands_in_mlflow(work_dir, client, hc18_root):
+    long_name = "x" * 400  # params are logged whole, not cut at 250 characters
+    cfg = make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}", f"run_name={long_name}")
+    final = train(cfg, ["optimizer.lr=1e-3"])
+    run = only_run(client, "hc18_synthetic")
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "val/loss", "val/dice", "val/iou", "val/accuracy"):
+        assert steps(client, run.info.run_id, key) == [0, 1], key
+    assert "val/dice_volume" not in run.data.metrics
+    assert 0 <= run.data.metrics["val/dice_best"] <= 1 and run.data.metrics["best_epoch"] in (0, 1)
+    assert final["val/dice_best"] == pytest.approx(run.data.metrics["val/dice_best"])
+    assert run.data.params["optimizer.lr"] == "0.001"
+    assert run.data.params["run_name"] == long_name
+    assert run.data.params["dataset.image_size"] == "32"
+    assert run.data.tags["hydra.overrides"] == "optimizer.lr=1e-3"
+    assert len(run.data.tags["dataset.fingerprint"]) == 16
+    assert run.data.tags["mlflow.runName"] == long_name
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    artifacts |= {
+        a.path
+        for d in ("evaluation", "plots", "checkpoints")
+        for a in client.list_artifacts(run.info.run_id, d)
+    }
+    assert {
+        "config.yaml",
+        "split.csv",
+        "evaluation/val_cases.csv",
+        "plots/curves.png",
+        "checkpoints/best.ckpt",
+    } <= artifacts
+    # the artifact store is the explicit one under work_dir, never MLflow's default ./mlartifacts
+    assert run.info.artifact_uri.startswith((work_dir / "artifacts").as_uri())
+    output_dir = Path(run.data.tags["segexp.output_dir"])
+    assert (output_dir / "checkpoints" / "last.ckpt").is_file() and str(output_dir).startswith(
+        str(work_dir)
+    )
+
+
+def test_lgg_run_logs_per_patient_dice(work_dir, client, lgg_root):
+    cfg = make_cfg(
+        work_dir, "experiment=lgg_buda_1", *TINY, f"dataset.root={lgg_root}", "dataset.val_count=1"
+    )
+    train(cfg)
+    run = only_run(client, "lgg")
+    assert steps(client, run.info.run_id, "val/dice_volume") == [0, 1]
+    assert "val/dice_volume_best" in run.data.metrics
+    volumes = client.download_artifacts(
+        run.info.run_id, "evaluation/val_volumes.csv", str(work_dir)
+    )
+    assert (
+        len(Path(volumes).read_text().strip().splitlines()) == 2
+    )  # header + one validation patient
+
+
+def test_best_epoch_weights_are_restored_for_the_final_evaluation(work_dir, client, hc18_root):
+    # lr far too high: later epochs get worse, so the best epoch is not the last
+    cfg = make_cfg(
+        work_dir,
+        *TINY,
+        f"dataset.root={hc18_root}",
+        "trainer.max_epochs=4",
+        "checkpoint.monitor=val/loss",
+        "checkpoint.mode=min",
+    )
+    train(cfg)
+    run = only_run(client, "hc18_synthetic")
+    history = dict(
+        sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss"))
+    )
+    best_epoch = min(history, key=history.get)
+    assert run.data.metrics["best_epoch"] == best_epoch
+    dice = dict((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/dice"))
+    assert run.data.metrics["val/dice_best"] == pytest.approx(dice[best_epoch], abs=1e-6)
+
+
+def test_early_stopping_stops_and_restores(work_dir, client, hc18_root):
+    cfg = make_cfg(
+        work_dir,
+        *TINY,
+        f"dataset.root={hc18_root}",
+        "trainer.max_epochs=30",
+        "+early_stopping.patience=1",
+        "checkpoint.monitor=val/loss",
+        "checkpoint.mode=min",
+        "optimizer.lr=0.5",
+    )
+    train(cfg)
+    run = only_run(client, "hc18_synthetic")
+    epochs = steps(client, run.info.run_id, "val/loss")
+    assert epochs == list(range(len(epochs))) and len(epochs) < 30
+    assert run.data.metrics["best_epoch"] <= len(epochs) - 2
+
+
+def test_non_finite_loss_fails_the_run_with_its_reason(work_dir, client, hc18_root):
+    cfg = make_cfg(
+        work_dir,
+        *TINY,
+        f"dataset.root={hc18_root}",
+        "optimizer=sgd",
+        "optimizer.lr=1e30",
+        "trainer.max_epochs=3",
+    )
+    with pytest.raises(tracking.NonFiniteMetricError):
+        train(cfg)
+    run = only_run(client, "hc18_synthetic")
+    assert run.info.status == "FAILED"
+    assert "NonFiniteMetricError" in run.data.tags["failure_reason"]
+    for key in run.data.metrics:
+        assert all(
+            math.isfinite(m.value) for m in client.get_metric_history(run.info.run_id, key)
+        ), key
+
+
+def test_bad_data_fails_before_any_run_is_created(work_dir, client, hc18_root, tmp_path):
+    import shutil
+
+    root = shutil.copytree(hc18_root, tmp_path / "broken")
+    (root / "training_set" / "000_HC_Annotation.png").unlink()
+    with pytest.raises(DataError, match="000_HC.png: missing annotation"):
+        train(make_cfg(work_dir, *TINY, f"dataset.root={root}"))
+    experiments = client.search_experiments()
+    assert not client.search_runs([e.experiment_id for e in experiments])
+
+
+def test_targets_outside_the_allowlist_are_rejected_before_anything_runs(work_dir, client):
+    cfg = make_cfg(work_dir, "model._target_=os.system", "+model.command=touch pwned")
+    with pytest.raises(ConfigError, match="model._target_"):
+        train(cfg)
+    assert not Path("pwned").exists()
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_secrets_never_reach_params_tags_or_config(work_dir, client, hc18_root):
+    overrides = ["+db_password=hunter2", "+notes=postgresql://alice:s3cret@db.example/mlflow"]
+    train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}", *overrides), overrides)
+    run = only_run(client, "hc18_synthetic")
+    logged = " ".join([*run.data.params.values(), *run.data.tags.values()])
+    config = Path(
+        client.download_artifacts(run.info.run_id, "config.yaml", str(work_dir))
+    ).read_text()
+    for secret in ("hunter2", "s3cret"):
+        assert secret not in logged and secret not in config
+    assert run.data.params["db_password"] == "***" and "alice:***@" in run.data.params["notes"]
+
+
+def test_resume_continues_the_same_run_without_gaps_or_duplicates(work_dir, client, hc18_root):
+    train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}"))
+    run_id = only_run(client, "hc18_synthetic").info.run_id
+    overrides = [f"resume={run_id}", "trainer.max_epochs=4"]
+    train(make_cfg(work_dir, *overrides), overrides)
+    run = only_run(client, "hc18_synthetic")
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    for key in ("train/loss", "val/dice"):
+        assert steps(client, run_id, key) == [0, 1, 2, 3], key
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(work_dir, client, hc18_root):
+    train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}"))
+    run = only_run(client, "hc18_synthetic")
+    last = Path(run.data.tags["segexp.output_dir"]) / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk
+    with pytest.raises(ConfigError, match="unreadable"):
+        train(make_cfg(work_dir, f"resume={run.info.run_id}"))
+    last.unlink()
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(make_cfg(work_dir, f"resume={run.info.run_id}"))
+    with pytest.raises(ConfigError, match="no such run"):
+        train(make_cfg(work_dir, "resume=0123456789abcdef"))
+
+
+def wait_for(predicate, timeout: float = 120.0, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError("condition not met in time")
+
+
+def segexp_train(work_dir: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "segexp.cli", "train", f"work_dir={work_dir}", *overrides]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_sigterm_marks_the_run_killed_and_resume_finishes_it(work_dir, client, hc18_root):
+    proc = segexp_train(
+        work_dir,
+        *TINY,
+        f"dataset.root={hc18_root}",
+        "trainer.max_epochs=200",
+        "hydra.run.dir=" + str(work_dir / "out"),
+    )
+
+    def trained_an_epoch() -> bool:
+        experiment = client.get_experiment_by_name("hc18_synthetic")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        return bool(runs) and bool(steps(client, runs[0].info.run_id, "val/dice"))
+
+    wait_for(trained_an_epoch)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output[-3000:]
+    run = only_run(client, "hc18_synthetic")
+    assert run.info.status == "KILLED", output[-3000:]
+    assert (work_dir / "out" / "checkpoints" / "on_exception.ckpt").is_file()
+
+    done = steps(client, run.info.run_id, "val/dice")
+    resumed = segexp_train(
+        work_dir, f"resume={run.info.run_id}", f"trainer.max_epochs={done[-1] + 3}"
+    )
+    output, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, output[-3000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert steps(client, run.info.run_id, "val/dice") == list(range(done[-1] + 3))
+
+
+def test_client_of_a_fresh_store_has_an_explicit_artifact_root(tmp_path):
+    uri, artifacts = tracking.store_locations(make_cfg(tmp_path).tracking, tmp_path)
+    assert (
+        uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+        and artifacts == (tmp_path / "artifacts").as_uri()
+    )
+    client = tracking.prepare_store(uri, artifacts)
+    assert isinstance(client, MlflowClient) and (tmp_path / "mlflow.db").is_file()
+    explicit = make_cfg(tmp_path, "tracking.uri=http://127.0.0.1:5999")
+    assert tracking.store_locations(explicit.tracking, tmp_path)[0] == "http://127.0.0.1:5999"
