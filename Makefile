@@ -34,7 +34,7 @@ mlruns/data/hc18_synthetic: | install
 data: mlruns/data/hc18_synthetic
 
 demo: install mlruns/data/hc18_synthetic
-	$(BIN)/segexp train experiment=hc18_seed dataset=hc18_synthetic trainer.max_epochs=4
+	$(BIN)/segexp train experiment=hc18_seed dataset=hc18_synthetic trainer.max_epochs=15
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \

@@ -5,6 +5,9 @@ Batch contract (what every loader yields, collated):
     mask     float32 (N, 1, H, W)   binary {0, 1}; absent for unannotated images (HC18 test set)
     case_id  list[str]              file stem, e.g. `010_2HC`, `TCGA_CS_4941_19960909_12`
     group    list[str]              exam id (HC18) or patient id (LGG)
+    original_size  int64 (N, 2)     (H, W) of the file on disk, to measure at full resolution
+    pixel_size_mm  float64 (N,)     HC18 only
+    hc_mm          float64 (N,)     HC18 training set only: the reference head circumference
 """
 
 from __future__ import annotations
@@ -176,9 +179,12 @@ def volume_stats(images: np.ndarray, groups: list[str]) -> np.ndarray:
 class SegDataset(Dataset):
     """Cases drawn from cached arrays, augmented on the fly; items follow the batch contract."""
 
-    def __init__(self, images, masks, cases, indices, transform=None, stats=None):
+    def __init__(
+        self, images, masks, cases, indices, transform=None, stats=None, original_sizes=None
+    ):
         self.images, self.masks, self.cases = images, masks, cases
         self.indices, self.transform, self.stats = list(indices), transform, stats
+        self.original_sizes = original_sizes
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -200,7 +206,14 @@ class SegDataset(Dataset):
         else:
             low, high, mean, std = (torch.from_numpy(s)[:, None, None] for s in self.stats[k])
             image = (image.clamp(min=low, max=high) - mean) / std
-        item = {"image": image, "case_id": self.cases[k].case_id, "group": self.cases[k].group}
+        case = self.cases[k]
+        item = {"image": image, "case_id": case.case_id, "group": case.group}
+        if self.original_sizes is not None:
+            item["original_size"] = torch.as_tensor(self.original_sizes[k], dtype=torch.int64)
+        if case.pixel_size_mm is not None:
+            item["pixel_size_mm"] = case.pixel_size_mm
+        if case.hc_mm is not None:
+            item["hc_mm"] = case.hc_mm
         if mask is not None:
             item["mask"] = torch.from_numpy(np.ascontiguousarray(mask))[None].float()
         return item
@@ -213,6 +226,8 @@ class SegDataModule(pl.LightningDataModule):
         layout: `hc18` (official HC18 layout) or `lgg` (Kaggle `kaggle_3m` layout).
         val_fraction / val_count: share or number of exams/patients held out for validation.
         normalize: `minmax` (pixel / 255) or `volume` (per-patient percentile clip + z-score).
+        hc_boundary_offset_px: how far this dataset's filled masks extend beyond the ellipse its
+            reference HC measures (see `segexp.metrics.ellipse_from_mask`); HC18 layout only.
         train_transform: an albumentations transform applied to training items only.
     """
 
@@ -230,6 +245,7 @@ class SegDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         normalize: str = "minmax",
         cache_dir: str | None = None,
+        hc_boundary_offset_px: float = 0.0,
         train_transform: A.BasicTransform | A.Compose | None = None,
     ):
         super().__init__()
@@ -249,6 +265,7 @@ class SegDataModule(pl.LightningDataModule):
         self.val_fraction, self.val_count, self.split_seed = val_fraction, val_count, split_seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.train_transform = train_transform
+        self.hc_boundary_offset_px = hc_boundary_offset_px if layout == "hc18" else None
         self.volumetric = layout == "lgg"  # LGG slices form per-patient volumes
         self.cases: list[Case] = []
         self.load_seconds = 0.0
@@ -282,12 +299,10 @@ class SegDataModule(pl.LightningDataModule):
             raise DataError(
                 self.root, [(str(self.root), "validation split is empty: raise val_fraction")]
             )
-        self.train_set = SegDataset(
-            self.images, self.masks, self.cases, self.train_idx, self.train_transform, self.stats
-        )
-        self.val_set = SegDataset(
-            self.images, self.masks, self.cases, self.val_idx, None, self.stats
-        )
+        arrays = (self.images, self.masks, self.cases)
+        extra = {"stats": self.stats, "original_sizes": self.original_sizes}
+        self.train_set = SegDataset(*arrays, self.train_idx, self.train_transform, **extra)
+        self.val_set = SegDataset(*arrays, self.val_idx, None, **extra)
 
     @property
     def fingerprint(self) -> str:
@@ -349,5 +364,7 @@ class SegDataModule(pl.LightningDataModule):
         if self.layout != "hc18":
             return self._loader(self.val_set, shuffle=False)
         cases = SCANNERS["hc18"](self.root, "test")
-        images, _, _ = load_arrays(cases, self.image_size, self.channels, self.cache_dir)
-        return self._loader(SegDataset(images, None, cases, range(len(cases))), shuffle=False)
+        images, _, sizes = load_arrays(cases, self.image_size, self.channels, self.cache_dir)
+        return self._loader(
+            SegDataset(images, None, cases, range(len(cases)), original_sizes=sizes), shuffle=False
+        )

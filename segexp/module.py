@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from segexp.metrics import case_table, overlap_counts, summarize
+from segexp.metrics import case_table, clinical_table, overlap_counts, summarize
 from segexp.tracking import NonFiniteMetricError
 
 
@@ -24,6 +24,8 @@ class SegModule(pl.LightningModule):
         optimizer: a partial optimizer (`_partial_: true`) that takes the parameters.
         scheduler: a partial LR scheduler that takes the optimizer, or None.
         volumetric: also report `val/dice_volume` (cases grouped into volumes, e.g. LGG patients).
+        hc_boundary_offset_px: with it, batches that carry `hc_mm` also get head circumference
+            metrics (see `segexp.metrics.hc_from_mask`); None turns HC off.
         channels_last: run the network in channels-last memory format (faster convs on CPU/GPU).
     """
 
@@ -36,16 +38,17 @@ class SegModule(pl.LightningModule):
         volumetric: bool = False,
         channels_last: bool = False,
         monitor: str = "val/loss",
+        hc_boundary_offset_px: float | None = None,
     ):
         super().__init__()
         self.net, self.loss = net, loss
         self.optimizer, self.scheduler = optimizer, scheduler
         self.volumetric, self.channels_last, self.monitor = volumetric, channels_last, monitor
+        self.hc_boundary_offset_px = hc_boundary_offset_px
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.val_cases: pd.DataFrame | None = None
-        self._val_counts: list[torch.Tensor] = []
-        self._val_ids: list[tuple[str, str]] = []
+        self._val: dict[str, list] = {}
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -72,14 +75,39 @@ class SegModule(pl.LightningModule):
         logits = self(batch["image"])
         loss = self.loss(logits, batch["mask"])
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
-        self._val_counts.append(overlap_counts(logits, batch["mask"]))
-        self._val_ids.extend(zip(batch["case_id"], batch["group"], strict=True))
+        # kept on the device until the epoch ends: no per-batch host syncs
+        keep = {
+            "counts": overlap_counts(logits, batch["mask"]),
+            "masks": torch.stack(
+                [logits[:, 0] > 0, batch["mask"][:, 0] > 0.5], dim=1
+            ),  # (N, 2, H, W)
+            "case_id": batch["case_id"],
+            "group": batch["group"],
+        }
+        keep.update(
+            {k: batch[k] for k in ("original_size", "pixel_size_mm", "hc_mm") if k in batch}
+        )
+        if self.hc_boundary_offset_px is not None and "hc_mm" in batch:
+            keep["probabilities"] = torch.sigmoid(logits[:, 0].float()).half()
+        for key, value in keep.items():
+            self._val.setdefault(key, []).append(value)
 
     def on_validation_epoch_end(self) -> None:
-        counts = torch.cat(self._val_counts).cpu().numpy()  # one host sync per epoch
-        case_ids, groups = zip(*self._val_ids, strict=True)
-        self.val_cases = case_table(counts, list(case_ids), list(groups))
-        self._val_counts, self._val_ids = [], []
+        val, self._val = self._val, {}
+
+        def gather(key):  # one host transfer per key per epoch
+            return torch.cat(val[key]).cpu().numpy() if key in val else None
+
+        cases = case_table(gather("counts"), sum(val["case_id"], []), sum(val["group"], []))
+        clinical = clinical_table(
+            gather("masks"),
+            gather("original_size"),
+            gather("pixel_size_mm"),
+            gather("probabilities"),
+            gather("hc_mm"),
+            self.hc_boundary_offset_px or 0.0,
+        )
+        self.val_cases = cases.join(clinical)
         self.log_dict(summarize(self.val_cases, self.volumetric), prog_bar=False)
 
     def configure_optimizers(self):

@@ -15,14 +15,10 @@ from PIL import Image
 from scipy import ndimage
 from skimage import draw
 
+from segexp.metrics import ramanujan_perimeter
+
 HC18_SIZE = (540, 800)  # (H, W) of every official HC18 image
 LGG_INSTITUTIONS = ("CS", "DU", "EZ", "FG", "HT")
-
-
-def ramanujan_perimeter(a: float, b: float) -> float:
-    """Ellipse perimeter from semi-axes a, b (Ramanujan's second approximation)."""
-    h = ((a - b) / (a + b)) ** 2
-    return math.pi * (a + b) * (1 + 3 * h / (10 + math.sqrt(4 - 3 * h)))
 
 
 def _speckle(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
@@ -49,8 +45,12 @@ def _hc18_image(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple
 
     thickness = rng.uniform(0.03, 0.07)
     skull = np.exp(-(((r - 1 - thickness / 2) / (thickness / 2)) ** 2))
-    brain = (r < 1).astype(np.float64) * (0.25 + 0.1 * np.sin(6 * u / a + rng.uniform(0, 6)))
-    tissue = 0.18 + 0.1 * np.exp(-((yy / h - rng.uniform(0.2, 0.8)) ** 2) / 0.05)
+    # inside: mid-gray brain with the bright midline echo along the major axis
+    midline = np.exp(-((v / (0.02 * b)) ** 2)) * (np.abs(u) < 0.8 * a)
+    brain = 0.32 + 0.06 * np.sin(5 * u / a + rng.uniform(0, 6)) + 0.35 * midline
+    # outside: dark amniotic fluid around the head, brighter uterine tissue further out
+    fluid_width = rng.uniform(0.1, 0.4)
+    tissue = np.where(r < 1 + thickness + fluid_width, 0.06, 0.3 + 0.1 * np.sin(yy / 37 + xx / 53))
     signal = np.where(r < 1, brain, tissue) + 0.75 * skull
     # the fan-shaped field of view of a curvilinear probe
     angle = np.arctan2(xx - w / 2, yy + 0.6 * h)

@@ -121,6 +121,7 @@ def build_module(cfg: DictConfig, datamodule: SegDataModule) -> SegModule:
         volumetric=datamodule.volumetric,
         channels_last=channels_last,
         monitor=cfg.checkpoint.monitor,
+        hc_boundary_offset_px=datamodule.hc_boundary_offset_px,
     )
 
 
@@ -181,7 +182,13 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, floa
             ckpt_path=resume and str(resume.checkpoint),
             weights_only=True,
         )
-        return report.log_final_evaluation(run, trainer, module, datamodule, output_dir)
+        final = report.log_final_evaluation(run, trainer, module, datamodule, output_dir)
+    print(
+        f"\nrun {run.run_id} in experiment '{cfg.tracking.experiment}':"
+        f" val/dice_best={final['val/dice_best']:.4f} (epoch {final['best_epoch']})"
+        f"\noutputs: {output_dir}\nbrowse: make ui  (MLflow UI on http://127.0.0.1:5000)"
+    )
+    return final
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import TINY, make_cfg, only_run, steps
@@ -95,7 +96,16 @@ def test_two_epoch_run_lands_in_mlflow(work_dir, client, hc18_root):
     final = train(cfg, ["optimizer.lr=1e-3"])
     run = only_run(client, "hc18_synthetic")
     assert run.info.status == "FINISHED"
-    for key in ("train/loss", "val/loss", "val/dice", "val/iou", "val/accuracy"):
+    for key in (
+        "train/loss",
+        "val/loss",
+        "val/dice",
+        "val/iou",
+        "val/accuracy",
+        "val/hd95_mm",
+        "val/hc_mae_mm",
+        "val/hc_bias_mm",
+    ):
         assert steps(client, run.info.run_id, key) == [0, 1], key
     assert "val/dice_volume" not in run.data.metrics
     assert 0 <= run.data.metrics["val/dice_best"] <= 1 and run.data.metrics["best_epoch"] in (0, 1)
@@ -119,6 +129,19 @@ def test_two_epoch_run_lands_in_mlflow(work_dir, client, hc18_root):
         "plots/curves.png",
         "checkpoints/best.ckpt",
     } <= artifacts
+    cases = pd.read_csv(
+        client.download_artifacts(run.info.run_id, "evaluation/val_cases.csv", str(work_dir))
+    )
+    assert {
+        "case_id",
+        "dice",
+        "pixel_size_mm",
+        "hc_true_mm",
+        "hc_pred_mm",
+        "hc_abs_error_mm",
+        "hd95_mm",
+    } <= set(cases.columns)
+    assert cases.hc_abs_error_mm.mean() == pytest.approx(run.data.metrics["val/hc_mae_mm_best"])
     # the artifact store is the explicit one under work_dir, never MLflow's default ./mlartifacts
     assert run.info.artifact_uri.startswith((work_dir / "artifacts").as_uri())
     output_dir = Path(run.data.tags["segexp.output_dir"])
@@ -134,7 +157,8 @@ def test_lgg_run_logs_per_patient_dice(work_dir, client, lgg_root):
     train(cfg)
     run = only_run(client, "lgg")
     assert steps(client, run.info.run_id, "val/dice_volume") == [0, 1]
-    assert "val/dice_volume_best" in run.data.metrics
+    assert "val/dice_volume_best" in run.data.metrics and "val/hc_mae_mm" not in run.data.metrics
+    assert steps(client, run.info.run_id, "val/hd95_px") == [0, 1]
     volumes = client.download_artifacts(
         run.info.run_id, "evaluation/val_volumes.csv", str(work_dir)
     )
