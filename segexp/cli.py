@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 USAGE = """usage: segexp COMMAND [ARGS]
@@ -12,6 +13,8 @@ commands:
   train [OVERRIDES]           train one run (Hydra overrides, e.g. experiment=hc18_seed optimizer.lr=3e-4)
   make-data {hc18,lgg} OUT    write a synthetic dataset in the real on-disk layout
   check-data [OVERRIDES]      validate a dataset and print a summary, e.g. dataset=hc18 dataset.root=PATH
+  predict RUN_ID --images DIR --pixel-csv CSV --out submission.csv [--masks DIR]
+                              HC18 challenge CSV from a run's best checkpoint
 """
 
 
@@ -67,6 +70,55 @@ def check_data(overrides: list[str]) -> int:
     return 0
 
 
+def predict(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="segexp predict", description="HC18 submission CSV from a run's best checkpoint."
+    )
+    parser.add_argument("run_id")
+    parser.add_argument("--images", required=True, help="folder of images, e.g. HC18's test_set/")
+    parser.add_argument("--pixel-csv", required=True, help="CSV with filename and 'pixel size(mm)'")
+    parser.add_argument("--out", required=True, help="submission CSV to write")
+    parser.add_argument(
+        "--masks", default=None, help="also write predicted masks (original size) here"
+    )
+    parser.add_argument(
+        "--work-dir",
+        default=os.environ.get("SEGEXP_WORK_DIR", "mlruns"),
+        help="segexp work dir (default store)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default: MLFLOW_TRACKING_URI, else the work dir's)",
+    )
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from segexp import tracking
+    from segexp.cases import DataError
+    from segexp.predict import predict as run_predict
+
+    uri, artifacts = tracking.store_locations({"uri": args.tracking_uri}, Path(args.work_dir))
+    try:
+        table = run_predict(
+            tracking.prepare_store(uri, artifacts),
+            args.run_id,
+            Path(args.images),
+            Path(args.pixel_csv),
+            Path(args.out),
+            args.masks,
+        )
+    except DataError as err:
+        print(f"predict: {err}", file=sys.stderr)
+        return 2
+    missed = int((table.semi_axes_a_mm == 0).sum())
+    print(
+        f"wrote {len(table)} rows to {args.out}"
+        + (f" ({missed} with no head found: zeros)" if missed else "")
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -83,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         return make_data(rest)
     if command == "check-data":
         return check_data(rest)
+    if command == "predict":
+        return predict(rest)
     print(f"segexp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -48,6 +48,7 @@ class SegModule(pl.LightningModule):
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.val_cases: pd.DataFrame | None = None
+        self.val_masks = None
         self._val: dict[str, list] = {}
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -108,6 +109,7 @@ class SegModule(pl.LightningModule):
             self.hc_boundary_offset_px or 0.0,
         )
         self.val_cases = cases.join(clinical)
+        self.val_masks = gather("masks")  # (N, 2, H, W) predicted / true, in val_cases order
         self.log_dict(summarize(self.val_cases, self.volumetric), prog_bar=False)
 
     def configure_optimizers(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
@@ -49,9 +50,7 @@ def log_run_inputs(
 
 def plot_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
     """Loss (left) and overlap metrics (right) per epoch."""
-    import matplotlib.pyplot as plt  # after the Agg backend is chosen
-
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_dice) = _figure(1, 2, figsize=(10, 4))
     for key, points in history.items():
         if points:
             ax = ax_loss if key.endswith("loss") else ax_dice
@@ -60,9 +59,133 @@ def plot_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> None
         ax.set(xlabel="epoch", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
+    _save(fig, path)
+
+
+def _figure(*args, **kwargs):
+    import matplotlib.pyplot as plt  # after the Agg backend is chosen
+
+    return plt.subplots(*args, **kwargs)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    fig.clf()
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
+    return path
+
+
+def plot_distributions(table, unit: str, path: Path) -> Path:
+    """Per-patient (or per-image) Dice and pixel accuracy: points, box, mean (red), median (green).
+
+    Side by side they show why accuracy misleads: nearly all pixels are background.
+    """
+    fig, axes = _figure(1, 2, figsize=(8, 4))
+    rng = np.random.default_rng(0)
+    for ax, column in zip(axes, ("dice", "accuracy"), strict=True):
+        values = table[column].to_numpy()
+        ax.boxplot(values, widths=0.5, showfliers=False)
+        ax.scatter(1 + rng.uniform(-0.15, 0.15, len(values)), values, s=12, alpha=0.6)
+        ax.axhline(values.mean(), color="red", label=f"mean {values.mean():.3f}")
+        ax.axhline(np.median(values), color="green", label=f"median {np.median(values):.3f}")
+        ax.set(title=f"{column} per {unit}", ylim=(-0.02, 1.02), xticks=[])
+        ax.legend(loc="lower left")
+    return _save(fig, path)
+
+
+def plot_overlays(
+    datamodule: SegDataModule, module: SegModule, rank_by: str, ascending: bool, path: Path
+) -> Path:
+    """Best and worst validation cases: prediction outline in red over ground truth in green.
+
+    LGG ranks patients and shows each one's slice with the most lesion (truth or prediction).
+    """
+    from skimage.segmentation import find_boundaries
+
+    cases = module.val_cases.reset_index(drop=True)
+    if datamodule.volumetric:
+        ranked = volume_table(cases).set_index("group")[rank_by].sort_values(ascending=ascending)
+        area = module.val_masks.reshape(len(cases), -1).sum(1)
+
+        def row_of(group: str) -> int:
+            rows = np.nonzero(cases.group.to_numpy() == group)[0]
+            return int(rows[area[rows].argmax()])
+    else:
+        ranked = cases.set_index("case_id")[rank_by].sort_values(ascending=ascending)
+
+        def row_of(case_id: str) -> int:
+            return int(np.nonzero(cases.case_id.to_numpy() == case_id)[0][0])
+
+    fig, axes = _figure(1, 2, figsize=(9, 4.5))
+    for ax, label, name in zip(
+        axes, ("best", "worst"), (ranked.index[0], ranked.index[-1]), strict=True
+    ):
+        i = row_of(name)
+        image = datamodule.val_set[i]["image"].numpy()
+        image = image[min(1, len(image) - 1)]  # FLAIR for LGG, the only channel for HC18
+        rgb = np.stack([(image - image.min()) / (np.ptp(image) + 1e-6)] * 3, axis=-1)
+        pred, true = module.val_masks[i]
+        rgb[find_boundaries(true)] = (0, 1, 0)
+        rgb[find_boundaries(pred)] = (1, 0, 0)
+        ax.imshow(rgb)
+        ax.set(title=f"{label}: {name}\n{rank_by} {ranked[name]:.3f}", xticks=[], yticks=[])
+    return _save(fig, path)
+
+
+def plot_hc_agreement(cases, path: Path) -> Path:
+    """Predicted vs reference HC (left) and Bland-Altman difference vs mean (right)."""
+    fig, (ax_scatter, ax_ba) = _figure(1, 2, figsize=(9, 4))
+    true, pred = cases.hc_true_mm.to_numpy(), cases.hc_pred_mm.to_numpy()
+    ax_scatter.scatter(true, pred, s=12)
+    limits = [0, max(true.max(), pred.max()) * 1.05]
+    ax_scatter.plot(limits, limits, color="gray", lw=1)
+    ax_scatter.set(
+        xlabel="reference HC (mm)", ylabel="predicted HC (mm)", title="head circumference"
+    )
+    diff, mean = pred - true, (pred + true) / 2
+    ax_ba.scatter(mean, diff, s=12)
+    for y, style in (
+        (diff.mean(), "-"),
+        (diff.mean() + 1.96 * diff.std(), "--"),
+        (diff.mean() - 1.96 * diff.std(), "--"),
+    ):
+        ax_ba.axhline(y, color="red", ls=style, lw=1)
+    ax_ba.set(
+        xlabel="mean HC (mm)",
+        ylabel="predicted - reference (mm)",
+        title=f"bias {diff.mean():+.2f} mm",
+    )
+    return _save(fig, path)
+
+
+def log_plots(
+    run: tracking.TrackedRun, datamodule: SegDataModule, module: SegModule, output_dir: Path
+) -> None:
+    cases = module.val_cases
+    plots = []
+    if datamodule.volumetric:
+        plots.append(
+            plot_distributions(volume_table(cases), "patient", output_dir / "per_patient.png")
+        )
+        plots.append(plot_overlays(datamodule, module, "dice", False, output_dir / "overlays.png"))
+    else:
+        plots.append(plot_distributions(cases, "image", output_dir / "per_image.png"))
+        if "hc_abs_error_mm" in cases:
+            plots.append(
+                plot_overlays(
+                    datamodule, module, "hc_abs_error_mm", True, output_dir / "overlays.png"
+                )
+            )
+            plots.append(plot_hc_agreement(cases, output_dir / "hc_agreement.png"))
+        else:
+            plots.append(
+                plot_overlays(datamodule, module, "dice", False, output_dir / "overlays.png")
+            )
+    for path in plots:
+        run.log_artifact(path, "plots")
 
 
 def log_final_evaluation(
@@ -92,5 +215,6 @@ def log_final_evaluation(
         run.log_artifact(output_dir / "val_volumes.csv", "evaluation")
     plot_curves(run.metric_history(CURVE_KEYS), output_dir / "curves.png")
     run.log_artifact(output_dir / "curves.png", "plots")
+    log_plots(run, datamodule, module, output_dir)
     run.log_artifact(best, "checkpoints")
     return final

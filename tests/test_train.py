@@ -16,6 +16,7 @@ import torch
 from conftest import TINY, make_cfg, only_run, steps
 from hydra.utils import instantiate
 from mlflow import MlflowClient
+from PIL import Image
 
 from segexp import tracking
 from segexp.cases import DataError
@@ -343,3 +344,57 @@ def test_client_of_a_fresh_store_has_an_explicit_artifact_root(tmp_path):
     assert isinstance(client, MlflowClient) and (tmp_path / "mlflow.db").is_file()
     explicit = make_cfg(tmp_path, "tracking.uri=http://127.0.0.1:5999")
     assert tracking.store_locations(explicit.tracking, tmp_path)[0] == "http://127.0.0.1:5999"
+
+
+def test_predict_writes_the_hc18_submission_and_plots_are_logged(
+    work_dir, client, hc18_root, capsys
+):
+    from segexp import cli
+    from segexp.predict import SUBMISSION_COLUMNS
+
+    train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}"))
+    run = only_run(client, "hc18_synthetic")
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {
+        "plots/curves.png",
+        "plots/per_image.png",
+        "plots/overlays.png",
+        "plots/hc_agreement.png",
+    } <= plots
+    out = work_dir / "submission.csv"
+    args = [
+        "predict",
+        run.info.run_id,
+        "--images",
+        str(hc18_root / "test_set"),
+        "--pixel-csv",
+        str(hc18_root / "test_set_pixel_size.csv"),
+        "--out",
+        str(out),
+        "--masks",
+        str(work_dir / "masks"),
+        "--work-dir",
+        str(work_dir),
+    ]
+    assert cli.main(args) == 0
+    table = pd.read_csv(out)
+    assert list(table.columns) == SUBMISSION_COLUMNS and len(table) == 3
+    assert sorted(table.filename) == sorted(p.name for p in (hc18_root / "test_set").glob("*.png"))
+    assert table[SUBMISSION_COLUMNS[1:]].notna().all().all()
+    masks = sorted((work_dir / "masks").glob("*_mask.png"))
+    assert len(masks) == 3 and Image.open(masks[0]).size == (800, 540)
+    # a listed image that is missing is named
+    bad_csv = work_dir / "bad.csv"
+    bad_csv.write_text("filename,pixel size(mm)\nnope_HC.png,0.1\n")
+    assert cli.main([*args[:5], str(bad_csv), "--out", str(out), "--work-dir", str(work_dir)]) == 2
+    assert "nope_HC.png" in capsys.readouterr().err
+
+
+def test_lgg_run_logs_per_patient_plots(work_dir, client, lgg_root):
+    cfg = make_cfg(
+        work_dir, "experiment=lgg_buda_1", *TINY, f"dataset.root={lgg_root}", "dataset.val_count=2"
+    )
+    train(cfg)
+    run = only_run(client, "lgg")
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/per_patient.png", "plots/overlays.png"} <= plots
