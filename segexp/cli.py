@@ -15,6 +15,8 @@ commands:
   check-data [OVERRIDES]      validate a dataset and print a summary, e.g. dataset=hc18 dataset.root=PATH
   predict RUN_ID --images DIR --pixel-csv CSV --out submission.csv [--masks DIR]
                               HC18 challenge CSV from a run's best checkpoint
+  blame RUN_A RUN_B [--seeds 3] [--design auto|factorial|oat] [--metric val/dice_best] [--dry-run] [OVERRIDES]
+                              which changed hyperparameter moved the metric, with 95% CIs over seeds
 """
 
 
@@ -119,6 +121,50 @@ def predict(argv: list[str]) -> int:
     return 0
 
 
+def blame(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="segexp blame", description="Which change between two runs moved the metric."
+    )
+    parser.add_argument("run_a")
+    parser.add_argument("run_b")
+    parser.add_argument(
+        "overrides", nargs="*", help="applied to every training, e.g. trainer.max_epochs=3"
+    )
+    parser.add_argument("--metric", default="val/dice_best")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="replicates per design cell (>= 2 for CIs)"
+    )
+    parser.add_argument("--design", default="auto", choices=["auto", "factorial", "oat"])
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the factors and the design, train nothing"
+    )
+    parser.add_argument(
+        "--out", default=None, help="folder for effects.csv, runs.csv, effects.png, report.md"
+    )
+    parser.add_argument("--work-dir", default=os.environ.get("SEGEXP_WORK_DIR", "mlruns"))
+    parser.add_argument("--tracking-uri", default=None)
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from segexp import tracking
+    from segexp.blame import blame as run_blame
+
+    uri, artifacts = tracking.store_locations({"uri": args.tracking_uri}, Path(args.work_dir))
+    run_blame(
+        tracking.prepare_store(uri, artifacts),
+        artifacts,
+        args.run_a,
+        args.run_b,
+        metric=args.metric,
+        seeds=args.seeds,
+        design=args.design,
+        overrides=args.overrides,
+        dry_run=args.dry_run,
+        out_dir=args.out and Path(args.out),
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -137,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_data(rest)
     if command == "predict":
         return predict(rest)
+    if command == "blame":
+        return blame(rest)
     print(f"segexp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

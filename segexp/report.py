@@ -39,6 +39,7 @@ def log_run_inputs(
             "dataset.train_images": len(datamodule.train_idx),
             "dataset.val_images": len(datamodule.val_idx),
             "segexp.output_dir": str(output_dir.resolve()),
+            "segexp.config_hash": tracking.config_hash(config),
         }
     )
     run.log_params(tracking.flatten(config))

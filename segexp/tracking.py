@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import math
 import os
 import re
@@ -99,6 +101,34 @@ def flatten(node: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+# Keys that say where and how a run was recorded, not what was trained.
+BOOKKEEPING = (
+    "work_dir",
+    "run_name",
+    "resume",
+    "tracking.",
+    "dataset.root",
+    "dataset.cache_dir",
+    "dataset.num_workers",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+)
+REPLICATE = ("seed", "dataset.split_seed")  # replicates, not factors
+LOWER_IS_BETTER = ("loss", "hd95", "mae", "error")
+
+
+def is_bookkeeping(key: str) -> bool:
+    return key in REPLICATE or any(
+        key == b or (b.endswith(".") and key.startswith(b)) for b in BOOKKEEPING
+    )
+
+
+def config_hash(config: dict) -> str:
+    """Hash of what was trained (bookkeeping and seed excluded): equal configs, equal hashes."""
+    flat = {k: v for k, v in flatten(config).items() if not is_bookkeeping(k)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def git_tags() -> dict[str, str]:
     """Commit and dirty flag of the segexp checkout, when it is one."""
 
@@ -134,8 +164,10 @@ class TrackedRun:
         artifact_root: str,
         run_name: str,
         resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
     ):
         self.client, self.run_name, self.resume_run_id = client, run_name, resume_run_id
+        self.parent_run_id = parent_run_id
         self.experiment_id = experiment_id(client, experiment, artifact_root)
         self.run_id: str | None = resume_run_id
         self.signal_received: int | None = None
@@ -145,9 +177,9 @@ class TrackedRun:
         if self.resume_run_id:
             self.client.update_run(self.resume_run_id, status="RUNNING")
         else:
-            self.run_id = self.client.create_run(
-                self.experiment_id, run_name=self.run_name
-            ).info.run_id
+            tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else None
+            run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
+            self.run_id = run.info.run_id
         self.set_tags({"segexp.pid": str(os.getpid()), "segexp.host": socket.gethostname()})
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self

@@ -153,8 +153,8 @@ def default_output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.work_dir) / "outputs" / f"{stamp}-{uuid.uuid4().hex[:6]}"
 
 
-def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]:
-    """Train one run, log it to MLflow; returns the final metrics of the restored best epoch."""
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
+    """Train one run, log it to MLflow; returns `run_id` and the restored best epoch's metrics."""
     overrides = list(overrides or [])
     check_config(cfg)
     uri, artifact_root = tracking.store_locations(cfg.tracking, Path(cfg.work_dir))
@@ -169,7 +169,12 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, floa
     module = build_module(cfg, datamodule)
     output_dir = resume.output_dir if resume else default_output_dir(cfg)
     with tracking.TrackedRun(
-        client, cfg.tracking.experiment, artifact_root, run_name(cfg), resume and resume.run_id
+        client,
+        cfg.tracking.experiment,
+        artifact_root,
+        run_name(cfg),
+        resume_run_id=resume and resume.run_id,
+        parent_run_id=cfg.tracking.get("parent_run_id"),
     ) as run:
         if resume:
             run.set_tags({"segexp.resumed_with": " ".join(overrides)})
@@ -183,6 +188,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, floa
             weights_only=True,
         )
         final = report.log_final_evaluation(run, trainer, module, datamodule, output_dir)
+    final["run_id"] = run.run_id
     print(
         f"\nrun {run.run_id} in experiment '{cfg.tracking.experiment}':"
         f" val/dice_best={final['val/dice_best']:.4f} (epoch {final['best_epoch']})"
