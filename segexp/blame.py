@@ -49,7 +49,7 @@ def make_design(k: int, design: str = "auto") -> Design:
         design = "factorial" if k <= 4 else "oat"
     if design == "factorial":
         return Design(
-            "full factorial 2^%d" % k, list(itertools.product((0, 1), repeat=k)), "no aliasing"
+            f"full factorial 2^{k}", list(itertools.product((0, 1), repeat=k)), "no aliasing"
         )
     if design == "oat":
         cells = {(0,) * k, (1,) * k}
