@@ -162,6 +162,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     resume = None
     if cfg.resume:
         resume, cfg = resume_target(client, cfg.resume, overrides)
+        check_config(cfg)  # the stored config plus overrides is what will be instantiated
     pl.seed_everything(cfg.seed, workers=True)
     augment = A.Compose(instantiate(cfg.augment.transforms)) if cfg.augment.transforms else None
     datamodule = instantiate(cfg.dataset, train_transform=augment)

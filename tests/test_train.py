@@ -293,6 +293,12 @@ def wait_for(predicate, timeout: float = 120.0, interval: float = 0.5):
     raise TimeoutError("condition not met in time")
 
 
+def an_epoch_is_logged(client: MlflowClient, experiment: str = "hc18_synthetic") -> bool:
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    return bool(runs) and bool(steps(client, runs[0].info.run_id, "val/dice"))
+
+
 def segexp_train(work_dir: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "segexp.cli", "train", f"work_dir={work_dir}", *overrides]
@@ -310,12 +316,7 @@ def test_sigterm_marks_the_run_killed_and_resume_finishes_it(work_dir, client, h
         "hydra.run.dir=" + str(work_dir / "out"),
     )
 
-    def trained_an_epoch() -> bool:
-        experiment = client.get_experiment_by_name("hc18_synthetic")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        return bool(runs) and bool(steps(client, runs[0].info.run_id, "val/dice"))
-
-    wait_for(trained_an_epoch)
+    wait_for(lambda: an_epoch_is_logged(client))
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, output[-3000:]
@@ -398,3 +399,48 @@ def test_lgg_run_logs_per_patient_plots(work_dir, client, lgg_root):
     run = only_run(client, "lgg")
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/per_patient.png", "plots/overlays.png"} <= plots
+
+
+def test_bf16_mixed_and_channels_last_train_on_cpu(work_dir, client, hc18_root):
+    cfg = make_cfg(
+        work_dir,
+        *TINY,
+        f"dataset.root={hc18_root}",
+        "trainer.precision=bf16-mixed",
+        "model.channels_last=true",
+        "trainer.max_epochs=1",
+    )
+    final = train(cfg)
+    run = only_run(client, "hc18_synthetic")
+    assert run.info.status == "FINISHED" and run.data.params["trainer.precision"] == "bf16-mixed"
+    assert math.isfinite(final["val/dice_best"]) and steps(client, run.info.run_id, "val/dice") == [
+        0
+    ]
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "plateau"])
+def test_schedulers_step_during_training(scheduler, work_dir, client, hc18_root):
+    train(
+        make_cfg(
+            work_dir,
+            *TINY,
+            f"dataset.root={hc18_root}",
+            f"scheduler={scheduler}",
+            "scheduler.patience=0" if scheduler == "plateau" else "trainer.max_epochs=2",
+        )
+    )
+    run = only_run(client, "hc18_synthetic")
+    assert run.info.status == "FINISHED" and run.data.params["scheduler._target_"].endswith(
+        ("CosineAnnealingLR", "ReduceLROnPlateau")
+    )
+
+
+def test_ctrl_c_marks_the_run_killed(work_dir, client, hc18_root):
+    proc = segexp_train(work_dir, *TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=200")
+
+    wait_for(lambda: an_epoch_is_logged(client))
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    run = only_run(client, "hc18_synthetic")
+    assert run.info.status == "KILLED", output[-3000:]
