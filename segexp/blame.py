@@ -314,3 +314,54 @@ def blame(
         "seconds": seconds,
         "parent_run_id": parent.run_id,
     }
+
+
+def marginal_means(results: pd.DataFrame, factors: list[str], metric: str) -> pd.DataFrame:
+    """Mean metric per level of each factor, with 95% CIs from the pooled within-config variance."""
+    data = results.dropna(subset=[metric])
+    cells = data.groupby(factors)[metric]
+    dof = int(len(data) - cells.ngroups)
+    s2 = (
+        float(((data[metric] - cells.transform("mean")) ** 2).sum() / dof)
+        if dof > 0
+        else float("nan")
+    )
+    t = float(stats.t.ppf(0.975, dof)) if dof > 0 else float("nan")
+    rows = []
+    for factor in factors:
+        for level, values in data.groupby(factor)[metric]:
+            half = t * math.sqrt(s2 / len(values)) if dof > 0 else float("nan")
+            rows.append(
+                {
+                    "factor": factor,
+                    "level": level,
+                    "mean": values.mean(),
+                    "ci_low": values.mean() - half,
+                    "ci_high": values.mean() + half,
+                    "runs": len(values),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def sweep_effects(client, parent_run_id: str, metric: str = "val/dice_best") -> pd.DataFrame:
+    """`segexp effects`: marginal means per level of every param that varies across a parent's
+    FINISHED child runs (a sweep or a blame), seeds as replicates; trains nothing."""
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'",
+    )
+    if not children:
+        raise ValueError(f"run {parent_run_id} has no FINISHED child runs")
+    params = pd.DataFrame([{**c.data.params, metric: c.data.metrics.get(metric)} for c in children])
+    varying = [
+        k
+        for k in params.columns
+        if k != metric and not tracking.is_bookkeeping(k) and params[k].nunique(dropna=False) > 1
+    ]
+    if not varying:
+        raise ValueError(f"the child runs of {parent_run_id} do not differ in any param")
+    table = marginal_means(params, varying, metric)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return table

@@ -17,6 +17,8 @@ commands:
                               HC18 challenge CSV from a run's best checkpoint
   blame RUN_A RUN_B [--seeds 3] [--design auto|factorial|oat] [--metric val/dice_best] [--dry-run] [OVERRIDES]
                               which changed hyperparameter moved the metric, with 95% CIs over seeds
+  effects PARENT_RUN_ID [--metric val/dice_best]
+                              marginal means per level of the params its child runs vary; no new runs
 """
 
 
@@ -165,6 +167,25 @@ def blame(argv: list[str]) -> int:
     return 0
 
 
+def effects(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="segexp effects", description="Main effects over an existing sweep or blame."
+    )
+    parser.add_argument("parent_run_id")
+    parser.add_argument("--metric", default="val/dice_best")
+    parser.add_argument("--work-dir", default=os.environ.get("SEGEXP_WORK_DIR", "mlruns"))
+    parser.add_argument("--tracking-uri", default=None)
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from segexp import tracking
+    from segexp.blame import sweep_effects
+
+    uri, artifacts = tracking.store_locations({"uri": args.tracking_uri}, Path(args.work_dir))
+    sweep_effects(tracking.prepare_store(uri, artifacts), args.parent_run_id, args.metric)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -185,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         return predict(rest)
     if command == "blame":
         return blame(rest)
+    if command == "effects":
+        return effects(rest)
     print(f"segexp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -16,7 +16,9 @@ from segexp.blame import (
     effects_table,
     factors_between,
     make_design,
+    marginal_means,
     parse_value,
+    sweep_effects,
 )
 from segexp.train import train
 
@@ -93,6 +95,17 @@ def test_lower_is_better_metrics_flip_the_verdict():
 def test_no_replicates_gives_no_verdict():
     effects, _ = effects_table(constructed({"lr": -0.05}, seeds=1), ["lr"], "val/dice_best")
     assert effects.verdict.tolist() == ["no replicates"]
+
+
+def test_marginal_means_on_known_answers():
+    table = marginal_means(
+        constructed({"lr": -0.05, "wd": 0.0}), ["lr", "wd"], "val/dice_best"
+    ).set_index(["factor", "level"])
+    assert table.loc[("lr", 1), "mean"] - table.loc[("lr", 0), "mean"] == pytest.approx(
+        -0.05, abs=0.003
+    )
+    assert table.loc[("lr", 1), "ci_high"] < table.loc[("lr", 0), "ci_low"]
+    assert table.loc[("wd", 0), "runs"] == 8
 
 
 def test_designs():
@@ -185,3 +198,18 @@ def test_blame_flags_the_harmful_change_and_not_the_harmless_one(
     )
     # a second blame retrains nothing
     assert blame(client, artifacts, run_a, run_b, seeds=3)["trained"] == 0
+    # effects over the existing children: per-level means agree with the blame's main effect
+    table = sweep_effects(client, result["parent_run_id"]).set_index(["factor", "level"])
+    lr_effect = (
+        table.loc[("optimizer.lr", "100"), "mean"] - table.loc[("optimizer.lr", "0.01"), "mean"]
+    )
+    children_only = result["results"][
+        result["results"].run_id.isin({c.info.run_id for c in children})
+    ]
+    expected = children_only.groupby("optimizer.lr")["val/dice_best"].mean()
+    assert lr_effect == pytest.approx(expected[1] - expected[0])
+    assert (
+        table.loc[("optimizer.lr", "100"), "ci_high"]
+        < table.loc[("optimizer.lr", "0.01"), "ci_low"]
+        or lr_effect < 0
+    )
