@@ -209,6 +209,8 @@ def log_final_evaluation(
     final["best_epoch"] = best_epoch
     run.log_metrics(final, step=0)
 
+    if "hc_true_mm" in cases:  # HC18: name each row by its image file, as the challenge does
+        cases.insert(0, "filename", cases.case_id + ".png")
     cases.to_csv(output_dir / "val_cases.csv", index=False)
     run.log_artifact(output_dir / "val_cases.csv", "evaluation")
     if datamodule.volumetric:

@@ -134,6 +134,7 @@ def test_two_epoch_run_lands_in_mlflow(work_dir, client, hc18_root):
         client.download_artifacts(run.info.run_id, "evaluation/val_cases.csv", str(work_dir))
     )
     assert {
+        "filename",
         "case_id",
         "dice",
         "pixel_size_mm",
