@@ -114,7 +114,6 @@ BOOKKEEPING = (
     "trainer.log_every_n_steps",
 )
 REPLICATE = ("seed", "dataset.split_seed")  # replicates, not factors
-LOWER_IS_BETTER = ("loss", "hd95", "mae", "error")
 
 
 def is_bookkeeping(key: str) -> bool:
