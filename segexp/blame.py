@@ -92,6 +92,18 @@ def cell_config(
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
 
 
+def pooled_variance(
+    data: pd.DataFrame, factors: list[str], metric: str
+) -> tuple[float, int, float]:
+    """Within-cell (seed-to-seed) variance pooled over cells, its dof, and t(0.975, dof); NaN without replicates."""
+    cells = data.groupby(factors)[metric]
+    dof = int(len(data) - cells.ngroups)
+    if dof <= 0:
+        return float("nan"), dof, float("nan")
+    s2 = float(((data[metric] - cells.transform("mean")) ** 2).sum() / dof)
+    return s2, dof, float(stats.t.ppf(0.975, dof))
+
+
 def effects_table(
     results: pd.DataFrame, factors: list[str], metric: str, interactions: bool = True
 ) -> tuple[pd.DataFrame, dict]:
@@ -102,14 +114,7 @@ def effects_table(
     pooled within-cell variance. Verdict: `hurt`/`helped` when the CI excludes 0, else `within noise`.
     """
     data = results.dropna(subset=[metric])
-    cells = data.groupby(factors)[metric]
-    dof = int(len(data) - cells.ngroups)
-    s2 = (
-        float(((data[metric] - cells.transform("mean")) ** 2).sum() / dof)
-        if dof > 0
-        else float("nan")
-    )
-    t = float(stats.t.ppf(0.975, dof)) if dof > 0 else float("nan")
+    s2, dof, t = pooled_variance(data, factors, metric)
     sign = -1.0 if any(word in metric for word in LOWER_IS_BETTER) else 1.0
     contrasts = {f: data[f].to_numpy() for f in factors}
     if interactions and len(factors) > 1:
@@ -319,14 +324,7 @@ def blame(
 def marginal_means(results: pd.DataFrame, factors: list[str], metric: str) -> pd.DataFrame:
     """Mean metric per level of each factor, with 95% CIs from the pooled within-config variance."""
     data = results.dropna(subset=[metric])
-    cells = data.groupby(factors)[metric]
-    dof = int(len(data) - cells.ngroups)
-    s2 = (
-        float(((data[metric] - cells.transform("mean")) ** 2).sum() / dof)
-        if dof > 0
-        else float("nan")
-    )
-    t = float(stats.t.ppf(0.975, dof)) if dof > 0 else float("nan")
+    s2, dof, t = pooled_variance(data, factors, metric)
     rows = []
     for factor in factors:
         for level, values in data.groupby(factor)[metric]:
