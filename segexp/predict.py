@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -60,9 +59,9 @@ def load_run_model(client, run_id: str) -> tuple[torch.nn.Module, dict]:
             map_location="cpu",
             weights_only=True,
         )
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.pop("channels_last", None)
-    net = instantiate(model_cfg)
+    from segexp.train import build_net
+
+    net, _ = build_net(cfg.model)
     net.load_state_dict(
         {
             k.removeprefix("net."): v

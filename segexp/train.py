@@ -110,11 +110,17 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
 
 
+def build_net(model_cfg: DictConfig) -> tuple[torch.nn.Module, bool]:
+    """The network of a `model` config, and its `channels_last` flag (segexp's, not the model's)."""
+    args = OmegaConf.to_container(model_cfg, resolve=True)
+    channels_last = bool(args.pop("channels_last", False))
+    return instantiate(args), channels_last
+
+
 def build_module(cfg: DictConfig, datamodule: SegDataModule) -> SegModule:
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    channels_last = bool(model_cfg.pop("channels_last", False))  # segexp's option, not the model's
+    net, channels_last = build_net(cfg.model)
     return SegModule(
-        net=instantiate(model_cfg),
+        net=net,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
