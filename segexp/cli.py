@@ -19,6 +19,10 @@ commands:
                               which changed hyperparameter moved the metric, with 95% CIs over seeds
   effects PARENT_RUN_ID [--metric val/dice_best]
                               marginal means per level of the params its child runs vary; no new runs
+  compare RUN_OR_SWEEP_ID... [--by seed] [--out compare.png]
+                              the params that differ, val/dice_best, status, duration; curves overlaid
+  runs cleanup [--experiment NAME]
+                              mark KILLED the RUNNING runs whose process on this host is gone
 """
 
 
@@ -85,27 +89,16 @@ def predict(argv: list[str]) -> int:
     parser.add_argument(
         "--masks", default=None, help="also write predicted masks (original size) here"
     )
-    parser.add_argument(
-        "--work-dir",
-        default=os.environ.get("SEGEXP_WORK_DIR", "mlruns"),
-        help="segexp work dir (default store)",
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow store (default: MLFLOW_TRACKING_URI, else the work dir's)",
-    )
+    store_args(parser)
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from segexp import tracking
     from segexp.cases import DataError
     from segexp.predict import predict as run_predict
 
-    uri, artifacts = tracking.store_locations({"uri": args.tracking_uri}, Path(args.work_dir))
     try:
         table = run_predict(
-            tracking.prepare_store(uri, artifacts),
+            client_of(args),
             args.run_id,
             Path(args.images),
             Path(args.pixel_csv),
@@ -143,17 +136,16 @@ def blame(argv: list[str]) -> int:
     parser.add_argument(
         "--out", default=None, help="folder for effects.csv, runs.csv, effects.png, report.md"
     )
-    parser.add_argument("--work-dir", default=os.environ.get("SEGEXP_WORK_DIR", "mlruns"))
-    parser.add_argument("--tracking-uri", default=None)
+    store_args(parser)
     args = parser.parse_args(argv)
     from pathlib import Path
 
     from segexp import tracking
     from segexp.blame import blame as run_blame
 
-    uri, artifacts = tracking.store_locations({"uri": args.tracking_uri}, Path(args.work_dir))
+    _, artifacts = tracking.store_locations({"uri": args.tracking_uri}, Path(args.work_dir))
     run_blame(
-        tracking.prepare_store(uri, artifacts),
+        client_of(args),
         artifacts,
         args.run_a,
         args.run_b,
@@ -173,16 +165,70 @@ def effects(argv: list[str]) -> int:
     )
     parser.add_argument("parent_run_id")
     parser.add_argument("--metric", default="val/dice_best")
-    parser.add_argument("--work-dir", default=os.environ.get("SEGEXP_WORK_DIR", "mlruns"))
-    parser.add_argument("--tracking-uri", default=None)
+    store_args(parser)
     args = parser.parse_args(argv)
+    from segexp.blame import sweep_effects
+
+    sweep_effects(client_of(args), args.parent_run_id, args.metric)
+    return 0
+
+
+def store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--work-dir",
+        default=os.environ.get("SEGEXP_WORK_DIR", "mlruns"),
+        help="segexp work dir (default store)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default: MLFLOW_TRACKING_URI, else the work dir's)",
+    )
+
+
+def client_of(args):
     from pathlib import Path
 
     from segexp import tracking
-    from segexp.blame import sweep_effects
 
     uri, artifacts = tracking.store_locations({"uri": args.tracking_uri}, Path(args.work_dir))
-    sweep_effects(tracking.prepare_store(uri, artifacts), args.parent_run_id, args.metric)
+    return tracking.prepare_store(uri, artifacts)
+
+
+def compare(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="segexp compare", description="Runs side by side: what differs, and how they did."
+    )
+    parser.add_argument("ids", nargs="+", help="run ids; a sweep (parent) id means its child runs")
+    parser.add_argument(
+        "--by", default=None, help="group replicates by this param (e.g. seed): mean and std"
+    )
+    parser.add_argument("--out", default="compare.png", help="PNG of val/dice and val/loss curves")
+    store_args(parser)
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from segexp.compare import compare as run_compare
+
+    run_compare(client_of(args), args.ids, by=args.by, out=Path(args.out))
+    return 0
+
+
+def runs(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="segexp runs", description="Housekeeping of runs.")
+    parser.add_argument("action", choices=["cleanup"])
+    parser.add_argument("--experiment", action="append", help="only these experiments")
+    store_args(parser)
+    args = parser.parse_args(argv)
+    from segexp import tracking
+
+    client = client_of(args)
+    experiments = client.search_experiments()
+    ids = [e.experiment_id for e in experiments if not args.experiment or e.name in args.experiment]
+    marked = tracking.cleanup_stale_runs(client, ids)
+    print(f"marked KILLED: {len(marked)} run(s) whose process is gone")
+    for run_id in marked:
+        print(f"  {run_id}")
     return 0
 
 
@@ -208,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         return blame(rest)
     if command == "effects":
         return effects(rest)
+    if command == "compare":
+        return compare(rest)
+    if command == "runs":
+        return runs(rest)
     print(f"segexp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -112,6 +112,7 @@ BOOKKEEPING = (
     "dataset.num_workers",
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
+    "sweep.",
 )
 REPLICATE = ("seed", "dataset.split_seed")  # replicates, not factors
 
@@ -143,6 +144,41 @@ def git_tags() -> dict[str, str]:
         }
     except (OSError, subprocess.SubprocessError):
         return {}
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` is a live (not zombie) process on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def cleanup_stale_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+    """Mark KILLED the RUNNING runs whose recorded process (pid on this host) is gone.
+
+    A run killed by SIGKILL or the OOM killer cannot end itself; its `segexp.pid` and
+    `segexp.host` tags tell whether anything is still writing to it. Runs of other hosts are
+    left alone. Returns the ids marked.
+    """
+    host, marked = socket.gethostname(), []
+    for run in client.search_runs(
+        experiment_ids, "attributes.status = 'RUNNING'", max_results=5000
+    ):
+        tags = run.data.tags
+        pid = tags.get("segexp.pid", "")
+        if tags.get("segexp.host") != host or not pid.isdigit() or process_alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "stop_reason", f"process {pid} on {host} is gone")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        marked.append(run.info.run_id)
+    return marked
 
 
 class Interrupted(KeyboardInterrupt):

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-from segexp import report, tracking
+from segexp import report, sweep, tracking
 from segexp.data import SegDataModule
 from segexp.module import SegModule
 
@@ -207,9 +207,26 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point (`segexp train`, `python -m segexp.train`); returns val/dice_best."""
-    torch.set_num_threads(int(os.environ.get("SEGEXP_THREADS", torch.get_num_threads())))
-    final = train(cfg, list(HydraConfig.get().overrides.task))
-    return final["val/dice_best"]
+    torch.set_num_threads(sweep.threads_per_job())
+    overrides = list(HydraConfig.get().overrides.task)
+    if sweep.in_multirun() and os.environ.get(sweep.PARENT_ENV):
+        cfg.tracking.parent_run_id = os.environ[sweep.PARENT_ENV]
+        cfg.run_name = cfg.run_name or sweep.child_run_name(overrides) or None
+        if cfg.sweep.resume and (reused := skip_finished(cfg)) is not None:
+            return reused
+    return train(cfg, overrides)["val/dice_best"]
+
+
+def skip_finished(cfg: DictConfig) -> float | None:
+    """`sweep.resume=true`: the val/dice_best of a FINISHED twin run, which the parent adopts."""
+    uri, _ = tracking.store_locations(cfg.tracking, Path(cfg.work_dir))
+    client = tracking.prepare_store(uri, _)
+    twin = sweep.finished_twin(client, cfg)
+    if twin is None:
+        return None
+    client.set_tag(twin, "segexp.reused_by_sweep", cfg.tracking.parent_run_id)
+    print(f"sweep.resume: reusing FINISHED run {twin} (same config hash and seed)")
+    return client.get_run(twin).data.metrics.get("val/dice_best")
 
 
 if __name__ == "__main__":

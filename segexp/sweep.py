@@ -1,0 +1,208 @@
+"""Hydra multirun as one MLflow parent run with one child run per job.
+
+`SweepCallback` (registered in conf/train.yaml under `hydra.callbacks`) runs in the launching
+process: before any job starts it creates the store (so parallel jobs never race on a fresh
+SQLite schema), marks runs of dead processes KILLED and opens the parent run, whose id reaches
+every job through the environment (in-process, joblib workers and submitit jobs inherit it).
+When the sweep ends, or the process exits because a job failed, it writes the summary
+(`sweep/summary.csv`, `sweep/by_seed.csv`, `sweep/val_dice.png`) and ends the parent: FINISHED
+when every job finished, else FAILED (KILLED on Ctrl-C / SIGTERM).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from mlflow import MlflowClient
+from omegaconf import DictConfig
+
+from segexp import compare, tracking
+
+PARENT_ENV = "SEGEXP_SWEEP_PARENT_RUN_ID"
+SWEPT_ENV = "SEGEXP_SWEPT_KEYS"  # keys with several values: they name the child runs
+ROLE_TAG = "segexp.role"
+
+
+def grid(overrides: list[str]) -> str:
+    """The sweep's task overrides as one string: equal strings, same sweep (for `sweep.resume`)."""
+    return " ".join(sorted(o for o in overrides if not o.startswith("sweep.resume=")))
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    """Keys that the sweep varies (`optimizer.lr=1e-3,3e-4`, `range(...)`, `choice(...)`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [o.get_key_element() for o in parsed if o.is_sweep_override()]
+
+
+def child_run_name(overrides: list[str]) -> str:
+    """A sweep job's run name: its values of the swept keys, e.g. `optimizer.lr=0.001 seed=1`."""
+    keys = set(os.environ.get(SWEPT_ENV, "").split())
+    return " ".join(o for o in overrides if o.split("=", 1)[0] in keys)
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def threads_per_job() -> int:
+    """Cores divided by the jobs that run at once, so parallel jobs do not oversubscribe."""
+    if os.environ.get("SEGEXP_THREADS"):
+        return int(os.environ["SEGEXP_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    jobs = 1
+    if in_multirun():
+        n_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
+        jobs = cores if n_jobs < 0 else n_jobs
+    return max(1, cores // jobs)
+
+
+def finished_twin(client: MlflowClient, cfg: DictConfig) -> str | None:
+    """A FINISHED run of the same config hash and seed in this experiment (`sweep.resume`)."""
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return None
+    key = tracking.config_hash(tracking.redacted(cfg))
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`segexp.config_hash` = '{key}' and params.seed = '{cfg.seed}'"
+        " and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+class SweepCallback(Callback):
+    """Parent run around a Hydra multirun; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.client: MlflowClient | None = None
+        self.parent_run_id: str | None = None
+        self.interrupted = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        uri, artifact_root = tracking.store_locations(config.tracking, Path(config.work_dir))
+        self.client = tracking.prepare_store(uri, artifact_root)
+        experiment_id = tracking.experiment_id(
+            self.client, config.tracking.experiment, artifact_root
+        )
+        tracking.cleanup_stale_runs(self.client, [experiment_id])
+        sweep_grid = grid(list(config.hydra.overrides.task))
+        previous = None
+        if config.get("sweep", {}).get("resume"):
+            found = self.client.search_runs(
+                [experiment_id],
+                f"tags.`{ROLE_TAG}` = 'sweep'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1000,
+            )
+            previous = next(
+                (r for r in found if r.data.tags.get("segexp.sweep_grid") == sweep_grid), None
+            )
+        if previous:
+            self.parent_run_id = previous.info.run_id
+            self.client.update_run(self.parent_run_id, status="RUNNING")
+        else:
+            sweep_id = uuid.uuid4().hex[:8]
+            run = self.client.create_run(
+                experiment_id,
+                run_name=f"sweep {sweep_grid}"[:250],
+                tags={
+                    ROLE_TAG: "sweep",
+                    "segexp.sweep_id": sweep_id,
+                    "segexp.sweep_grid": tracking.redact("overrides", sweep_grid),
+                    "segexp.sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
+                    "hydra.launcher": str(config.hydra.launcher.get("_target_", "")),
+                    **tracking.git_tags(),
+                },
+            )
+            self.parent_run_id = run.info.run_id
+        self.client.set_tag(self.parent_run_id, "segexp.pid", str(os.getpid()))
+        self.client.set_tag(self.parent_run_id, "segexp.host", socket.gethostname())
+        os.environ[PARENT_ENV] = self.parent_run_id
+        os.environ[SWEPT_ENV] = " ".join(swept_keys(list(config.hydra.overrides.task)))
+        print(f"sweep parent run {self.parent_run_id} (experiment '{config.tracking.experiment}')")
+        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        atexit.register(self.finish)  # a failed job makes Hydra exit before on_multirun_end
+
+    def _on_sigterm(self, signum, frame):
+        self.interrupted = True
+        raise KeyboardInterrupt(f"received signal {signum}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self.finish()
+
+    def finish(self) -> None:
+        """Summary artifacts and the parent's final status; runs once."""
+        if self.parent_run_id is None:
+            return
+        parent_run_id, self.parent_run_id = self.parent_run_id, None
+        os.environ.pop(PARENT_ENV, None)
+        client = self.client
+        parent = client.get_run(parent_run_id)
+        tracking.cleanup_stale_runs(client, [parent.info.experiment_id])
+        runs = compare.children(client, parent)
+        runs = list({r.info.run_id: r for r in runs + reused_runs(client, parent)}.values())
+        if runs:
+            write_summary(client, parent_run_id, runs)
+        statuses = {r.info.status for r in latest_per_config(runs)}
+        if self.interrupted:
+            status = "KILLED"
+        else:
+            status = "FINISHED" if runs and statuses == {"FINISHED"} else "FAILED"
+        client.set_tag(parent_run_id, "segexp.jobs", str(len(runs)))
+        client.set_terminated(parent_run_id, status=status)
+        print(f"sweep parent run {parent_run_id}: {status}, {len(runs)} runs")
+
+
+def reused_runs(client: MlflowClient, parent) -> list:
+    """Runs of earlier sweeps that a `sweep.resume=true` job reused instead of training again."""
+    return client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`segexp.reused_by_sweep` = '{parent.info.run_id}'",
+        max_results=5000,
+    )
+
+
+def latest_per_config(runs: list) -> list:
+    """The latest run of each (config hash, seed): a re-run replaces the FAILED one it redoes."""
+    latest = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        key = (
+            run.data.tags.get("segexp.config_hash", run.info.run_id),
+            run.data.params.get("seed"),
+        )
+        if (
+            run.info.status == "FINISHED"
+            or latest.get(key) is None
+            or latest[key].info.status != "FINISHED"
+        ):
+            latest[key] = run
+    return list(latest.values())
+
+
+def write_summary(client: MlflowClient, parent_run_id: str, runs: list) -> None:
+    """summary.csv (one row per run), by_seed.csv (mean/std over seeds), val_dice.png."""
+    runs = latest_per_config(runs)
+    table = compare.runs_table(runs)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        table.to_csv(out / "summary.csv", index=False)
+        compare.by_replicates(table).to_csv(out / "by_seed.csv", index=False)
+        compare.plot_runs(client, runs, table.attrs["params"], out / "val_dice.png")
+        for name in ("summary.csv", "by_seed.csv", "val_dice.png"):
+            client.log_artifact(parent_run_id, str(out / name), "sweep")
+    print(
+        table.drop(columns=["overrides"]).to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    )

@@ -1,0 +1,291 @@
+"""Sweeps: Hydra multirun as MLflow parent + child runs, joblib in parallel, resume, compare, UI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import TINY, steps
+from mlflow import MlflowClient
+
+from segexp import cli, compare
+
+GRID = ["optimizer.lr=1e-3,-1", "seed=1,2"]  # lr=-1 makes torch.optim.Adam raise: a FAILED job
+
+
+def segexp(work_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "segexp.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def sweep_args(hc18_root: Path, *extra: str) -> list[str]:
+    return ["train", "-m", *TINY, f"dataset.root={hc18_root}", *extra, *GRID]
+
+
+def sweep_parents(client: MlflowClient, experiment: str = "hc18_synthetic"):
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], "tags.`segexp.role` = 'sweep'")
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, hc18_root) -> Path:
+    """4 jobs at once (joblib, n_jobs=4) on a fresh store that no one created beforehand."""
+    work_dir = tmp_path_factory.mktemp("sweep")
+    done = segexp(
+        work_dir,
+        *sweep_args(hc18_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=4"),
+    )
+    assert done.returncode != 0, "a sweep with a FAILED job must exit non-zero"
+    assert "Invalid learning rate: -1" in done.stderr + done.stdout
+    (work_dir / "sweep.log").write_text(done.stdout + done.stderr)
+    return work_dir
+
+
+def store(work_dir: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{work_dir / 'mlflow.db'}")
+
+
+def test_parallel_sweep_is_one_parent_with_a_child_per_job(swept):
+    client = store(swept)
+    log = (swept / "sweep.log").read_text()
+    [parent] = sweep_parents(client)
+    assert parent.info.status == "FAILED", log[-3000:]
+    assert {"optimizer.lr=1e-3,-1", "seed=1,2"} <= set(
+        parent.data.tags["segexp.sweep_grid"].split()
+    )
+    kids = compare.children(client, parent)
+    assert len(kids) == 4, log[-3000:]
+    by_lr = {}
+    for kid in kids:
+        by_lr.setdefault(kid.data.params["optimizer.lr"], []).append(kid)
+        lr, seed = kid.data.params["optimizer.lr"], kid.data.params["seed"]
+        assert kid.info.run_name == f"optimizer.lr={lr} seed={seed}"
+    assert {k.info.status for k in by_lr["0.001"]} == {"FINISHED"}
+    assert {k.info.status for k in by_lr["-1"]} == {"FAILED"}
+    for kid in by_lr["0.001"]:
+        assert steps(client, kid.info.run_id, "val/dice") == [0, 1]
+    # four worker processes, one job each, all writing to the store that none of them created
+    assert len({k.data.tags["segexp.pid"] for k in kids}) == 4
+    assert str(os.getpid()) not in {k.data.tags["segexp.pid"] for k in kids}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = pd.read_csv(
+            client.download_artifacts(parent.info.run_id, "sweep/summary.csv", tmp)
+        )
+        by_seed = pd.read_csv(
+            client.download_artifacts(parent.info.run_id, "sweep/by_seed.csv", tmp)
+        )
+    assert len(summary) == 4
+    assert {"optimizer.lr", "seed", "val/dice_best", "best_epoch", "status", "seconds"} <= set(
+        summary.columns
+    )
+    assert "dataset.image_size" not in summary.columns  # only what differs
+    row = by_seed[by_seed["optimizer.lr"] == 0.001].iloc[0]
+    finished = summary[summary.status == "FINISHED"]["val/dice_best"]
+    assert row["val/dice_best_count"] == 2
+    assert row["val/dice_best_mean"] == pytest.approx(finished.mean())
+    assert row["val/dice_best_std"] == pytest.approx(finished.std())
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert "sweep/val_dice.png" in names
+
+
+def test_sweep_resume_skips_finished_configs_and_reruns_failed(swept, hc18_root, tmp_path):
+    work_dir = tmp_path / "copy"
+    shutil.copytree(swept, work_dir)
+    client = store(work_dir)
+    before = {r.info.run_id for r in client.search_runs(["1"], max_results=100)}
+    done = segexp(work_dir, *sweep_args(hc18_root, "sweep.resume=true"))
+    assert done.returncode != 0  # lr=-1 still fails
+    assert done.stdout.count("sweep.resume: reusing FINISHED run") == 2, done.stdout[-3000:]
+    [parent] = sweep_parents(client)  # the same parent, re-opened
+    new = [r for r in compare.children(client, parent) if r.info.run_id not in before]
+    assert sorted((r.data.params["optimizer.lr"], r.info.status) for r in new) == [
+        ("-1", "FAILED"),
+        ("-1", "FAILED"),
+    ]
+    assert parent.info.status == "FAILED"
+
+
+def test_compare_shows_only_differing_params_and_logs_the_plot(swept, capsys, tmp_path):
+    client = store(swept)
+    [parent] = sweep_parents(client)
+    out = tmp_path / "cmp.png"
+    code = cli.main(
+        ["compare", parent.info.run_id, "--by", "seed", "--out", str(out), "--work-dir", str(swept)]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "optimizer.lr" in printed and "dataset.image_size" not in printed
+    assert "by seed" in printed and out.stat().st_size > 10_000
+    assert "compare/cmp.png" in {
+        a.path for a in client.list_artifacts(parent.info.run_id, "compare")
+    }
+
+
+def test_sigterm_during_a_sweep_leaves_no_run_running(work_dir, client, hc18_root):
+    env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "segexp.cli",
+            *sweep_args(hc18_root, "trainer.max_epochs=500")[:-2],
+            "seed=1,2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        found = client.get_experiment_by_name("hc18_synthetic")
+        kids = found and client.search_runs(
+            [found.experiment_id], "tags.`mlflow.parentRunId` != ''"
+        )
+        if kids and steps(client, kids[0].info.run_id, "val/dice"):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    runs = client.search_runs([client.get_experiment_by_name("hc18_synthetic").experiment_id])
+    assert runs and "RUNNING" not in {r.info.status for r in runs}, output[-3000:]
+    assert "KILLED" in {r.info.status for r in runs}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(swept):
+    """`mlflow server` on a free localhost port over the sweep's store."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{swept / 'mlflow.db'}",
+            "--default-artifact-root",
+            (swept / "artifacts").as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not come up in 90 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def rest(url: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_rest_api_of_a_real_server_has_the_sweep(server):
+    experiment = rest(server, "experiments/get-by-name?experiment_name=hc18_synthetic")
+    experiment_id = experiment["experiment"]["experiment_id"]
+    runs = rest(server, "runs/search", {"experiment_ids": [experiment_id], "max_results": 100})
+    runs = runs["runs"]
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    parents = [r for r, t in zip(runs, tags, strict=True) if t.get("segexp.role") == "sweep"]
+    assert len(parents) == 1
+    parent_id = parents[0]["info"]["run_id"]
+    kids = [r for r, t in zip(runs, tags, strict=True) if t.get("mlflow.parentRunId") == parent_id]
+    assert len(kids) == 4
+    finished = [k for k in kids if k["info"]["status"] == "FINISHED"]
+    assert len(finished) == 2
+    for kid in finished:
+        params = {p["key"]: p["value"] for p in kid["data"]["params"]}
+        assert params["optimizer.lr"] == "0.001" and params["dataset.image_size"] == "32"
+        history = rest(
+            server, f"metrics/get-history?run_id={kid['info']['run_id']}&metric_key=val/dice"
+        )
+        assert sorted(m["step"] for m in history["metrics"]) == [0, 1]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_mlflow_ui_in_headless_chromium_shows_children_and_val_dice(server, swept):
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH: `make browser` installs Debian's chromium")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed: `make browser` installs it"
+    )
+    client = store(swept)
+    [parent] = sweep_parents(client)
+    artifacts = Path(os.environ.get("SEGEXP_TEST_ARTIFACTS", swept))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            # the closed network refuses Chromium's background connections; keep it quiet
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(f"{server}/#/experiments/{parent.info.experiment_id}/runs")
+        row = page.locator('[role="row"]', has_text=parent.info.run_name[:40])
+        row.first.wait_for(timeout=60_000)
+        row.first.locator('button[data-component-id*="runnamecellrenderer"]').click()  # expand
+        page.get_by_text("optimizer.lr=0.001 seed=1").first.wait_for(timeout=30_000)
+        assert "optimizer.lr=-1 seed=2" in page.inner_text("body")  # the FAILED children too
+        # chart view: the radio input is hidden behind its styled label
+        page.locator('input[value="CHART"]').evaluate("e => e.click()")
+        chart = page.get_by_text("val/dice", exact=True).first
+        chart.wait_for(timeout=60_000)
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(artifacts / "mlflow_ui_sweep.png"))
+        body = page.inner_text("body")
+        browser.close()
+    assert "optimizer.lr=0.001 seed=2 (val/dice)" in body
+    assert (artifacts / "mlflow_ui_sweep.png").stat().st_size > 20_000
