@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-all lint format demo ui data clean
+.PHONY: install test test-all lint format demo ui browser bench data clean
 
 install: $(STAMP)
 
@@ -36,9 +36,14 @@ data: mlruns/data/hc18_synthetic
 demo: install mlruns/data/hc18_synthetic
 	$(BIN)/segexp train experiment=hc18_seed dataset=hc18_synthetic trainer.max_epochs=15
 
+# Localhost only; `segexp ui --host 0.0.0.0 --allow-remote` is the explicit way out.
 ui: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
-	  --default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
+	$(BIN)/segexp ui --work-dir $(CURDIR)/mlruns --port 5000
+
+# Debian's chromium + playwright for the MLflow UI browser test (skipped without them).
+browser: install
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/python -m pip install --quiet -e '.[dev,browser]'
 
 clean:
 	rm -rf mlruns/outputs mlruns/cache

@@ -21,6 +21,8 @@ commands:
                               marginal means per level of the params its child runs vary; no new runs
   compare RUN_OR_SWEEP_ID... [--by seed] [--out compare.png]
                               the params that differ, val/dice_best, status, duration; curves overlaid
+  ui [--port 5000] [--host 127.0.0.1 [--allow-remote]]
+                              MLflow UI on the store (localhost only unless --allow-remote)
   runs cleanup [--experiment NAME]
                               mark KILLED the RUNNING runs whose process on this host is gone
 """
@@ -232,6 +234,64 @@ def runs(argv: list[str]) -> int:
     return 0
 
 
+REMOTE_ADVICE = """segexp ui: {host} exposes the MLflow server, which has no authentication by default, to
+every machine that can reach this one. If that is what you want:
+  - keep MLflow's security middleware on and name who may connect:
+      --allowed-hosts 'my-host.example.org:*' --cors-allowed-origins 'https://my-host.example.org'
+  - turn on authentication: `mlflow server --app-name basic-auth` (set MLFLOW_FLASK_SERVER_SECRET_KEY)
+  - or keep it on 127.0.0.1 and reach it through an SSH tunnel: ssh -L 5000:127.0.0.1:5000 HOST
+Pass --allow-remote to bind {host} anyway."""
+
+
+def ui(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="segexp ui", description="MLflow UI on the segexp store, bound to localhost."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a host other than localhost (prints the security advice)",
+    )
+    parser.add_argument(
+        "--print-command", action="store_true", help="print the mlflow command, start nothing"
+    )
+    parser.add_argument(
+        "extra", nargs="*", help="passed to `mlflow server` after --, e.g. -- --app-name basic-auth"
+    )
+    store_args(parser)
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from segexp import tracking
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(REMOTE_ADVICE.format(host=args.host), file=sys.stderr)
+        if not args.allow_remote:
+            return 2
+    uri, artifacts = tracking.store_locations({"uri": args.tracking_uri}, Path(args.work_dir))
+    tracking.prepare_store(uri, artifacts)
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--default-artifact-root",
+        artifacts,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        *args.extra,
+    ]
+    print(" ".join(command))
+    if args.print_command:
+        return 0
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -258,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         return compare(rest)
     if command == "runs":
         return runs(rest)
+    if command == "ui":
+        return ui(rest)
     print(f"segexp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -194,6 +194,9 @@ class SegDataset(Dataset):
         image = np.array(self.images[k])  # (H, W, C) uint8, a writable copy of the cache's row
         mask = None if self.masks is None else np.array(self.masks[k])  # (H, W) uint8
         if self.transform is not None:
+            # Compose keeps its own RNG; seed it from torch's, which Lightning seeds per worker
+            # and segexp checkpoints, so seeded and resumed runs augment identically.
+            self.transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ())))
             out = (
                 self.transform(image=image, mask=mask)
                 if mask is not None

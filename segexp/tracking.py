@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -19,7 +20,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -79,14 +82,24 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def redacted(cfg: DictConfig | ListConfig, key: str = ""):
-    """The resolved config as plain containers, with secret values and URI passwords hidden."""
-    node = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
-    if isinstance(node, dict):
-        return {k: redacted(v, f"{key}.{k}") for k, v in node.items()}
-    if isinstance(node, list):
-        return [redacted(v, key) for v in node]
-    return redact(key, node) if isinstance(node, str) else node
+def redacted(cfg: DictConfig | ListConfig, key: str = "", raw=None):
+    """The resolved config as plain containers, with secret values and URI passwords hidden.
+
+    A value written as `${oc.env:NAME}` is kept as that text: what the environment held
+    (a token, a password) never reaches params, tags or config.yaml, and resume re-reads it.
+    """
+    if OmegaConf.is_config(cfg):
+        raw = OmegaConf.to_container(cfg, resolve=False)
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(raw, str) and "${oc.env:" in raw:
+        return raw
+    if isinstance(cfg, dict):
+        raw = raw if isinstance(raw, dict) else {}
+        return {k: redacted(v, f"{key}.{k}", raw.get(k)) for k, v in cfg.items()}
+    if isinstance(cfg, list):
+        raw = raw if isinstance(raw, list) and len(raw) == len(cfg) else [None] * len(cfg)
+        return [redacted(v, key, r) for v, r in zip(cfg, raw, strict=True)]
+    return redact(key, cfg) if isinstance(cfg, str) else cfg
 
 
 def flatten(node: dict, prefix: str = "") -> dict[str, str]:
@@ -288,6 +301,27 @@ class EpochMetricsToMLflow(pl.Callback):
     def __init__(self, run: TrackedRun, checkpoint_dir: Path):
         self.run, self.checkpoint_dir = run, Path(checkpoint_dir)
         self.logged: set[int] = set()
+
+    def state_dict(self) -> dict:
+        """RNG states, so a resumed run shuffles and augments as the uninterrupted one would.
+
+        Plain tensors and lists only: checkpoints stay loadable with `weights_only=True`.
+        """
+        _, keys, position, has_gauss, gauss = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+            "python": list(random.getstate()[1]),
+            "python_gauss": random.getstate()[2],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if "torch" not in state:
+            return  # a checkpoint from before RNG states were saved
+        torch.set_rng_state(state["torch"])
+        keys, position, has_gauss, gauss = state["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        random.setstate((3, tuple(state["python"]), state["python_gauss"]))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.logged = self.run.logged_steps("train/loss")

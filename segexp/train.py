@@ -110,6 +110,17 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
 
 
+def check_augment(datamodule: SegDataModule) -> None:
+    """Run the augmentation once on a training item, so a bad transform fails before any run."""
+    if datamodule.train_transform is None:
+        return
+    datamodule.setup("fit")
+    try:
+        datamodule.train_set[0]
+    except Exception as err:
+        raise ConfigError(f"augment.transforms fails on a training image: {err}") from err
+
+
 def build_net(model_cfg: DictConfig) -> tuple[torch.nn.Module, bool]:
     """The network of a `model` config, and its `channels_last` flag (segexp's, not the model's)."""
     args = OmegaConf.to_container(model_cfg, resolve=True)
@@ -173,6 +184,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     augment = A.Compose(instantiate(cfg.augment.transforms)) if cfg.augment.transforms else None
     datamodule = instantiate(cfg.dataset, train_transform=augment)
     datamodule.prepare_data()  # bad input fails here, before a run exists
+    check_augment(datamodule)
     module = build_module(cfg, datamodule)
     output_dir = resume.output_dir if resume else default_output_dir(cfg)
     with tracking.TrackedRun(

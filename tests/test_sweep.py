@@ -289,3 +289,29 @@ def test_mlflow_ui_in_headless_chromium_shows_children_and_val_dice(server, swep
         browser.close()
     assert "optimizer.lr=0.001 seed=2 (val/dice)" in body
     assert (artifacts / "mlflow_ui_sweep.png").stat().st_size > 20_000
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    done = segexp(tmp_path, "train", "hydra/launcher=slurm", "--cfg", "hydra", timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in done.stdout
+    assert "export SEGEXP_THREADS=" in done.stdout
+
+
+def test_submitit_local_executor_runs_the_sweep(work_dir, client, hc18_root):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install .[cluster]")
+    done = segexp(
+        work_dir,
+        "train",
+        "-m",
+        "hydra/launcher=local",
+        *TINY,
+        f"dataset.root={hc18_root}",
+        "optimizer.lr=1e-3,3e-3",
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    [parent] = sweep_parents(client)
+    kids = compare.children(client, parent)
+    assert parent.info.status == "FINISHED" and len(kids) == 2
+    assert {k.info.status for k in kids} == {"FINISHED"}
+    assert {k.data.tags["segexp.pid"] for k in kids}.isdisjoint({str(os.getpid())})

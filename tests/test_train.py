@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, make_cfg, only_run, steps
+from conftest import TINY, an_epoch_is_logged, make_cfg, only_run, segexp_train, steps, wait_for
 from hydra.utils import instantiate
 from mlflow import MlflowClient
 from PIL import Image
@@ -283,29 +279,6 @@ def test_resume_without_a_checkpoint_is_a_clear_error(work_dir, client, hc18_roo
         train(make_cfg(work_dir, f"resume={run.info.run_id}"))
     with pytest.raises(ConfigError, match="no such run"):
         train(make_cfg(work_dir, "resume=0123456789abcdef"))
-
-
-def wait_for(predicate, timeout: float = 120.0, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise TimeoutError("condition not met in time")
-
-
-def an_epoch_is_logged(client: MlflowClient, experiment: str = "hc18_synthetic") -> bool:
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id]) if found else []
-    return bool(runs) and bool(steps(client, runs[0].info.run_id, "val/dice"))
-
-
-def segexp_train(work_dir: Path, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "segexp.cli", "train", f"work_dir={work_dir}", *overrides]
-    return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
 
 
 def test_sigterm_marks_the_run_killed_and_resume_finishes_it(work_dir, client, hc18_root):

@@ -1,0 +1,220 @@
+"""Reliability: kill -9 and resume, reproducible resume, stale runs, hostile checkpoints, secrets."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, an_epoch_is_logged, make_cfg, only_run, segexp_train, steps, wait_for
+
+from segexp import cli, report
+from segexp.train import ConfigError, train
+
+
+def test_kill_9_then_cleanup_then_resume_finishes_the_same_run(work_dir, client, hc18_root):
+    proc = segexp_train(
+        work_dir,
+        *TINY,
+        f"dataset.root={hc18_root}",
+        "trainer.max_epochs=500",
+        "hydra.run.dir=" + str(work_dir / "out"),
+    )
+    wait_for(lambda: an_epoch_is_logged(client))
+    wait_for(lambda: (work_dir / "out" / "checkpoints" / "last.ckpt").is_file())
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    run = only_run(client, "hc18_synthetic")
+    assert run.info.status == "RUNNING"  # what MLflow leaves behind a SIGKILL
+
+    assert cli.main(["runs", "cleanup", "--work-dir", str(work_dir)]) == 0
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED" and "is gone" in run.data.tags["stop_reason"]
+
+    done = steps(client, run.info.run_id, "val/dice")
+    epochs = done[-1] + 3
+    resumed = segexp_train(work_dir, f"resume={run.info.run_id}", f"trainer.max_epochs={epochs}")
+    output, _ = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, output[-3000:]
+    assert "Changing param values" not in output
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert steps(client, run.info.run_id, "val/dice") == list(range(epochs))
+    assert steps(client, run.info.run_id, "train/loss") == list(range(epochs))
+
+
+def test_a_resumed_run_matches_the_uninterrupted_one(work_dir, client, hc18_root):
+    common = [*TINY, f"dataset.root={hc18_root}", "augment=buda", "dataset.batch_size=6"]
+    straight = train(make_cfg(work_dir, *common, "trainer.max_epochs=3", "run_name=straight"))
+    first = train(make_cfg(work_dir, *common, "trainer.max_epochs=2", "run_name=interrupted"))
+    resumed = train(
+        make_cfg(work_dir, f"resume={first['run_id']}", "trainer.max_epochs=3"),
+        [f"resume={first['run_id']}", "trainer.max_epochs=3"],
+    )
+    assert resumed["run_id"] == first["run_id"]
+
+    def curve(run_id):
+        return [
+            m.value
+            for m in sorted(client.get_metric_history(run_id, "val/dice"), key=lambda m: m.step)
+        ]
+
+    assert len(curve(straight["run_id"])) == 3
+    assert curve(straight["run_id"]) == curve(first["run_id"])
+    weights = []
+    for run_id in (straight["run_id"], first["run_id"]):
+        out = Path(client.get_run(run_id).data.tags["segexp.output_dir"])
+        weights.append(
+            torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        )
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.allclose(weights[0][key], weights[1][key]), key
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER`: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_checkpoint_is_refused_and_never_runs(work_dir, client, hc18_root):
+    first = train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1"))
+    out = Path(client.get_run(first["run_id"]).data.tags["segexp.output_dir"])
+    marker = work_dir / "pwned"
+    torch.save({"state_dict": Payload(marker)}, out / "checkpoints" / "last.ckpt")
+    with pytest.raises(ConfigError, match="unreadable"):
+        train(make_cfg(work_dir, f"resume={first['run_id']}"), [f"resume={first['run_id']}"])
+    assert not marker.exists()
+    # the same file as a best checkpoint, for prediction
+    torch.save({"state_dict": Payload(marker)}, out / "checkpoints" / "best.ckpt")
+    client.log_artifact(first["run_id"], str(out / "checkpoints" / "best.ckpt"), "checkpoints")
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
+        cli.main(
+            [
+                "predict",
+                first["run_id"],
+                "--images",
+                str(hc18_root / "test_set"),
+                "--pixel-csv",
+                str(hc18_root / "test_set_pixel_size.csv"),
+                "--out",
+                str(work_dir / "sub.csv"),
+                "--work-dir",
+                str(work_dir),
+            ]
+        )
+    assert not marker.exists()
+
+
+def test_an_exception_after_fit_marks_the_run_failed(work_dir, client, hc18_root, monkeypatch):
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("disk full while plotting")
+
+    monkeypatch.setattr(report, "plot_curves", broken_plot)  # segexp's own code, not a library
+    with pytest.raises(RuntimeError, match="disk full"):
+        train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}"))
+    run = only_run(client, "hc18_synthetic")
+    assert run.info.status == "FAILED"
+    assert "disk full while plotting" in run.data.tags["failure_reason"]
+    assert steps(client, run.info.run_id, "val/dice") == [0, 1]  # nothing already logged is lost
+
+
+def test_a_bad_augmentation_fails_before_any_run(work_dir, client, hc18_root):
+    cfg = make_cfg(
+        work_dir,
+        *TINY,
+        f"dataset.root={hc18_root}",
+        "augment=buda",
+        "+augment.transforms.0={_target_: albumentations.RandomCrop, height: 999, width: 999}",
+    )
+    with pytest.raises(ConfigError, match="augment.transforms"):
+        train(cfg)
+    experiment = client.get_experiment_by_name("hc18_synthetic")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
+
+
+def children_of(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_a_dataloader_worker_killed_mid_epoch_fails_the_run_without_a_hang(
+    work_dir, client, hc18_root
+):
+    proc = segexp_train(
+        work_dir,
+        *TINY,
+        f"dataset.root={hc18_root}",
+        "dataset.num_workers=2",
+        "trainer.max_epochs=500",
+    )
+    wait_for(lambda: an_epoch_is_logged(client))
+    workers = []
+    wait_for(lambda: bool(workers.extend(children_of(proc.pid)) or workers), timeout=30)
+    os.kill(workers[0], signal.SIGKILL)
+    output, _ = proc.communicate(timeout=120)  # no hang: pytest-timeout would stop a hung test
+    assert proc.returncode != 0
+    run = only_run(client, "hc18_synthetic")
+    assert run.info.status == "FAILED", output[-3000:]
+    assert "worker" in run.data.tags["failure_reason"].lower()
+
+
+def test_env_values_and_uri_passwords_never_reach_the_store(
+    work_dir, client, hc18_root, monkeypatch
+):
+    secret = "s3cr3t-Token-4242"
+    monkeypatch.setenv("SEGEXP_TEST_SECRET", secret)
+    cfg = make_cfg(
+        work_dir,
+        *TINY,
+        f"dataset.root={hc18_root}",
+        "trainer.max_epochs=1",
+        "+notes.api=${oc.env:SEGEXP_TEST_SECRET}",
+        f"+notes.mirror=postgresql://me:{secret}@db.example.org/mlflow",
+    )
+    train(cfg, ["+notes.api=${oc.env:SEGEXP_TEST_SECRET}"])
+    run = only_run(client, "hc18_synthetic")
+    assert run.data.params["notes.api"] == "${oc.env:SEGEXP_TEST_SECRET}"
+    logged = [*run.data.params.values(), *run.data.tags.values()]
+    with tempfile.TemporaryDirectory() as tmp:
+        logged.append(
+            Path(client.download_artifacts(run.info.run_id, "config.yaml", tmp)).read_text()
+        )
+    assert not [text for text in logged if re.search(re.escape(secret), text)]
+
+
+def test_ui_binds_localhost_and_refuses_0_0_0_0_without_the_flag(work_dir, capsys):
+    assert cli.main(["ui", "--print-command", "--work-dir", str(work_dir)]) == 0
+    assert "--host 127.0.0.1" in capsys.readouterr().out
+    assert cli.main(["ui", "--host", "0.0.0.0", "--work-dir", str(work_dir)]) == 2
+    assert "--allowed-hosts" in capsys.readouterr().err
+    code = cli.main(
+        [
+            "ui",
+            "--host",
+            "0.0.0.0",
+            "--allow-remote",
+            "--print-command",
+            "--work-dir",
+            str(work_dir),
+        ]
+    )
+    assert code == 0 and "--host 0.0.0.0" in capsys.readouterr().out
+
+
+def test_mlflow_telemetry_is_off_in_segexp_processes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    probe = "import segexp, os; print(os.environ.get('MLFLOW_DISABLE_TELEMETRY'))"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "true"
