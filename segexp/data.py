@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 from skimage import draw, measure
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from segexp.cases import SCANNERS, Case, DataError, fingerprint, split_groups
 
@@ -342,10 +342,19 @@ class SegDataModule(pl.LightningDataModule):
         }
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        sampler = None
+        trainer = getattr(self, "trainer", None)
+        if shuffle and trainer is not None and trainer.world_size > 1:
+            # DDP: shard training only (trainer=ddp turns Lightning's sampler off), so every
+            # rank validates all cases and the per-case tables need no gathering.
+            sampler = DistributedSampler(
+                dataset, trainer.world_size, trainer.global_rank, shuffle=True, seed=self.split_seed
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

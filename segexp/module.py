@@ -58,7 +58,9 @@ class SegModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch["image"]), batch["mask"])
-        if not torch.isfinite(loss):  # stop at once: never train on, or log, a NaN as if fine
+        # Stop at once on the CPU, where the check is free; on a GPU it would sync every step,
+        # so there the epoch-end check of EpochMetricsToMLflow stops the run instead.
+        if loss.device.type == "cpu" and not torch.isfinite(loss):
             raise NonFiniteMetricError(
                 f"train/loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}"
             )

@@ -29,6 +29,8 @@ def log_run_inputs(
     output_dir: Path,
 ) -> None:
     """Params (full resolved config), tags, config.yaml and the split file."""
+    if not run.active:  # DDP rank > 0
+        return
     output_dir.mkdir(parents=True, exist_ok=True)
     config = tracking.redacted(cfg)
     run.set_tags(
@@ -207,6 +209,8 @@ def log_final_evaluation(
     cases = module.val_cases
     final = {f"{k}_best": v for k, v in summarize(cases, datamodule.volumetric).items()}
     final["best_epoch"] = best_epoch
+    if not run.active:  # DDP rank > 0: validated with the others, rank 0 writes the results
+        return final
     run.log_metrics(final, step=0)
 
     if "hc_true_mm" in cases:  # HC18: name each row by its image file, as the challenge does

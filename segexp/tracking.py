@@ -27,8 +27,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RUN_ENV = "SEGEXP_RUN_ID"  # rank 0's run, for the DDP processes Lightning starts
 PARAM_BATCH = 100  # MLflow's per-request limit on params
 SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key|credential", re.IGNORECASE)
 URI_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
@@ -220,8 +222,14 @@ class TrackedRun:
         self.run_id: str | None = resume_run_id
         self.signal_received: int | None = None
         self.interrupted = False  # set by EpochMetricsToMLflow when Lightning saw Ctrl-C
+        # DDP: the processes Lightning starts for ranks > 0 re-run `segexp train`; they train
+        # and validate but write nothing, into rank 0's run (its id comes in the environment).
+        self.active = rank_zero_only.rank == 0
 
     def __enter__(self) -> TrackedRun:
+        if not self.active:
+            self.run_id = os.environ.get(RUN_ENV)
+            return self
         if self.resume_run_id:
             self.client.update_run(self.resume_run_id, status="RUNNING")
         else:
@@ -229,6 +237,7 @@ class TrackedRun:
             run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
         self.set_tags({"segexp.pid": str(os.getpid()), "segexp.host": socket.gethostname()})
+        os.environ[RUN_ENV] = self.run_id
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
@@ -237,6 +246,9 @@ class TrackedRun:
         raise Interrupted(f"received signal {signum}")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self.active:
+            return False
+        os.environ.pop(RUN_ENV, None)
         signal.signal(signal.SIGTERM, self._previous_sigterm)
         if exc_type is None:
             status = "FINISHED"
@@ -260,23 +272,33 @@ class TrackedRun:
         return False
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        if not self.active:
+            return
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_params(self, params: dict[str, str]) -> None:
+        if not self.active:
+            return
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), PARAM_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
         )
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def logged_steps(self, key: str) -> set[int]:
+        if not self.active:
+            return set()
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
     def metric_history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
@@ -326,6 +348,23 @@ class EpochMetricsToMLflow(pl.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self.logged = self.run.logged_steps("train/loss")
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = self._train_end = time.perf_counter()
+        self._images = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += len(batch["image"])
+        self._train_end = time.perf_counter()
+
+    def timing(self) -> dict[str, float]:
+        """Wall seconds of the epoch (validation included) and train images per second."""
+        train_seconds = max(self._train_end - self._start, 1e-9)
+        return {
+            "time/epoch_seconds": time.perf_counter() - self._start,
+            "time/train_seconds": train_seconds,
+            "time/train_images_per_second": self._images / train_seconds,
+        }
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
         metrics = {
@@ -337,16 +376,15 @@ class EpochMetricsToMLflow(pl.Callback):
         if bad:
             raise NonFiniteMetricError(f"non-finite metrics at epoch {epoch}: {bad}")
         if epoch not in self.logged:
-            self.run.log_metrics(metrics, step=epoch)
+            self.run.log_metrics({**metrics, **self.timing()}, step=epoch)
             self.logged.add(epoch)
         self._save(trainer, "last.ckpt")
 
     def _save(self, trainer, name: str) -> None:
         tmp = self.checkpoint_dir / f".{name}.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)
-        os.replace(
-            tmp, self.checkpoint_dir / name
-        )  # atomic: a kill mid-write keeps the previous file
+        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls it; rank 0 writes
+        if trainer.is_global_zero:  # atomic: a kill mid-write keeps the previous file
+            os.replace(tmp, self.checkpoint_dir / name)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if isinstance(exception, KeyboardInterrupt | SystemExit):

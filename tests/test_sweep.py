@@ -279,10 +279,18 @@ def test_mlflow_ui_in_headless_chromium_shows_children_and_val_dice(server, swep
         row.first.locator('button[data-component-id*="runnamecellrenderer"]').click()  # expand
         page.get_by_text("optimizer.lr=0.001 seed=1").first.wait_for(timeout=30_000)
         assert "optimizer.lr=-1 seed=2" in page.inner_text("body")  # the FAILED children too
-        # chart view: the radio input is hidden behind its styled label
-        page.locator('input[value="CHART"]').evaluate("e => e.click()")
-        chart = page.get_by_text("val/dice", exact=True).first
-        chart.wait_for(timeout=60_000)
+        # chart view: the radio input is hidden behind its styled label; a click that lands
+        # while the page is still re-rendering is lost, so try again
+        search = page.get_by_placeholder("Search metric charts")
+        for _ in range(4):
+            page.locator('input[value="CHART"]').evaluate("e => e.click()")
+            try:
+                search.wait_for(timeout=20_000)
+                break
+            except sync_api.TimeoutError:
+                page.screenshot(path=str(artifacts / "mlflow_ui_sweep_waiting.png"))
+        search.fill("val/dice")  # charts below the fold are not rendered; bring this one up
+        page.get_by_text("val/dice", exact=True).first.wait_for(timeout=30_000)
         page.wait_for_timeout(2000)
         page.screenshot(path=str(artifacts / "mlflow_ui_sweep.png"))
         body = page.inner_text("body")
