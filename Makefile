@@ -47,3 +47,7 @@ browser: install
 
 clean:
 	rm -rf mlruns/outputs mlruns/cache
+
+# Throughput of segexp vs a bare PyTorch loop, loaders, cache, FLOPs (prints; not a test).
+bench: install
+	PYTHONUNBUFFERED=1 $(BIN)/python -m segexp.bench

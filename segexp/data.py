@@ -104,6 +104,16 @@ def decode_case(
     return image, mask.astype(np.uint8), original
 
 
+def cache_entry(
+    cases: list[Case], image_size: int, channels: int, cache_dir: Path | None
+) -> Path | None:
+    """The cache folder of these files at this preprocessing (None: caching is off)."""
+    if not cache_dir:
+        return None
+    key = fingerprint(cases, {"size": image_size, "channels": channels, "v": CACHE_VERSION})
+    return Path(cache_dir) / key
+
+
 def load_arrays(
     cases: list[Case], image_size: int, channels: int, cache_dir: Path | None
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -111,8 +121,8 @@ def load_arrays(
 
     Returns images (N, S, S, C) uint8, masks (N, S, S) uint8 or None, original sizes (N, 2).
     """
-    key = fingerprint(cases, {"size": image_size, "channels": channels, "v": CACHE_VERSION})
-    entry = Path(cache_dir) / key if cache_dir else None
+    entry = cache_entry(cases, image_size, channels, cache_dir)
+    key = entry.name if entry else None
     if entry is not None and (entry / "meta.json").is_file():
         meta = json.loads((entry / "meta.json").read_text())
         images = np.load(entry / "images.npy", mmap_mode="r")
@@ -157,6 +167,19 @@ def load_arrays(
         except OSError:  # another process finished the same entry first
             shutil.rmtree(tmp, ignore_errors=True)
     return images, (masks if has_masks else None), np.asarray(originals)
+
+
+def cached_volume_stats(images: np.ndarray, groups: list[str], entry: Path | None) -> np.ndarray:
+    """`volume_stats`, kept next to the cached arrays (percentiles of every volume cost seconds)."""
+    path = entry / "volume_stats.npy" if entry is not None and entry.is_dir() else None
+    if path is not None and path.is_file():
+        return np.load(path)
+    stats = volume_stats(images, groups)
+    if path is not None:
+        tmp = path.with_name(f".{os.getpid()}.volume_stats.npy")
+        np.save(tmp, stats)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees all of it or nothing
+    return stats
 
 
 def volume_stats(images: np.ndarray, groups: list[str]) -> np.ndarray:
@@ -294,7 +317,10 @@ class SegDataModule(pl.LightningDataModule):
         self.val_idx = [i for i, c in enumerate(self.cases) if c.group in val_groups]
         self.train_idx = [i for i, c in enumerate(self.cases) if c.group not in val_groups]
         groups = [c.group for c in self.cases]
-        self.stats = volume_stats(self.images, groups) if self.normalize == "volume" else None
+        entry = cache_entry(self.cases, self.image_size, self.channels, self.cache_dir)
+        self.stats = (
+            cached_volume_stats(self.images, groups, entry) if self.normalize == "volume" else None
+        )
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()

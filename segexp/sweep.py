@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -151,19 +152,37 @@ class SweepCallback(Callback):
         os.environ.pop(PARENT_ENV, None)
         client = self.client
         parent = client.get_run(parent_run_id)
+        wait_for_jobs(client, parent)
         tracking.cleanup_stale_runs(client, [parent.info.experiment_id])
         runs = compare.children(client, parent)
         runs = list({r.info.run_id: r for r in runs + reused_runs(client, parent)}.values())
         if runs:
             write_summary(client, parent_run_id, runs)
         statuses = {r.info.status for r in latest_per_config(runs)}
-        if self.interrupted:
-            status = "KILLED"
+        if self.interrupted or "KILLED" in statuses:
+            status = "KILLED"  # `sweep.resume=true` finishes it
         else:
             status = "FINISHED" if runs and statuses == {"FINISHED"} else "FAILED"
-        client.set_tag(parent_run_id, "segexp.jobs", str(len(runs)))
+        client.set_tag(parent_run_id, "segexp.jobs", str(len(latest_per_config(runs))))
         client.set_terminated(parent_run_id, status=status)
         print(f"sweep parent run {parent_run_id}: {status}, {len(runs)} runs")
+
+
+def wait_for_jobs(client: MlflowClient, parent, timeout: float = 30.0) -> None:
+    """After an abort (a worker killed, Ctrl-C), give sibling jobs time to end their runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = [
+            r
+            for r in compare.children(client, parent)
+            if r.info.status == "RUNNING"
+            and r.data.tags.get("segexp.pid", "").isdigit()
+            and int(r.data.tags["segexp.pid"]) != os.getpid()  # in-process jobs are done
+            and tracking.process_alive(int(r.data.tags["segexp.pid"]))
+        ]
+        if not running:
+            return
+        time.sleep(0.5)
 
 
 def reused_runs(client: MlflowClient, parent) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, an_epoch_is_logged, make_cfg, only_run, segexp_train, steps, wait_for
+from mlflow import MlflowClient
 
 from segexp import cli, report
 from segexp.train import ConfigError, train
@@ -218,3 +220,76 @@ def test_mlflow_telemetry_is_off_in_segexp_processes(tmp_path):
     probe = "import segexp, os; print(os.environ.get('MLFLOW_DISABLE_TELEMETRY'))"
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "true"
+
+
+def schema_is_at_head(db: Path) -> bool:
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    head = ScriptDirectory.from_config(_get_alembic_config(f"sqlite:///{db}")).get_current_head()
+    with sqlite3.connect(db) as connection:
+        return connection.execute("select version_num from alembic_version").fetchall() == [(head,)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("jobs", [4, 8])
+def test_concurrent_writers_on_a_fresh_store(tmp_path, hc18_root, jobs):
+    """`jobs` separate `segexp train` processes started at once on a store nobody created yet."""
+    procs = [
+        segexp_train(tmp_path, *TINY, f"dataset.root={hc18_root}", f"seed={seed}")
+        for seed in range(jobs)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * jobs, [o[-2000:] for o in outputs]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("hc18_synthetic").experiment_id])
+    assert sorted(r.data.params["seed"] for r in runs) == sorted(str(s) for s in range(jobs))
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        for key in ("train/loss", "val/loss", "val/dice", "val/iou", "time/epoch_seconds"):
+            assert steps(client, run.info.run_id, key) == [0, 1], (run.info.run_id, key)
+    assert schema_is_at_head(tmp_path / "mlflow.db")
+
+
+@pytest.mark.slow
+def test_a_sweep_job_killed_like_the_oom_killer_is_killed_and_resume_finishes_it(
+    work_dir, client, hc18_root
+):
+    env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
+    # 96 px makes an epoch last long enough to kill a job in the middle of the sweep
+    command = [
+        *[sys.executable, "-m", "segexp.cli", "train", "-m", *TINY, f"dataset.root={hc18_root}"],
+        *["dataset.image_size=96", "trainer.max_epochs=8", "optimizer.lr=1e-3,2e-3"],
+        *["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    ]
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+    def kids():
+        found = client.get_experiment_by_name("hc18_synthetic")
+        return found and client.search_runs(
+            [found.experiment_id], "tags.`mlflow.parentRunId` != ''"
+        )
+
+    wait_for(lambda: kids() and steps(client, kids()[0].info.run_id, "val/dice"), timeout=180)
+    victim = kids()[0]
+    os.kill(int(victim.data.tags["segexp.pid"]), signal.SIGKILL)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    experiment_id = victim.info.experiment_id
+    assert "RUNNING" not in {r.info.status for r in client.search_runs([experiment_id])}, output[
+        -3000:
+    ]
+    assert client.get_run(victim.info.run_id).info.status == "KILLED"
+
+    done = subprocess.run(
+        [*command, "sweep.resume=true"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    [parent] = client.search_runs([experiment_id], "tags.`segexp.role` = 'sweep'")
+    assert parent.info.status == "FINISHED"
+    latest = {}
+    for kid in sorted(kids(), key=lambda r: r.info.start_time):
+        latest[kid.data.params["optimizer.lr"]] = kid.info.status
+    assert latest == {"0.001": "FINISHED", "0.002": "FINISHED"}
