@@ -299,27 +299,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from segexp.train import main as train_main
+        from segexp import train
 
-        sys.argv = ["segexp train", *rest]
-        train_main()
+        # argv[0] is the Hydra app's file: Lightning's DDP launcher re-runs `argv[0] argv[1:]`
+        # for the other ranks, and that must start training, not the `segexp` dispatcher.
+        sys.argv = [train.__file__, *rest]
+        train.main()
         return 0
-    if command == "make-data":
-        return make_data(rest)
-    if command == "check-data":
-        return check_data(rest)
-    if command == "predict":
-        return predict(rest)
-    if command == "blame":
-        return blame(rest)
-    if command == "effects":
-        return effects(rest)
-    if command == "compare":
-        return compare(rest)
-    if command == "runs":
-        return runs(rest)
-    if command == "ui":
-        return ui(rest)
+    commands = {
+        "make-data": make_data,
+        "check-data": check_data,
+        "predict": predict,
+        "blame": blame,
+        "effects": effects,
+        "compare": compare,
+        "runs": runs,
+        "ui": ui,
+    }
+    if command in commands:
+        return commands[command](rest)
     print(f"segexp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

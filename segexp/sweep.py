@@ -84,6 +84,17 @@ def finished_twin(client: MlflowClient, cfg: DictConfig) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def previous_parent(client: MlflowClient, experiment_id: str, sweep_grid: str):
+    """The latest parent run of the same grid (`sweep.resume=true` re-opens it), or None."""
+    parents = client.search_runs(
+        [experiment_id],
+        f"tags.`{ROLE_TAG}` = 'sweep'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1000,
+    )
+    return next((r for r in parents if r.data.tags.get("segexp.sweep_grid") == sweep_grid), None)
+
+
 class SweepCallback(Callback):
     """Parent run around a Hydra multirun; see the module docstring."""
 
@@ -99,18 +110,9 @@ class SweepCallback(Callback):
             self.client, config.tracking.experiment, artifact_root
         )
         tracking.cleanup_stale_runs(self.client, [experiment_id])
-        sweep_grid = grid(list(config.hydra.overrides.task))
-        previous = None
-        if config.get("sweep", {}).get("resume"):
-            found = self.client.search_runs(
-                [experiment_id],
-                f"tags.`{ROLE_TAG}` = 'sweep'",
-                order_by=["attributes.start_time DESC"],
-                max_results=1000,
-            )
-            previous = next(
-                (r for r in found if r.data.tags.get("segexp.sweep_grid") == sweep_grid), None
-            )
+        sweep_grid = tracking.redact("overrides", grid(list(config.hydra.overrides.task)))
+        resume = config.get("sweep", {}).get("resume")
+        previous = resume and previous_parent(self.client, experiment_id, sweep_grid)
         if previous:
             self.parent_run_id = previous.info.run_id
             self.client.update_run(self.parent_run_id, status="RUNNING")
@@ -122,7 +124,7 @@ class SweepCallback(Callback):
                 tags={
                     ROLE_TAG: "sweep",
                     "segexp.sweep_id": sweep_id,
-                    "segexp.sweep_grid": tracking.redact("overrides", sweep_grid),
+                    "segexp.sweep_grid": sweep_grid,
                     "segexp.sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
                     "hydra.launcher": str(config.hydra.launcher.get("_target_", "")),
                     **tracking.git_tags(),

@@ -94,3 +94,16 @@ def segexp_train(work_dir: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+
+
+def start_long_run(work_dir: Path, client: MlflowClient, hc18_root: Path) -> subprocess.Popen:
+    """`segexp train` in a subprocess with outputs in work_dir/out, once an epoch is logged."""
+    proc = segexp_train(
+        work_dir,
+        *TINY,
+        f"dataset.root={hc18_root}",
+        "trainer.max_epochs=500",
+        "hydra.run.dir=" + str(work_dir / "out"),
+    )
+    wait_for(lambda: an_epoch_is_logged(client))
+    return proc

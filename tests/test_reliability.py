@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, an_epoch_is_logged, make_cfg, only_run, segexp_train, steps, wait_for
+from conftest import (
+    TINY,
+    an_epoch_is_logged,
+    make_cfg,
+    only_run,
+    segexp_train,
+    start_long_run,
+    steps,
+    wait_for,
+)
 from mlflow import MlflowClient
 
 from segexp import cli, report
@@ -21,14 +30,7 @@ from segexp.train import ConfigError, train
 
 
 def test_kill_9_then_cleanup_then_resume_finishes_the_same_run(work_dir, client, hc18_root):
-    proc = segexp_train(
-        work_dir,
-        *TINY,
-        f"dataset.root={hc18_root}",
-        "trainer.max_epochs=500",
-        "hydra.run.dir=" + str(work_dir / "out"),
-    )
-    wait_for(lambda: an_epoch_is_logged(client))
+    proc = start_long_run(work_dir, client, hc18_root)
     wait_for(lambda: (work_dir / "out" / "checkpoints" / "last.ckpt").is_file())
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)

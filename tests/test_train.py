@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, an_epoch_is_logged, make_cfg, only_run, segexp_train, steps, wait_for
+from conftest import (
+    TINY,
+    an_epoch_is_logged,
+    make_cfg,
+    only_run,
+    segexp_train,
+    start_long_run,
+    steps,
+    wait_for,
+)
 from hydra.utils import instantiate
 from mlflow import MlflowClient
 from PIL import Image
@@ -282,15 +294,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(work_dir, client, hc18_roo
 
 
 def test_sigterm_marks_the_run_killed_and_resume_finishes_it(work_dir, client, hc18_root):
-    proc = segexp_train(
-        work_dir,
-        *TINY,
-        f"dataset.root={hc18_root}",
-        "trainer.max_epochs=200",
-        "hydra.run.dir=" + str(work_dir / "out"),
-    )
-
-    wait_for(lambda: an_epoch_is_logged(client))
+    proc = start_long_run(work_dir, client, hc18_root)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, output[-3000:]
@@ -418,3 +422,60 @@ def test_ctrl_c_marks_the_run_killed(work_dir, client, hc18_root):
     assert proc.returncode != 0
     run = only_run(client, "hc18_synthetic")
     assert run.info.status == "KILLED", output[-3000:]
+
+
+@pytest.mark.slow
+def test_bf16_dice_matches_fp32_after_the_same_epochs(work_dir, client, hc18_root):
+    common = [
+        *TINY,
+        f"dataset.root={hc18_root}",
+        "dataset.image_size=64",
+        "loss=bce_dice",
+        "optimizer.lr=3e-3",
+        "trainer.max_epochs=15",
+        "model.channels_last=true",
+    ]
+    fp32 = train(make_cfg(work_dir, *common, "trainer.precision=32-true", "run_name=fp32"))
+    bf16 = train(make_cfg(work_dir, *common, "trainer.precision=bf16-mixed", "run_name=bf16"))
+    assert fp32["val/dice_best"] > 0.5, fp32  # a trained model, not two empty predictions
+    assert abs(fp32["val/dice_best"] - bf16["val/dice_best"]) < 0.01, (fp32, bf16)
+
+
+def test_precision_and_channels_last_auto_are_resolved_and_recorded(work_dir, client, hc18_root):
+    from segexp.train import resolve_channels_last, resolve_precision
+
+    assert resolve_precision("16-mixed") == "16-mixed"  # explicit values pass through
+    assert resolve_channels_last("auto", "bf16-mixed") is True
+    assert resolve_channels_last(False, "bf16-mixed") is False
+    if not torch.cuda.is_available():
+        assert resolve_channels_last("auto", "32-true") is False
+    overrides = [*TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1"]
+    train(make_cfg(work_dir, *overrides, "model.channels_last=auto"))
+    run = only_run(client, "hc18_synthetic")
+    assert run.data.params["trainer.precision"] == "auto"
+    assert run.data.tags["segexp.precision"] == resolve_precision("auto")
+    expected = resolve_channels_last("auto", "auto")
+    assert run.data.tags["segexp.channels_last"] == str(expected)
+    assert steps(client, run.info.run_id, "time/train_images_per_second") == [0]
+
+
+def test_ddp_preset_on_two_cpu_processes_makes_one_run(work_dir, client, hc18_root):
+    """trainer=ddp, run on CPU with gloo: two ranks train, only rank 0 writes to MLflow."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SEGEXP_THREADS": "1"}
+    done = subprocess.run(
+        [
+            *[sys.executable, "-m", "segexp.train", f"work_dir={work_dir}", *TINY],
+            *[f"dataset.root={hc18_root}", "trainer=ddp", "trainer.accelerator=cpu"],
+            *["trainer.devices=2", "trainer.sync_batchnorm=false", "trainer.precision=32-true"],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    run = only_run(client, "hc18_synthetic")  # rank 1 joined rank 0's run, made none
+    assert run.info.status == "FINISHED"
+    assert steps(client, run.info.run_id, "val/dice") == [0, 1]
+    assert steps(client, run.info.run_id, "train/loss") == [0, 1]
+    assert "val/dice_best" in run.data.metrics
