@@ -368,3 +368,21 @@ def test_real_hc18_loads_and_no_exam_straddles_the_split(tmp_path):
     assert 0.15 < len(dm.val_idx) / 741 < 0.25
     assert dm.masks.max() == 1 and 0.05 < dm.masks.mean() < 0.6  # filled heads
     assert len(scan_hc18(SHARED_HC18, "test")) == 40
+
+
+def test_volume_stats_from_histograms_equal_numpy_percentiles():
+    from segexp.data import volume_stats
+
+    rng = np.random.default_rng(0)
+    images = rng.gamma(2, 30, size=(40, 32, 32, 3)).clip(0, 255).astype(np.uint8)
+    images[:4] = 0  # an all-black start of a volume, as LGG volumes have
+    groups = ["p1"] * 15 + ["p2"] * 20 + ["p3"] * 5
+    stats = volume_stats(images, groups)
+    for group in set(groups):
+        idx = [i for i, g in enumerate(groups) if g == group]
+        volume = images[idx].reshape(-1, 3).astype(np.float64)
+        low, high = np.percentile(volume, 10, axis=0), np.percentile(volume, 99, axis=0)
+        clipped = np.clip(volume, low, high)
+        expected = np.stack([low, high, clipped.mean(0), clipped.std(0) + 1e-6])
+        assert np.allclose(stats[idx[0]], expected, atol=1e-4), group
+        assert (stats[idx] == stats[idx[0]]).all()

@@ -29,7 +29,7 @@ from PIL import Image
 from segexp import tracking
 from segexp.cases import DataError
 from segexp.metrics import case_table
-from segexp.train import ConfigError, build_module, train
+from segexp.train import ConfigError, build_module, resolve_precision, train
 
 EXPERIMENTS = sorted(
     p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")
@@ -50,7 +50,10 @@ def test_every_experiment_composes_and_builds(experiment, tmp_path, hc18_root, l
     batch = next(iter(datamodule.train_dataloader()))
     assert module(batch["image"]).shape == batch["mask"].shape
     assert module.volumetric == experiment.startswith("lgg")
-    instantiate(cfg.trainer, logger=False)
+    trainer = instantiate(
+        cfg.trainer, precision=resolve_precision(cfg.trainer.precision), logger=False
+    )
+    assert trainer.max_epochs == cfg.trainer.max_epochs
 
 
 def test_lgg_experiments_state_the_reference_configs(tmp_path):
