@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from mlflow import MlflowClient
 from PIL import Image
 
-from segexp import tracking
+from segexp import synthetic, tracking
 from segexp.cases import DataError
 from segexp.metrics import case_table
 from segexp.train import ConfigError, build_module, resolve_precision, train
@@ -428,20 +428,26 @@ def test_ctrl_c_marks_the_run_killed(work_dir, client, hc18_root):
 
 
 @pytest.mark.slow
-def test_bf16_dice_matches_fp32_after_the_same_epochs(work_dir, client, hc18_root):
+def test_bf16_dice_matches_fp32_after_the_same_epochs(work_dir, client, tmp_path):
+    # enough images and epochs that both runs reach the plateau: on a handful of images two
+    # fp32 seeds already differ by more than 0.01
+    root = synthetic.make_hc18(tmp_path / "hc18", n=120, seed=3, n_test=0)
     common = [
         *TINY,
-        f"dataset.root={hc18_root}",
+        f"dataset.root={root}",
         "dataset.image_size=64",
+        "dataset.batch_size=8",
         "loss=bce_dice",
         "optimizer.lr=3e-3",
-        "trainer.max_epochs=15",
+        "scheduler=cosine",
+        "trainer.max_epochs=25",
         "model.channels_last=true",
     ]
     fp32 = train(make_cfg(work_dir, *common, "trainer.precision=32-true", "run_name=fp32"))
     bf16 = train(make_cfg(work_dir, *common, "trainer.precision=bf16-mixed", "run_name=bf16"))
-    assert fp32["val/dice_best"] > 0.5, fp32  # a trained model, not two empty predictions
-    assert abs(fp32["val/dice_best"] - bf16["val/dice_best"]) < 0.01, (fp32, bf16)
+    assert fp32["val/dice_best"] > 0.8, fp32  # a trained model, not two empty predictions
+    gap = abs(fp32["val/dice_best"] - bf16["val/dice_best"])
+    assert gap < 0.01, (fp32["val/dice_best"], bf16["val/dice_best"])
 
 
 def test_precision_and_channels_last_auto_are_resolved_and_recorded(work_dir, client, hc18_root):
