@@ -295,3 +295,18 @@ def test_a_sweep_job_killed_like_the_oom_killer_is_killed_and_resume_finishes_it
     for kid in sorted(kids(), key=lambda r: r.info.start_time):
         latest[kid.data.params["optimizer.lr"]] = kid.info.status
     assert latest == {"0.001": "FINISHED", "0.002": "FINISHED"}
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(work_dir, client, hc18_root):
+    first = train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1"))
+    checkpoints = (
+        Path(client.get_run(first["run_id"]).data.tags["segexp.output_dir"]) / "checkpoints"
+    )
+    before = (checkpoints / "last.ckpt").read_bytes()
+    (checkpoints / ".last.ckpt.tmp").mkdir()  # the next save cannot write its temporary file
+    resume = [f"resume={first['run_id']}", "trainer.max_epochs=3"]
+    with pytest.raises(OSError):
+        train(make_cfg(work_dir, *resume), resume)
+    assert (checkpoints / "last.ckpt").read_bytes() == before
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 0
+    assert client.get_run(first["run_id"]).info.status == "FAILED"
