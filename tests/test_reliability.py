@@ -25,7 +25,7 @@ from conftest import (
 )
 from mlflow import MlflowClient
 
-from segexp import cli, report
+from segexp import cli, report, tracking
 from segexp.train import ConfigError, train
 
 
@@ -310,3 +310,30 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(work_dir, clie
     assert (checkpoints / "last.ckpt").read_bytes() == before
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 0
     assert client.get_run(first["run_id"]).info.status == "FAILED"
+
+
+def test_a_loss_that_turns_nan_at_epoch_2_keeps_the_earlier_best_checkpoint(
+    work_dir, client, hc18_root
+):
+    # lr x 1e30 from epoch 2 on: the weights blow up there, as a real divergence does
+    cfg = make_cfg(
+        work_dir,
+        *TINY,
+        f"dataset.root={hc18_root}",
+        "optimizer=sgd",
+        "trainer.max_epochs=4",
+        "scheduler=cosine",
+        "scheduler._target_=torch.optim.lr_scheduler.StepLR",
+        "~scheduler.T_max",
+        "+scheduler.step_size=2",
+        "+scheduler.gamma=1e30",
+    )
+    with pytest.raises(tracking.NonFiniteMetricError, match="epoch 2"):
+        train(cfg)
+    run = only_run(client, "hc18_synthetic")
+    assert run.info.status == "FAILED" and "NonFiniteMetricError" in run.data.tags["failure_reason"]
+    assert steps(client, run.info.run_id, "val/dice") == [0, 1]
+    for key in run.data.metrics:  # nothing stored as NaN or as 1.8e308
+        assert all(abs(m.value) < 1e300 for m in client.get_metric_history(run.info.run_id, key))
+    best = Path(run.data.tags["segexp.output_dir"]) / "checkpoints" / "best.ckpt"
+    assert torch.load(best, weights_only=True)["epoch"] <= 1
