@@ -21,7 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
-from segexp import tracking
+from segexp import compare, tracking
 
 LOWER_IS_BETTER = ("loss", "hd95", "mae", "error")
 
@@ -345,19 +345,12 @@ def marginal_means(results: pd.DataFrame, factors: list[str], metric: str) -> pd
 def sweep_effects(client, parent_run_id: str, metric: str = "val/dice_best") -> pd.DataFrame:
     """`segexp effects`: marginal means per level of every param that varies across a parent's
     FINISHED child runs (a sweep or a blame), seeds as replicates; trains nothing."""
-    parent = client.get_run(parent_run_id)
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'",
-    )
-    if not children:
+    kids = compare.children(client, client.get_run(parent_run_id))
+    finished = [c for c in kids if c.info.status == "FINISHED"]
+    if not finished:
         raise ValueError(f"run {parent_run_id} has no FINISHED child runs")
-    params = pd.DataFrame([{**c.data.params, metric: c.data.metrics.get(metric)} for c in children])
-    varying = [
-        k
-        for k in params.columns
-        if k != metric and not tracking.is_bookkeeping(k) and params[k].nunique(dropna=False) > 1
-    ]
+    params = pd.DataFrame([{**c.data.params, metric: c.data.metrics.get(metric)} for c in finished])
+    varying = compare.differing_params(finished)
     if not varying:
         raise ValueError(f"the child runs of {parent_run_id} do not differ in any param")
     table = marginal_means(params, varying, metric)

@@ -83,6 +83,12 @@ def by_replicates(table: pd.DataFrame, by: str = "seed") -> pd.DataFrame:
     return out.reset_index()
 
 
+def show(table: pd.DataFrame) -> None:
+    """Print a runs table (overrides left out: the differing params already say it)."""
+    shown = table.drop(columns=["overrides"], errors="ignore")
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
 def plot_runs(
     client: MlflowClient, runs: list[Run], params: list[str], path: Path, keys=("val/dice",)
 ) -> Path:
@@ -111,12 +117,12 @@ def compare(
     """Print the comparison table (and its replicate grouping); write the curves PNG to `out`."""
     runs, parents = expand(client, ids)
     table = runs_table(runs)
-    shown = table.drop(columns=["overrides"])
-    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    show(table)
     grouped = None
     if by:
         grouped = by_replicates(table, by)
-        print(f"\nby {by}:\n" + grouped.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"\nby {by}:")
+        show(grouped)
     out = Path(out or "compare.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_runs(client, runs, table.attrs["params"], out, keys=("val/dice", "val/loss"))

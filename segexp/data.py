@@ -115,13 +115,13 @@ def cache_entry(
 
 
 def load_arrays(
-    cases: list[Case], image_size: int, channels: int, cache_dir: Path | None
+    cases: list[Case], image_size: int, channels: int, entry: Path | None
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Decoded, resized arrays for `cases`, from the on-disk cache when its fingerprint matches.
+    """Decoded, resized arrays for `cases`, from the cache folder `entry` when it is complete.
 
-    Returns images (N, S, S, C) uint8, masks (N, S, S) uint8 or None, original sizes (N, 2).
+    `entry` comes from `cache_entry` (None: no caching). Returns images (N, S, S, C) uint8,
+    masks (N, S, S) uint8 or None, original sizes (N, 2).
     """
-    entry = cache_entry(cases, image_size, channels, cache_dir)
     key = entry.name if entry else None
     if entry is not None and (entry / "meta.json").is_file():
         meta = json.loads((entry / "meta.json").read_text())
@@ -328,15 +328,16 @@ class SegDataModule(pl.LightningDataModule):
             raise DataError(self.root, [(str(self.root), f"dataset.root does not exist{hint}")])
         start = time.perf_counter()
         self.cases = SCANNERS[self.layout](self.root)
+        # one fingerprint (a stat of every file) for the arrays and the volume stats
+        entry = cache_entry(self.cases, self.image_size, self.channels, self.cache_dir)
         self.images, self.masks, self.original_sizes = load_arrays(
-            self.cases, self.image_size, self.channels, self.cache_dir
+            self.cases, self.image_size, self.channels, entry
         )
         self.load_seconds = time.perf_counter() - start
         val_groups = split_groups(self.cases, self.val_fraction, self.val_count, self.split_seed)
         self.val_idx = [i for i, c in enumerate(self.cases) if c.group in val_groups]
         self.train_idx = [i for i, c in enumerate(self.cases) if c.group not in val_groups]
         groups = [c.group for c in self.cases]
-        entry = cache_entry(self.cases, self.image_size, self.channels, self.cache_dir)
         self.stats = (
             cached_volume_stats(self.images, groups, entry) if self.normalize == "volume" else None
         )
@@ -421,7 +422,8 @@ class SegDataModule(pl.LightningDataModule):
         if self.layout != "hc18":
             return self._loader(self.val_set, shuffle=False)
         cases = SCANNERS["hc18"](self.root, "test")
-        images, _, sizes = load_arrays(cases, self.image_size, self.channels, self.cache_dir)
+        entry = cache_entry(cases, self.image_size, self.channels, self.cache_dir)
+        images, _, sizes = load_arrays(cases, self.image_size, self.channels, entry)
         return self._loader(
             SegDataset(images, None, cases, range(len(cases)), original_sizes=sizes), shuffle=False
         )

@@ -80,7 +80,7 @@ def predict(
     net, cfg = load_run_model(client, run_id)
     cases = image_cases(images_dir, pixel_csv)
     size, channels = cfg.dataset.image_size, cfg.dataset.channels
-    images, _, original_sizes = load_arrays(cases, size, channels, cache_dir=None)
+    images, _, original_sizes = load_arrays(cases, size, channels, entry=None)
     stats = (
         volume_stats(images, [c.group for c in cases])
         if cfg.dataset.normalize == "volume"

@@ -158,14 +158,15 @@ class SweepCallback(Callback):
         tracking.cleanup_stale_runs(client, [parent.info.experiment_id])
         runs = compare.children(client, parent)
         runs = list({r.info.run_id: r for r in runs + reused_runs(client, parent)}.values())
-        if runs:
-            write_summary(client, parent_run_id, runs)
-        statuses = {r.info.status for r in latest_per_config(runs)}
+        latest = latest_per_config(runs)
+        if latest:
+            write_summary(client, parent_run_id, latest)
+        statuses = {r.info.status for r in latest}
         if self.interrupted or "KILLED" in statuses:
             status = "KILLED"  # `sweep.resume=true` finishes it
         else:
-            status = "FINISHED" if runs and statuses == {"FINISHED"} else "FAILED"
-        client.set_tag(parent_run_id, "segexp.jobs", str(len(latest_per_config(runs))))
+            status = "FINISHED" if latest and statuses == {"FINISHED"} else "FAILED"
+        client.set_tag(parent_run_id, "segexp.jobs", str(len(latest)))
         client.set_terminated(parent_run_id, status=status)
         print(f"sweep parent run {parent_run_id}: {status}, {len(runs)} runs")
 
@@ -215,7 +216,6 @@ def latest_per_config(runs: list) -> list:
 
 def write_summary(client: MlflowClient, parent_run_id: str, runs: list) -> None:
     """summary.csv (one row per run), by_seed.csv (mean/std over seeds), val_dice.png."""
-    runs = latest_per_config(runs)
     table = compare.runs_table(runs)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -224,6 +224,4 @@ def write_summary(client: MlflowClient, parent_run_id: str, runs: list) -> None:
         compare.plot_runs(client, runs, table.attrs["params"], out / "val_dice.png")
         for name in ("summary.csv", "by_seed.csv", "val_dice.png"):
             client.log_artifact(parent_run_id, str(out / name), "sweep")
-    print(
-        table.drop(columns=["overrides"]).to_string(index=False, float_format=lambda v: f"{v:.4f}")
-    )
+    compare.show(table)

@@ -245,8 +245,7 @@ def main(cfg: DictConfig) -> float:
 
 def skip_finished(cfg: DictConfig) -> float | None:
     """`sweep.resume=true`: the val/dice_best of a FINISHED twin run, which the parent adopts."""
-    uri, _ = tracking.store_locations(cfg.tracking, Path(cfg.work_dir))
-    client = tracking.prepare_store(uri, _)
+    client = tracking.prepare_store(*tracking.store_locations(cfg.tracking, Path(cfg.work_dir)))
     twin = sweep.finished_twin(client, cfg)
     if twin is None:
         return None

@@ -18,7 +18,7 @@ from skimage import draw
 
 from segexp import cli
 from segexp.cases import DataError, scan_hc18, scan_lgg, split_groups
-from segexp.data import SegDataModule, filled_mask, load_arrays
+from segexp.data import SegDataModule, cache_entry, filled_mask, load_arrays
 from segexp.metrics import ramanujan_perimeter
 
 
@@ -313,24 +313,28 @@ def test_cache_hit_and_invalidation(hc18_root, tmp_path):
     root = copy_root(hc18_root, tmp_path)
     cache = tmp_path / "cache"
     cases = scan_hc18(root)
+
+    def load(cases, size):
+        return load_arrays(cases, size, 1, cache_entry(cases, size, 1, cache))
+
     start = time.perf_counter()
-    images, masks, _ = load_arrays(cases, 32, 1, cache)
+    images, masks, _ = load(cases, 32)
     cold = time.perf_counter() - start
     start = time.perf_counter()
-    images2, masks2, _ = load_arrays(scan_hc18(root), 32, 1, cache)
+    images2, masks2, _ = load(scan_hc18(root), 32)
     warm = time.perf_counter() - start
     assert len(list(cache.iterdir())) == 1 and warm < cold
     np.testing.assert_array_equal(images, images2)
     np.testing.assert_array_equal(masks, masks2)
     # another size is another entry; a changed file invalidates
-    load_arrays(cases, 64, 1, cache)
+    load(cases, 64)
     assert len(list(cache.iterdir())) == 2
     path = root / "training_set" / "000_HC.png"
     image = np.asarray(Image.open(path)).copy()
     image[:10] = 255
     Image.fromarray(image).save(path)
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-    changed, _, _ = load_arrays(scan_hc18(root), 32, 1, cache)
+    changed, _, _ = load(scan_hc18(root), 32)
     assert len(list(cache.iterdir())) == 3
     assert not np.array_equal(changed[0], images[0])
 
