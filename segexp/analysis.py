@@ -1,0 +1,448 @@
+"""Statistics of `segexp blame` v2: OLS effects for any two-level design, Holm verdicts, the report.
+
+Each changed key is a factor coded -1/2 (A's value) and +1/2 (B's value), so a main effect's
+coefficient is "B's level minus A's level" averaged over the other factors' levels, and a
+two-way interaction's is how much more f's effect is at g's B level than at its A level. Least
+squares on the runs that finished is unbiased for any set of observed cells; terms the observed
+cells cannot separate are reported as `inestimable` or `aliased`, never dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+
+from segexp.designs import path_steps
+
+LOWER_IS_BETTER = ("loss", "hd95", "mae", "error")
+MIN_DOF = 4  # residual dof needed before two-way interactions are worth fitting
+SIGNIFICANT = ("hurt", "helped")
+COLORS = {"hurt": "tab:red", "helped": "tab:green"}
+
+
+def lower_is_better(metric: str) -> bool:
+    """v1's rule: a metric named like a loss or an error is better when lower."""
+    return any(word in metric for word in LOWER_IS_BETTER)
+
+
+@dataclass
+class Analysis:
+    effects: (
+        pd.DataFrame
+    )  # term, kind, effect, se, ci_low, ci_high, p, p_holm, verdict, aliased_with
+    metric: str
+    factors: list[str]
+    seed_sd: float  # residual SD of one run (NaN without replicates)
+    dof: int  # residual degrees of freedom
+    runs: int  # runs with a metric value
+    failed: pd.DataFrame  # rows of the input whose metric is missing
+    alpha: float = 0.05
+    notes: list[str] = field(default_factory=list)
+
+
+def holm_verdicts(table: pd.DataFrame, metric: str, alpha: float) -> pd.DataFrame:
+    """Fill p_holm and verdict for rows with a finite p (Holm over exactly those rows)."""
+    table = table.copy()
+    table["p_holm"] = np.nan
+    tested = table.p.notna()
+    if tested.any():
+        table.loc[tested, "p_holm"] = multipletests(table.p[tested], alpha, "holm")[1]
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    good = sign * table.effect > 0
+    verdict = np.where(good, "helped", "hurt")
+    tested = tested.to_numpy()
+    table.loc[tested, "verdict"] = np.where(
+        table.p_holm.to_numpy()[tested] < alpha, verdict[tested], "within noise"
+    )
+    return table
+
+
+def t_rows(effect, se, dof: int, alpha: float, scale: float) -> dict:
+    """CI and two-sided p from the t distribution; an exact zero noise gives p 0 or 1."""
+    tol = 1e-9 * max(1.0, scale)
+    effect = np.where(np.abs(effect) < tol, 0.0, effect)
+    if dof <= 0:
+        nan = np.full_like(effect, np.nan)
+        return {"effect": effect, "se": nan, "ci_low": nan, "ci_high": nan, "p": nan}
+    se = np.where(se < tol, 0.0, se)
+    half = stats.t.ppf(1 - alpha / 2, dof) * se
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = 2 * stats.t.sf(np.abs(effect) / se, dof)
+    p = np.where(se == 0, (effect == 0).astype(float), p)
+    return {"effect": effect, "se": se, "ci_low": effect - half, "ci_high": effect + half, "p": p}
+
+
+def estimable(x: np.ndarray, columns) -> np.ndarray:
+    """Per column: is its coefficient estimable (unit vector in the row space of x)?"""
+    projector = np.linalg.pinv(x) @ x
+    eye = np.eye(x.shape[1])
+    return np.array([np.abs(projector[:, j] - eye[:, j]).max() < 1e-8 for j in columns])
+
+
+def seed_blocks(results: pd.DataFrame, factors: list[str], observed: pd.DataFrame) -> np.ndarray:
+    """Seed dummies (one per seed past the first) when every cell was run with the same seeds."""
+    if "seed" not in results or results.seed.nunique() < 2:
+        return np.zeros((len(observed), 0))
+    per_cell = results.groupby(factors).seed.agg(frozenset)
+    if per_cell.nunique() > 1:
+        return np.zeros((len(observed), 0))
+    seeds = sorted(results.seed.unique())
+    return np.stack([(observed.seed == s).to_numpy(float) for s in seeds[1:]], axis=1)
+
+
+def analyze(
+    results: pd.DataFrame,
+    factors: list[str],
+    metric: str,
+    interactions: bool = True,
+    alpha: float = 0.05,
+) -> Analysis:
+    """Main effects and two-way interactions by OLS with Holm-adjusted verdicts.
+
+    Args:
+        results: one row per planned run: a 0/1 column per factor (0 = A's level), optionally
+            `seed`, and the metric (NaN = failed run).
+        interactions: fit two-way interactions where the observed cells can estimate them
+            without losing a main effect and leave at least MIN_DOF residual dof.
+        alpha: family-wise error rate of the verdicts; CIs are per-term (1 - alpha).
+    """
+    if results[metric].notna().sum() == 0:
+        raise ValueError(f"no run has a value of {metric}: nothing to analyse")
+    failed = results[results[metric].isna()]
+    observed = results[results[metric].notna()]
+    z = observed[factors].to_numpy(float) - 0.5  # (n, k), +-1/2 effect coding
+    y = observed[metric].to_numpy(float)
+    n, k = z.shape
+    pairs = list(itertools.combinations(range(k), 2))
+    base = np.column_stack([np.ones(n), seed_blocks(results, factors, observed)])
+    mains = list(range(base.shape[1], base.shape[1] + k))
+    x = np.column_stack([base, z])
+    main_ok = estimable(x, mains)
+    notes = []
+    fit_pairs = interactions and len(pairs) > 0
+    if fit_pairs:
+        x_full = np.column_stack([x, *[z[:, i] * z[:, j] for i, j in pairs]])
+        dof_full = n - np.linalg.matrix_rank(x_full)
+        if (estimable(x_full, mains) == main_ok).all() and dof_full >= MIN_DOF:
+            x = x_full
+        else:
+            fit_pairs = False
+            why = "too few residual dof" if dof_full < MIN_DOF else "they alias main effects"
+            notes.append(f"two-way interactions not fitted: {why} with the observed cells")
+    ok = estimable(x, range(x.shape[1]))
+    beta = np.linalg.pinv(x) @ y
+    dof = n - np.linalg.matrix_rank(x)
+    replicated = observed.groupby(factors).size().max() > 1 if n else False
+    if not replicated:
+        dof = 0
+        notes.append("no replicates: no cell has two finished seeds, so no verdicts")
+    s2 = float(((y - x @ beta) ** 2).sum() / dof) if dof > 0 else float("nan")
+    cov = s2 * np.linalg.pinv(x.T @ x) if dof > 0 else np.full((x.shape[1],) * 2, np.nan)
+    names = list(factors) + [f"{factors[i]} x {factors[j]}" for i, j in pairs]
+    columns = mains + (list(range(mains[-1] + 1, x.shape[1])) if fit_pairs else [])
+    rows = pd.DataFrame({"term": names, "kind": ["main"] * k + ["interaction"] * len(pairs)})
+    fitted = np.array([ok[c] for c in columns] + [False] * (len(names) - len(columns)))
+    idx = np.array(columns)[fitted[: len(columns)]] if fitted.any() else np.array([], int)
+    values = t_rows(beta[idx], np.sqrt(np.diag(cov)[idx]), dof, alpha, np.abs(y).max(initial=1))
+    for key in ("effect", "se", "ci_low", "ci_high", "p"):
+        rows[key] = np.nan
+        rows.loc[fitted, key] = values[key]
+    rows["verdict"] = np.where(fitted, "no replicates", "inestimable")
+    rows["aliased_with"] = ""
+    if fit_pairs:  # interaction columns equal up to sign on the observed rows share one estimate
+        cols = {names[k + p]: z[:, i] * z[:, j] for p, (i, j) in enumerate(pairs)}
+        for term, col in cols.items():
+            if rows.set_index("term").loc[term, "verdict"] != "inestimable":
+                continue
+            twins = [
+                t
+                for t, c in cols.items()
+                if t != term
+                and np.allclose(np.abs(c), np.abs(col))
+                and (np.allclose(c, col) or np.allclose(c, -col))
+            ]
+            if twins:
+                rows.loc[rows.term == term, "verdict"] = "aliased"
+                rows.loc[rows.term == term, "aliased_with"] = ", ".join(twins)
+    rows = holm_verdicts(rows, metric, alpha) if dof > 0 else rows.assign(p_holm=np.nan)
+    seed_sd = math.sqrt(s2) if dof > 0 else float("nan")
+    return Analysis(rows, metric, list(factors), seed_sd, int(dof), n, failed, alpha, notes)
+
+
+def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha: float = 0.05):
+    """A finished ablation path as an Analysis: one row per step in path order.
+
+    A step's effect is the mean over seeds of its cell minus that of the previous cell, with a t
+    CI from the seed variance pooled over all path cells; Holm over the steps. The order is
+    chosen on the same data, so the first steps' effects lean towards B (winner's curse).
+    """
+    steps, missing = path_steps(results, factors, metric, lower_is_better(metric))
+    if missing:
+        raise ValueError(f"the ablation path is not finished: still needs cells {missing}")
+    observed = results[results[metric].notna()]
+    cells = observed.groupby(factors)[metric]
+    dof = int(len(observed) - cells.ngroups)
+    s2 = float(((observed[metric] - cells.transform("mean")) ** 2).sum() / dof) if dof else np.nan
+    means, counts = cells.mean(), cells.size()
+    previous = (0,) * len(factors)
+    rows = []
+    for step, (j, cell) in enumerate(steps, start=1):
+        pair = [previous, cell]
+        have = all(c in means.index for c in pair)
+        effect = means[cell] - means[previous] if have else np.nan
+        se = math.sqrt(s2 * (1 / counts[cell] + 1 / counts[previous])) if have else np.nan
+        rows.append({"term": factors[j], "kind": "step", "step": step, "effect": effect, "se": se})
+        previous = cell
+    table = pd.DataFrame(rows)
+    scale = float(np.abs(observed[metric]).max())
+    fitted = table.effect.notna().to_numpy()
+    values = t_rows(table.effect[fitted].to_numpy(), table.se[fitted].to_numpy(), dof, alpha, scale)
+    for key, value in values.items():
+        table.loc[fitted, key] = value
+    table["verdict"] = np.where(fitted, "no replicates", "inestimable")
+    table["aliased_with"] = ""
+    table = holm_verdicts(table, metric, alpha) if dof > 0 else table.assign(p_holm=np.nan)
+    failed = results[results[metric].isna()]
+    seed_sd = math.sqrt(s2) if dof > 0 else float("nan")
+    return Analysis(table, metric, list(factors), seed_sd, dof, len(observed), failed, alpha)
+
+
+def seeds_decision(
+    results: pd.DataFrame,
+    factors: list[str],
+    metric: str,
+    max_rounds: int,
+    margin: float | None = None,
+    alpha: float = 0.05,
+) -> dict:
+    """`--seeds auto`: after a round of seeds, which terms are settled and whether to stop.
+
+    Each look (round) tests at alpha / max_rounds (Bonferroni over looks), so however the stopping
+    falls out the chance of any false hurt/helped verdict over all looks stays <= alpha; report
+    the final analysis at that same level (returned). A term is settled when its verdict is
+    hurt/helped, or when its (1 - alpha/max_rounds) CI lies inside +-margin (practically zero;
+    margin defaults to 0.5 x the current seed SD, itself an estimate), or when it is inestimable
+    or aliased (more seeds cannot help). Returns {stop, settled: {term: reason}, open: [terms],
+    alpha, analysis}.
+    """
+    level = alpha / max_rounds
+    result = analyze(results, factors, metric, alpha=level)
+    margin = 0.5 * result.seed_sd if margin is None else margin
+    settled, still_open = {}, []
+    for row in result.effects.itertuples():
+        if row.verdict in SIGNIFICANT or row.verdict in ("inestimable", "aliased"):
+            settled[row.term] = row.verdict
+        elif row.verdict == "within noise" and -margin < row.ci_low and row.ci_high < margin:
+            settled[row.term] = f"within +-{margin:.3g}"
+        else:
+            still_open.append(row.term)
+    return {
+        "stop": not still_open,
+        "settled": settled,
+        "open": still_open,
+        "alpha": level,
+        "analysis": result,
+    }
+
+
+def number(value: float) -> str:
+    return f"{value:.3g}" if abs(value) >= 1 else f"{value:.3f}"
+
+
+def p_text(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"= {p:.2g}"
+
+
+def headline(
+    analysis: Analysis,
+    factor_labels: dict[str, str] | None = None,
+    trainings: int | None = None,
+    minutes: float | None = None,
+) -> str:
+    """The report's first sentence: what hurt or helped by how much, the rest within noise."""
+    labels = factor_labels or {}
+    table, metric = analysis.effects, analysis.metric
+    sig = table[table.verdict.isin(SIGNIFICANT)].sort_values("p_holm")
+    parts = []
+    for row in sig.itertuples():
+        lo, hi = (
+            sorted((abs(row.ci_low), abs(row.ci_high)))
+            if row.ci_low * row.ci_high > 0
+            else (0.0, max(abs(row.ci_low), abs(row.ci_high)))
+        )
+        what = (
+            labels.get(row.term, row.term)
+            if row.kind != "interaction"
+            else f"the interaction {row.term}"
+        )
+        parts.append(
+            f"{what} {row.verdict} {metric} by {number(abs(row.effect))} "
+            f"(95% CI {number(lo)} to {number(hi)}, Holm p {p_text(row.p_holm)})"
+        )
+    steps = table[table.kind != "interaction"]
+    rest = steps[steps.verdict == "within noise"]
+    noise = f"seed SD {number(analysis.seed_sd)}"
+    if not len(table[table.verdict != "inestimable"]) or (table.verdict == "no replicates").any():
+        text = f"No verdicts on {metric}: no replicates (one finished seed per cell); add seeds"
+    elif parts:
+        text = "; ".join(parts)
+        if len(rest):
+            other = "change is" if len(rest) == 1 else "changes are"
+            text += f"; the other {len(rest)} {other} within noise ({noise})"
+    else:
+        text = f"No change moved {metric} beyond seed noise: all {len(rest)} are within noise ({noise})"
+    lost = steps[steps.verdict == "inestimable"]
+    if len(lost):
+        text += f"; {', '.join(labels.get(t, t) for t in lost.term)} could not be estimated"
+    text += "."
+    counts = [
+        f"{trainings} trainings" if trainings is not None else "",
+        f"{minutes:.0f} min" if minutes is not None else "",
+    ]
+    if any(counts):
+        text += " " + ", ".join(c for c in counts if c) + "."
+    return text
+
+
+def figure_api():
+    """(figure, save) from segexp.plots, or the same on bare matplotlib before plots.py lands."""
+    try:
+        from segexp.plots import figure, save
+    except ImportError:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        def figure(rows=1, cols=1, **kwargs):
+            return plt.subplots(rows, cols, **kwargs)
+
+        def save(fig, path):
+            fig.tight_layout()
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(fig)
+            return Path(path)
+
+    return figure, save
+
+
+def plot_forest(analysis: Analysis, path: Path) -> Path:
+    """Forest plot: one row per term, point and CI coloured by verdict, zero line."""
+    figure, save = figure_api()
+    table = analysis.effects
+    fig, ax = figure(figsize=(8, 1.2 + 0.35 * len(table)))
+    y = np.arange(len(table))[::-1]
+    for yi, row in zip(y, table.itertuples(), strict=True):
+        if np.isnan(row.effect):
+            ax.text(0, yi, row.verdict, ha="center", va="center", color="tab:gray", fontsize=8)
+            continue
+        color = COLORS.get(row.verdict, "tab:gray")
+        if not np.isnan(row.ci_low):
+            ax.plot([row.ci_low, row.ci_high], [yi, yi], color=color, lw=2)
+        ax.plot(row.effect, yi, "o", color=color)
+    ax.axvline(0, color="black", lw=0.8)
+    labels = [
+        f"{s}. {t}" if "step" in table else t
+        for s, t in zip(table.get("step", table.term), table.term, strict=True)
+    ]
+    level = f"{100 * (1 - analysis.alpha):.4g}%"
+    ax.set(yticks=y, yticklabels=labels, xlabel=f"effect on {analysis.metric} (B - A), {level} CI")
+    ax.set_title("red: hurt, green: helped, grey: within noise (Holm-adjusted)", fontsize=9)
+    return save(fig, path)
+
+
+def write_report(
+    analysis: Analysis,
+    out_dir: Path,
+    title: str = "blame",
+    factor_labels: dict[str, str] | None = None,
+    trainings: int | None = None,
+    minutes: float | None = None,
+    context: list[str] | None = None,
+    paired: pd.DataFrame | None = None,
+) -> Path:
+    """Write effects.csv, effects.png and report.md into out_dir; returns report.md's path.
+
+    Args:
+        context: extra lines for the report (design, factors, seeds, failed cells' reasons).
+        paired: per-case paired tests table, printed after the effects.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = analysis.effects
+    table.to_csv(out_dir / "effects.csv", index=False)
+    plot_forest(analysis, out_dir / "effects.png")
+    shown = table.drop(columns=["kind", "aliased_with"]).to_string(
+        index=False, float_format=lambda v: f"{v:+.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+    )
+    lines = [f"# {title}", "", headline(analysis, factor_labels, trainings, minutes), ""]
+    if factor_labels:
+        lines += [f"- {term}: {label}" for term, label in factor_labels.items()]
+    lines += [f"- {line}" for line in (context or [])]
+    lines += [
+        f"- runs analysed: {analysis.runs}; seed SD of {analysis.metric}: "
+        f"{number(analysis.seed_sd)} (residual dof {analysis.dof})",
+        f"- effect = B's level minus A's level ({'lower' if lower_is_better(analysis.metric) else 'higher'} "
+        "is better); an interaction f x g = f's effect at g's B level minus at its A level; CIs are "
+        f"per term, verdicts use Holm-adjusted p over all {int(table.p.notna().sum())} tested terms "
+        f"(family-wise error {analysis.alpha:.3g})",
+        *[f"- {note}" for note in analysis.notes],
+        "",
+        "```",
+        shown,
+        "```",
+        "",
+        "![effects](effects.png)",
+        "",
+    ]
+    if len(analysis.failed):
+        cells = analysis.failed.drop(columns=[analysis.metric]).to_string(index=False)
+        lines += [f"## Failed runs ({len(analysis.failed)}), left out", "", "```", cells, "```", ""]
+    odd = table[table.verdict.isin(["inestimable", "aliased"])]
+    if len(odd):
+        lines += ["## Not estimable from the observed cells", ""]
+        lines += [
+            f"- {r.term}: aliased with {r.aliased_with} (only their sum is in the data)"
+            if r.verdict == "aliased"
+            else f"- {r.term}: inestimable"
+            for r in odd.itertuples()
+        ] + [""]
+    if paired is not None:
+        lines += ["## Per-case paired tests", "", "```", paired.to_string(index=False), "```", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def factor_columns(table: pd.DataFrame, metric: str) -> list[str]:
+    """The 0/1 columns that are not the seed, the metric or a run id."""
+    skip = {"seed", metric, "run_id"}
+    return [
+        c
+        for c in table.columns
+        if c not in skip
+        and pd.api.types.is_numeric_dtype(table[c])
+        and set(table[c].dropna().unique()) <= {0, 1}
+    ]
+
+
+def from_table(
+    path_or_df, metric: str, out_dir: Path, factors: list[str] | None = None
+) -> Analysis:
+    """Re-analyse a runs table without training: writes effects.csv, report.md, effects.png."""
+    table = path_or_df if isinstance(path_or_df, pd.DataFrame) else pd.read_csv(path_or_df)
+    if metric not in table:
+        raise ValueError(f"no column {metric!r}; columns: {', '.join(table.columns)}")
+    factors = factors or factor_columns(table, metric)
+    if not factors:
+        raise ValueError("no 0/1 factor columns found: name them with factors=[...]")
+    result = analyze(table, factors, metric)
+    write_report(result, out_dir, title=f"blame re-analysis of {metric}")
+    return result
