@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import stats
-from statsmodels.stats.multitest import multipletests
 
-from segexp.designs import path_steps
+from segexp.designs import cell_means, path_steps
 
 LOWER_IS_BETTER = ("loss", "hd95", "mae", "error")
 MIN_DOF = 4  # residual dof needed before two-way interactions are worth fitting
@@ -47,36 +46,43 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
 
 
-def holm_verdicts(table: pd.DataFrame, metric: str, alpha: float) -> pd.DataFrame:
-    """Fill p_holm and verdict for rows with a finite p (Holm over exactly those rows)."""
-    table = table.copy()
-    table["p_holm"] = np.nan
-    tested = table.p.notna()
-    if tested.any():
-        table.loc[tested, "p_holm"] = multipletests(table.p[tested], alpha, "holm")[1]
-    sign = -1.0 if lower_is_better(metric) else 1.0
-    good = sign * table.effect > 0
-    verdict = np.where(good, "helped", "hurt")
-    tested = tested.to_numpy()
-    table.loc[tested, "verdict"] = np.where(
-        table.p_holm.to_numpy()[tested] < alpha, verdict[tested], "within noise"
-    )
-    return table
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm-adjusted p-values down axis 0 (terms), each column (replication) on its own."""
+    m = p.shape[0]
+    order = np.argsort(p, axis=0)
+    ranked = np.take_along_axis(p, order, axis=0) * (m - np.arange(m))[:, None]
+    ranked = np.minimum(np.maximum.accumulate(ranked, axis=0), 1.0)
+    adjusted = np.empty_like(ranked)
+    np.put_along_axis(adjusted, order, ranked, axis=0)
+    return adjusted
 
 
-def t_rows(effect, se, dof: int, alpha: float, scale: float) -> dict:
-    """CI and two-sided p from the t distribution; an exact zero noise gives p 0 or 1."""
-    tol = 1e-9 * max(1.0, scale)
+def verdicts(effect: np.ndarray, p_holm: np.ndarray, metric: str, alpha: float) -> np.ndarray:
+    """hurt / helped where the Holm p is below alpha (direction from the metric's name)."""
+    good = effect < 0 if lower_is_better(metric) else effect > 0
+    return np.where(p_holm < alpha, np.where(good, "helped", "hurt"), "within noise")
+
+
+def t_tests(effect, se, dof: int, alpha: float, scale: float) -> dict[str, np.ndarray]:
+    """CIs, p and Holm p from the t distribution, arrays (terms, reps); zero noise gives p 0 or 1."""
+    tol = 1e-9 * max(1.0, scale)  # below this an effect or SE is rounding error
     effect = np.where(np.abs(effect) < tol, 0.0, effect)
     if dof <= 0:
         nan = np.full_like(effect, np.nan)
-        return {"effect": effect, "se": nan, "ci_low": nan, "ci_high": nan, "p": nan}
+        return {"effect": effect, "se": nan, "ci_low": nan, "ci_high": nan, "p": nan, "p_holm": nan}
     se = np.where(se < tol, 0.0, se)
     half = stats.t.ppf(1 - alpha / 2, dof) * se
     with np.errstate(divide="ignore", invalid="ignore"):
         p = 2 * stats.t.sf(np.abs(effect) / se, dof)
     p = np.where(se == 0, (effect == 0).astype(float), p)
-    return {"effect": effect, "se": se, "ci_low": effect - half, "ci_high": effect + half, "p": p}
+    return {
+        "effect": effect,
+        "se": se,
+        "ci_low": effect - half,
+        "ci_high": effect + half,
+        "p": p,
+        "p_holm": holm(p) if len(p) else p,
+    }
 
 
 def estimable(x: np.ndarray, columns) -> np.ndarray:
@@ -90,11 +96,91 @@ def seed_blocks(results: pd.DataFrame, factors: list[str], observed: pd.DataFram
     """Seed dummies (one per seed past the first) when every cell was run with the same seeds."""
     if "seed" not in results or results.seed.nunique() < 2:
         return np.zeros((len(observed), 0))
-    per_cell = results.groupby(factors).seed.agg(frozenset)
-    if per_cell.nunique() > 1:
+    if results.groupby(factors).seed.agg(frozenset).nunique() > 1:
         return np.zeros((len(observed), 0))
     seeds = sorted(results.seed.unique())
     return np.stack([(observed.seed == s).to_numpy(float) for s in seeds[1:]], axis=1)
+
+
+@dataclass
+class Model:
+    x: np.ndarray  # (runs with a value, coefficients)
+    terms: pd.DataFrame  # term, kind, column (of x; -1 when not estimable), verdict, aliased_with
+    dof: int
+    notes: list[str]
+
+
+def model(results: pd.DataFrame, factors: list[str], metric: str, interactions: bool = True):
+    """The OLS model of the runs with a value: +-1/2 coded factors, seed blocks, estimable terms.
+
+    Two-way interactions are fitted when that loses no main effect and leaves MIN_DOF residual
+    dof (decided from the observed cells only, never from the metric values).
+    """
+    observed = results[results[metric].notna()]
+    z = observed[factors].to_numpy(float) - 0.5  # (n, k): -1/2 = A's level, +1/2 = B's
+    n, k = z.shape
+    pairs = list(itertools.combinations(range(k), 2))
+    base = np.column_stack([np.ones(n), seed_blocks(results, factors, observed)])
+    mains = list(range(base.shape[1], base.shape[1] + k))
+    x = np.column_stack([base, z])
+    notes = []
+    fit_pairs = interactions and len(pairs) > 0
+    if fit_pairs:
+        x_full = np.column_stack([x, *[z[:, i] * z[:, j] for i, j in pairs]])
+        dof_full = n - np.linalg.matrix_rank(x_full)
+        if (estimable(x_full, mains) == estimable(x, mains)).all() and dof_full >= MIN_DOF:
+            x = x_full
+        else:
+            fit_pairs = False
+            why = "too few residual dof" if dof_full < MIN_DOF else "they alias main effects"
+            notes.append(f"two-way interactions not fitted: {why} with the observed cells")
+    names = list(factors) + [f"{factors[i]} x {factors[j]}" for i, j in pairs]
+    columns = np.array(mains + list(range(mains[-1] + 1, mains[-1] + 1 + len(pairs))))
+    if not fit_pairs:
+        columns[k:] = -1
+    fitted = columns >= 0
+    fitted[fitted] = estimable(x, columns[fitted])
+    terms = pd.DataFrame({"term": names, "kind": ["main"] * k + ["interaction"] * len(pairs)})
+    terms["column"] = np.where(fitted, columns, -1)
+    terms["verdict"] = np.where(fitted, "", "inestimable")
+    terms["aliased_with"] = ""
+    # interactions whose columns are equal up to sign on the observed rows: only their sum is known
+    cols = {names[k + p]: z[:, i] * z[:, j] for p, (i, j) in enumerate(pairs)}
+    for row in terms[(terms.kind == "interaction") & ~fitted].itertuples():
+        col = cols[row.term]
+        twins = [
+            t
+            for t, c in cols.items()
+            if t != row.term and (np.allclose(c, col) or np.allclose(c, -col))
+        ]
+        if twins:
+            terms.loc[row.Index, ["verdict", "aliased_with"]] = ["aliased", ", ".join(twins)]
+    dof = n - np.linalg.matrix_rank(x)
+    if not n or observed.groupby(factors).size().max() < 2:
+        dof = 0
+        notes.append("no replicates: no cell has two finished seeds, so no verdicts")
+    return Model(x, terms, int(dof), notes)
+
+
+def estimate(fit: Model, y: np.ndarray, metric: str, alpha: float = 0.05) -> dict[str, np.ndarray]:
+    """Effects, CIs, p, Holm p and verdicts of the estimable terms for many responses at once.
+
+    Args:
+        y: (runs with a value,) or (runs, replications), in the order of the model's rows.
+    Returns arrays (estimable terms, replications), terms in fit.terms order.
+    """
+    y = y.reshape(len(y), -1)
+    pinv = np.linalg.pinv(fit.x)
+    beta = pinv @ y  # (coefficients, reps); estimable coefficients do not depend on the g-inverse
+    s2 = ((y - fit.x @ beta) ** 2).sum(axis=0) / fit.dof if fit.dof > 0 else np.nan
+    cols = fit.terms.column[fit.terms.column >= 0].to_numpy()
+    var = np.diag(pinv @ pinv.T)[cols]  # = diag((x'x)^-) for these columns
+    se = np.sqrt(var[:, None] * s2)
+    out = t_tests(beta[cols], se, fit.dof, alpha, float(np.abs(y).max(initial=1.0)))
+    out["verdict"] = verdicts(out["effect"], out["p_holm"], metric, alpha)
+    if fit.dof <= 0:
+        out["verdict"] = np.full(out["effect"].shape, "no replicates")
+    return out
 
 
 def analyze(
@@ -108,72 +194,30 @@ def analyze(
 
     Args:
         results: one row per planned run: a 0/1 column per factor (0 = A's level), optionally
-            `seed`, and the metric (NaN = failed run).
-        interactions: fit two-way interactions where the observed cells can estimate them
-            without losing a main effect and leave at least MIN_DOF residual dof.
-        alpha: family-wise error rate of the verdicts; CIs are per-term (1 - alpha).
+            `seed`, and the metric (NaN = failed run); other columns are ignored.
+        interactions: fit two-way interactions where the observed cells allow (see `model`).
+        alpha: family-wise error rate of the verdicts; CIs are per term (1 - alpha).
     """
     if results[metric].notna().sum() == 0:
         raise ValueError(f"no run has a value of {metric}: nothing to analyse")
+    fit = model(results, factors, metric, interactions)
+    y = results[metric].dropna().to_numpy(float)
+    out = estimate(fit, y, metric, alpha)
+    table = fit.terms.drop(columns="column")
+    fitted = (fit.terms.column >= 0).to_numpy()
+    for key in ("effect", "se", "ci_low", "ci_high", "p", "p_holm"):
+        table.insert(len(table.columns) - 2, key, np.nan)
+        table.loc[fitted, key] = out[key][:, 0]
+    table.loc[fitted, "verdict"] = out["verdict"][:, 0]
+    seed_sd = (
+        float(np.sqrt(((y - fit.x @ np.linalg.pinv(fit.x) @ y) ** 2).sum() / fit.dof))
+        if fit.dof > 0
+        else float("nan")
+    )
     failed = results[results[metric].isna()]
-    observed = results[results[metric].notna()]
-    z = observed[factors].to_numpy(float) - 0.5  # (n, k), +-1/2 effect coding
-    y = observed[metric].to_numpy(float)
-    n, k = z.shape
-    pairs = list(itertools.combinations(range(k), 2))
-    base = np.column_stack([np.ones(n), seed_blocks(results, factors, observed)])
-    mains = list(range(base.shape[1], base.shape[1] + k))
-    x = np.column_stack([base, z])
-    main_ok = estimable(x, mains)
-    notes = []
-    fit_pairs = interactions and len(pairs) > 0
-    if fit_pairs:
-        x_full = np.column_stack([x, *[z[:, i] * z[:, j] for i, j in pairs]])
-        dof_full = n - np.linalg.matrix_rank(x_full)
-        if (estimable(x_full, mains) == main_ok).all() and dof_full >= MIN_DOF:
-            x = x_full
-        else:
-            fit_pairs = False
-            why = "too few residual dof" if dof_full < MIN_DOF else "they alias main effects"
-            notes.append(f"two-way interactions not fitted: {why} with the observed cells")
-    ok = estimable(x, range(x.shape[1]))
-    beta = np.linalg.pinv(x) @ y
-    dof = n - np.linalg.matrix_rank(x)
-    replicated = observed.groupby(factors).size().max() > 1 if n else False
-    if not replicated:
-        dof = 0
-        notes.append("no replicates: no cell has two finished seeds, so no verdicts")
-    s2 = float(((y - x @ beta) ** 2).sum() / dof) if dof > 0 else float("nan")
-    cov = s2 * np.linalg.pinv(x.T @ x) if dof > 0 else np.full((x.shape[1],) * 2, np.nan)
-    names = list(factors) + [f"{factors[i]} x {factors[j]}" for i, j in pairs]
-    columns = mains + (list(range(mains[-1] + 1, x.shape[1])) if fit_pairs else [])
-    rows = pd.DataFrame({"term": names, "kind": ["main"] * k + ["interaction"] * len(pairs)})
-    fitted = np.array([ok[c] for c in columns] + [False] * (len(names) - len(columns)))
-    idx = np.array(columns)[fitted[: len(columns)]] if fitted.any() else np.array([], int)
-    values = t_rows(beta[idx], np.sqrt(np.diag(cov)[idx]), dof, alpha, np.abs(y).max(initial=1))
-    for key in ("effect", "se", "ci_low", "ci_high", "p"):
-        rows[key] = np.nan
-        rows.loc[fitted, key] = values[key]
-    rows["verdict"] = np.where(fitted, "no replicates", "inestimable")
-    rows["aliased_with"] = ""
-    if fit_pairs:  # interaction columns equal up to sign on the observed rows share one estimate
-        cols = {names[k + p]: z[:, i] * z[:, j] for p, (i, j) in enumerate(pairs)}
-        for term, col in cols.items():
-            if rows.set_index("term").loc[term, "verdict"] != "inestimable":
-                continue
-            twins = [
-                t
-                for t, c in cols.items()
-                if t != term
-                and np.allclose(np.abs(c), np.abs(col))
-                and (np.allclose(c, col) or np.allclose(c, -col))
-            ]
-            if twins:
-                rows.loc[rows.term == term, "verdict"] = "aliased"
-                rows.loc[rows.term == term, "aliased_with"] = ", ".join(twins)
-    rows = holm_verdicts(rows, metric, alpha) if dof > 0 else rows.assign(p_holm=np.nan)
-    seed_sd = math.sqrt(s2) if dof > 0 else float("nan")
-    return Analysis(rows, metric, list(factors), seed_sd, int(dof), n, failed, alpha, notes)
+    return Analysis(
+        table, metric, list(factors), seed_sd, fit.dof, len(y), failed, alpha, fit.notes
+    )
 
 
 def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha: float = 0.05):
@@ -190,25 +234,36 @@ def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha:
     cells = observed.groupby(factors)[metric]
     dof = int(len(observed) - cells.ngroups)
     s2 = float(((observed[metric] - cells.transform("mean")) ** 2).sum() / dof) if dof else np.nan
-    means, counts = cells.mean(), cells.size()
-    previous = (0,) * len(factors)
-    rows = []
+    means, counts = (
+        cell_means(results, factors, metric),
+        cell_means(observed, factors, "seed", "size"),
+    )
+    previous, rows = (0,) * len(factors), []
     for step, (j, cell) in enumerate(steps, start=1):
-        pair = [previous, cell]
-        have = all(c in means.index for c in pair)
-        effect = means[cell] - means[previous] if have else np.nan
-        se = math.sqrt(s2 * (1 / counts[cell] + 1 / counts[previous])) if have else np.nan
+        effect = means[cell] - means[previous]
+        se = (
+            math.sqrt(s2 * (1 / counts[cell] + 1 / counts[previous]))
+            if np.isfinite(effect)
+            else np.nan
+        )
         rows.append({"term": factors[j], "kind": "step", "step": step, "effect": effect, "se": se})
         previous = cell
     table = pd.DataFrame(rows)
-    scale = float(np.abs(observed[metric]).max())
     fitted = table.effect.notna().to_numpy()
-    values = t_rows(table.effect[fitted].to_numpy(), table.se[fitted].to_numpy(), dof, alpha, scale)
-    for key, value in values.items():
-        table.loc[fitted, key] = value
+    scale = float(np.abs(observed[metric]).max())
+    out = t_tests(
+        table.effect[fitted].to_numpy()[:, None],
+        table.se[fitted].to_numpy()[:, None],
+        dof,
+        alpha,
+        scale,
+    )
+    for key in ("effect", "se", "ci_low", "ci_high", "p", "p_holm"):
+        table.loc[fitted, key] = out[key][:, 0]
     table["verdict"] = np.where(fitted, "no replicates", "inestimable")
+    if dof > 0:
+        table.loc[fitted, "verdict"] = verdicts(out["effect"], out["p_holm"], metric, alpha)[:, 0]
     table["aliased_with"] = ""
-    table = holm_verdicts(table, metric, alpha) if dof > 0 else table.assign(p_holm=np.nan)
     failed = results[results[metric].isna()]
     seed_sd = math.sqrt(s2) if dof > 0 else float("nan")
     return Analysis(table, metric, list(factors), seed_sd, dof, len(observed), failed, alpha)

@@ -153,9 +153,11 @@ def make_design(k: int, kind: str = "auto") -> Design:
     return Design(f"ablation path ({k * (k + 1) // 2 + 1} cells)", [(0,) * k, (1,) * k], note)
 
 
-def cell_means(results: pd.DataFrame, factors: list[str], metric: str) -> dict[tuple, float]:
-    """Mean metric per cell over its seeds; a cell whose runs all failed maps to NaN."""
-    grouped = results.groupby(factors, dropna=False)[metric].mean()
+def cell_means(
+    results: pd.DataFrame, factors: list[str], metric: str, how: str = "mean"
+) -> dict[tuple, float]:
+    """Mean (or another groupby reduction) of the metric per cell; all runs failed gives NaN."""
+    grouped = results.groupby(factors)[metric].agg(how)
     return {
         tuple(int(v) for v in (key if isinstance(key, tuple) else (key,))): float(m)
         for key, m in grouped.items()
