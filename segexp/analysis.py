@@ -124,11 +124,13 @@ def model(results: pd.DataFrame, factors: list[str], metric: str, interactions: 
     mains = list(range(base.shape[1], base.shape[1] + k))
     x = np.column_stack([base, z])
     notes = []
+    replicated = n > 0 and observed.groupby(factors).size().max() > 1
     fit_pairs = interactions and len(pairs) > 0
     if fit_pairs:
         x_full = np.column_stack([x, *[z[:, i] * z[:, j] for i, j in pairs]])
         dof_full = n - np.linalg.matrix_rank(x_full)
-        if (estimable(x_full, mains) == estimable(x, mains)).all() and dof_full >= MIN_DOF:
+        enough = dof_full >= MIN_DOF or not replicated  # without replicates no verdicts anyway
+        if (estimable(x_full, mains) == estimable(x, mains)).all() and enough:
             x = x_full
         else:
             fit_pairs = False
@@ -156,7 +158,7 @@ def model(results: pd.DataFrame, factors: list[str], metric: str, interactions: 
         if twins:
             terms.loc[row.Index, ["verdict", "aliased_with"]] = ["aliased", ", ".join(twins)]
     dof = n - np.linalg.matrix_rank(x)
-    if not n or observed.groupby(factors).size().max() < 2:
+    if not replicated:
         dof = 0
         notes.append("no replicates: no cell has two finished seeds, so no verdicts")
     return Model(x, terms, int(dof), notes)
