@@ -125,21 +125,25 @@ def model(results: pd.DataFrame, factors: list[str], metric: str, interactions: 
     x = np.column_stack([base, z])
     notes = []
     replicated = n > 0 and observed.groupby(factors).size().max() > 1
-    fit_pairs = interactions and len(pairs) > 0
-    if fit_pairs:
-        x_full = np.column_stack([x, *[z[:, i] * z[:, j] for i, j in pairs]])
-        dof_full = n - np.linalg.matrix_rank(x_full)
-        enough = dof_full >= MIN_DOF or not replicated  # without replicates no verdicts anyway
-        if (estimable(x_full, mains) == estimable(x, mains)).all() and enough:
-            x = x_full
-        else:
-            fit_pairs = False
-            why = "too few residual dof" if dof_full < MIN_DOF else "they alias main effects"
-            notes.append(f"two-way interactions not fitted: {why} with the observed cells")
+    columns = np.array(mains + [-1] * len(pairs))
+    if interactions and pairs:
+        # add interactions one by one, skipping any that would make a main effect inestimable
+        main_ok, with_pairs = estimable(x, mains), x
+        for p, (i, j) in enumerate(pairs):
+            trial = np.column_stack([with_pairs, z[:, i] * z[:, j]])
+            if (estimable(trial, mains) == main_ok).all():
+                with_pairs, columns[k + p] = trial, trial.shape[1] - 1
+        if n - np.linalg.matrix_rank(with_pairs) >= MIN_DOF or not replicated:
+            x = with_pairs
+            if (columns[k:] < 0).any():
+                notes.append(
+                    f"{(columns[k:] < 0).sum()} two-way interactions not fitted: with the observed"
+                    " cells they would alias main effects, which assume them zero"
+                )
+        else:  # no verdicts without dof for the noise
+            columns[k:] = -1
+            notes.append("two-way interactions not fitted: too few residual dof")
     names = list(factors) + [f"{factors[i]} x {factors[j]}" for i, j in pairs]
-    columns = np.array(mains + list(range(mains[-1] + 1, mains[-1] + 1 + len(pairs))))
-    if not fit_pairs:
-        columns[k:] = -1
     fitted = columns >= 0
     fitted[fitted] = estimable(x, columns[fitted])
     terms = pd.DataFrame({"term": names, "kind": ["main"] * k + ["interaction"] * len(pairs)})

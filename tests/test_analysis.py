@@ -13,8 +13,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segexp.analysis import analyze, estimate, from_table, headline, model, seeds_decision
-from segexp.designs import make_design
+from segexp.analysis import (
+    analyze,
+    estimate,
+    from_table,
+    headline,
+    model,
+    path_analysis,
+    seeds_decision,
+)
+from segexp.designs import make_design, path_next
 
 METRIC = "val/dice_best"
 SD = 0.01  # seed-to-seed SD of the planted metric
@@ -28,17 +36,26 @@ def runs_table(cells, seeds: int, factors: list[str]) -> pd.DataFrame:
     return table
 
 
-def planted(table: pd.DataFrame, factors, main, pairs, reps: int, rng) -> np.ndarray:
-    """(runs, reps) metric values: +-1/2 coded effects, a seed effect and seed noise."""
+def planted(table: pd.DataFrame, factors, main, pairs, reps: int, rng, mirror=False):
+    """(runs, reps) metric values: +-1/2 coded effects, a seed effect and seed noise.
+
+    mirror: append the reps with the noise negated (antithetic), so that the mean estimate of any
+    linear estimator over all 2 x reps columns is its exact expectation: bias without MC error.
+    """
     z = table[factors].to_numpy(float) - 0.5
     mean = 0.8 + z @ np.asarray(main) + 0.5 * SD * table.seed.to_numpy()
     for (i, j), effect in pairs.items():
         mean = mean + effect * z[:, i] * z[:, j]
-    return mean[:, None] + rng.normal(0, SD, (len(table), reps))
+    noise = rng.normal(0, SD, (len(table), reps))
+    return mean[:, None] + (np.hstack([noise, -noise]) if mirror else noise)
 
 
 def simulate(cells, main, pairs=None, seeds=2, reps=1000, fail=0.0, metric=METRIC, rng_seed=0):
-    """Per term: estimates, CI covers the truth, verdicts; per replication: any false verdict."""
+    """Planted tables analysed `reps` times; with `fail`, 20 random failure patterns share them.
+
+    Returns per term {truth, bias: [exact bias per failure pattern], est, cover (per rep)} and
+    per replication (any false verdict, every verdict right).
+    """
     rng = np.random.default_rng(rng_seed)
     k, pairs = len(main), pairs or {}
     factors = [f"f{i}" for i in range(k)]
@@ -46,7 +63,7 @@ def simulate(cells, main, pairs=None, seeds=2, reps=1000, fail=0.0, metric=METRI
     truth |= {
         f"f{i} x f{j}": pairs.get((i, j), 0.0) for i, j in itertools.combinations(range(k), 2)
     }
-    records, false_any = {}, []
+    records, false_any, all_right = {}, [], []
     patterns = 20 if fail else 1
     for _ in range(patterns):
         table = runs_table(cells, seeds, factors)
@@ -55,21 +72,28 @@ def simulate(cells, main, pairs=None, seeds=2, reps=1000, fail=0.0, metric=METRI
             table.loc[(table[factors] == cells[c]).all(axis=1), METRIC] = np.nan
         fit = model(table, factors, METRIC)
         ok = table[METRIC].notna().to_numpy()
-        y = planted(table, factors, main, pairs, reps // patterns, rng)[ok]
+        n = reps // patterns
+        y = planted(table, factors, main, pairs, n, rng, mirror=True)[ok]
         out = estimate(fit, y, metric)
         terms = fit.terms.term[fit.terms.column >= 0]
         true = np.array([truth[t] for t in terms])[:, None]
         good = true < 0 if "loss" in metric else true > 0
         right = np.where(true == 0, "within noise", np.where(good, "helped", "hurt"))
-        significant = np.isin(out["verdict"], ["hurt", "helped"])
-        false_any.append((significant & (out["verdict"] != right)).any(axis=0))
+        verdict = out["verdict"][:, :n]  # the independent draws, not their mirror images
+        significant = np.isin(verdict, ["hurt", "helped"])
+        false_any.append((significant & (verdict != right)).any(axis=0))
+        all_right.append((verdict == right).all(axis=0))
         for i, term in enumerate(terms):
-            rec = records.setdefault(term, {"truth": truth[term], "est": [], "cover": []})
-            rec["est"].append(out["effect"][i])
-            rec["cover"].append((out["ci_low"][i] <= true[i]) & (true[i] <= out["ci_high"][i]))
+            rec = records.setdefault(
+                term, {"truth": truth[term], "bias": [], "est": [], "cover": []}
+            )
+            rec["bias"].append(out["effect"][i].mean() - truth[term])
+            rec["est"].append(out["effect"][i, :n])
+            covered = (out["ci_low"][i] <= true[i]) & (true[i] <= out["ci_high"][i])
+            rec["cover"].append(covered[:n])
     for rec in records.values():
         rec["est"], rec["cover"] = np.concatenate(rec["est"]), np.concatenate(rec["cover"])
-    return records, np.concatenate(false_any)
+    return records, np.concatenate(false_any), np.concatenate(all_right)
 
 
 def mains(k: int) -> list[float]:
@@ -89,11 +113,11 @@ SCENARIOS = {  # design, planted main effects, planted interactions
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_estimates_are_unbiased_and_cis_cover(scenario, fail):
     cells, main, pairs = SCENARIOS[scenario]
-    records, _ = simulate(cells, main, pairs, fail=fail)
+    records, _, _ = simulate(cells, main, pairs, fail=fail)
     assert {f"f{i}" for i in range(len(main))} <= set(records)  # every main effect estimated
     coverage = []
     for term, rec in records.items():
-        bias = rec["est"].mean() - rec["truth"]
+        bias = max(rec["bias"], key=abs)  # the worst failure pattern
         assert abs(bias) < 0.1 * SD, f"{term}: bias {bias / SD:+.2f} SD"
         coverage.append(rec["cover"].mean())
         assert 0.92 <= coverage[-1] <= 0.98, f"{term}: coverage {coverage[-1]:.3f}"
@@ -104,7 +128,7 @@ def test_estimates_are_unbiased_and_cis_cover(scenario, fail):
 @pytest.mark.parametrize("k", [4, 6])
 def test_family_wise_false_verdicts_stay_at_5_percent_under_the_null(k, fail):
     # 1000 replications: a rate of 0.05 lands within 0.065 with > 98% chance; v1's ~0.4 never
-    _, false_any = simulate(make_design(k).cells, [0.0] * k, fail=fail, rng_seed=k)
+    _, false_any, _ = simulate(make_design(k).cells, [0.0] * k, fail=fail, rng_seed=k)
     assert len(false_any) == 1000 and 0.02 <= false_any.mean() <= 0.065
 
 
@@ -212,3 +236,35 @@ def test_seeds_decision_settles_clear_terms_and_keeps_unclear_ones_open():
     decision = seeds_decision(many, factors, METRIC, max_rounds=4, margin=SD)
     assert decision["settled"]["f1"] == decision["settled"]["f2"] == f"within +-{SD:.3g}"
     assert seeds_decision(many, factors, METRIC, max_rounds=4, margin=2 * SD)["stop"]
+
+
+def path_correct(k: int, reps: int, rng) -> float:
+    """Share of ablation paths (2 seeds) calling f0 (2 SD harm) hurt and every other step noise."""
+    factors, main, right = [f"f{i}" for i in range(k)], np.array([-2 * SD] + [0.0] * (k - 1)), 0
+    for _ in range(reps):
+        table = pd.DataFrame(columns=[*factors, "seed", METRIC])
+        while cells := path_next(table, factors, METRIC):
+            new = runs_table(cells, 2, factors)
+            new[METRIC] = planted(new, factors, main, {}, 1, rng)[:, 0]
+            table = pd.concat([table, new], ignore_index=True) if len(table) else new
+        verdicts = path_analysis(table, factors, METRIC).effects.set_index("term").verdict
+        right += verdicts.f0 == "hurt" and (verdicts.drop("f0") == "within noise").all()
+    return right / reps
+
+
+def design_figures(reps: int = 1000) -> pd.DataFrame:
+    """Trainings and share of all-correct verdicts per design: one change of -2 SD, 2 seeds."""
+    rows, rng = [], np.random.default_rng(11)
+    for k in (3, 6):
+        main = [-2 * SD] + [0.0] * (k - 1)
+        kinds = ["full", "fractional", "oat"] if k > 4 else ["full", "oat"]
+        for kind in kinds:
+            cells = make_design(k, kind).cells
+            _, _, all_right = simulate(cells, main, reps=reps, rng_seed=k)
+            rows.append((k, kind, 2 * len(cells), all_right.mean()))
+        rows.append((k, "path", 2 * (1 + k * (k + 1) // 2), path_correct(k, reps // 4, rng)))
+    return pd.DataFrame(rows, columns=["k", "design", "trainings", "all verdicts right"])
+
+
+if __name__ == "__main__":
+    print(design_figures().to_string(index=False))
