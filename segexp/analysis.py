@@ -398,6 +398,7 @@ def plot_forest(analysis: Analysis, path: Path) -> Path:
     """Forest plot: one row per term, point and CI coloured by verdict, zero line."""
     figure, save = figure_api()
     table = analysis.effects
+    table = table[(table.kind != "interaction") | table.effect.notna()]  # no rows of NaN pairs
     fig, ax = figure(figsize=(8, 1.2 + 0.35 * len(table)))
     y = np.arange(len(table))[::-1]
     for yi, row in zip(y, table.itertuples(), strict=True):
@@ -432,7 +433,8 @@ def write_report(
     """Write effects.csv, effects.png and report.md into out_dir; returns report.md's path.
 
     Args:
-        context: extra lines for the report (design, factors, seeds, failed cells' reasons).
+        factor_labels: term -> "optimizer: adam -> sgd", used in the headline and listed.
+        context: extra lines for the report (design, seeds, reasons of failed cells).
         paired: per-case paired tests table, printed after the effects.
     """
     out_dir = Path(out_dir)
@@ -440,24 +442,30 @@ def write_report(
     table = analysis.effects
     table.to_csv(out_dir / "effects.csv", index=False)
     plot_forest(analysis, out_dir / "effects.png")
-    shown = table.drop(columns=["kind", "aliased_with"]).to_string(
-        index=False, float_format=lambda v: f"{v:+.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
-    )
+    shown = table[table.effect.notna()].copy()
+    for key in ("effect", "ci_low", "ci_high"):
+        shown[key] = shown[key].map(lambda v: f"{v:+.4f}")
+    for key in ("p", "p_holm"):
+        shown[key] = shown[key].map(lambda v: f"{v:.2g}")
+    columns = [c for c in ("step", "term", "effect", "ci_low", "ci_high", "p", "p_holm", "verdict")]
+    level = f"{100 * (1 - analysis.alpha):.4g}%"
+    better = "lower" if lower_is_better(analysis.metric) else "higher"
     lines = [f"# {title}", "", headline(analysis, factor_labels, trainings, minutes), ""]
-    if factor_labels:
-        lines += [f"- {term}: {label}" for term, label in factor_labels.items()]
-    lines += [f"- {line}" for line in (context or [])]
-    lines += [
-        f"- runs analysed: {analysis.runs}; seed SD of {analysis.metric}: "
-        f"{number(analysis.seed_sd)} (residual dof {analysis.dof})",
-        f"- effect = B's level minus A's level ({'lower' if lower_is_better(analysis.metric) else 'higher'} "
-        "is better); an interaction f x g = f's effect at g's B level minus at its A level; CIs are "
-        f"per term, verdicts use Holm-adjusted p over all {int(table.p.notna().sum())} tested terms "
-        f"(family-wise error {analysis.alpha:.3g})",
+    lines += [f"- {term}: {label}" for term, label in (factor_labels or {}).items()]
+    lines += [f"- {line}" for line in (context or [])] + [
+        f"- runs analysed: {analysis.runs}; seed SD of {analysis.metric} ({better} is better): "
+        f"{number(analysis.seed_sd)}, residual dof {analysis.dof}",
+        f"- effect = B's level minus A's level, {level} CI per term; verdicts from Holm-adjusted p "
+        f"over the {int(table.p.notna().sum())} tested terms (family-wise error {analysis.alpha:.3g})",
+        *(
+            ["- f x g = f's effect at g's B level minus at its A level"]
+            if "interaction" in set(table.kind)
+            else []
+        ),
         *[f"- {note}" for note in analysis.notes],
         "",
         "```",
-        shown,
+        shown[[c for c in columns if c in shown]].to_string(index=False),
         "```",
         "",
         "![effects](effects.png)",
@@ -466,15 +474,18 @@ def write_report(
     if len(analysis.failed):
         cells = analysis.failed.drop(columns=[analysis.metric]).to_string(index=False)
         lines += [f"## Failed runs ({len(analysis.failed)}), left out", "", "```", cells, "```", ""]
-    odd = table[table.verdict.isin(["inestimable", "aliased"])]
-    if len(odd):
+    aliased = table[table.verdict == "aliased"]
+    chains = {
+        " = ".join(sorted([r.term, *r.aliased_with.split(", ")])) for r in aliased.itertuples()
+    }
+    lost = table.term[table.verdict == "inestimable"].tolist()
+    if chains or lost:
         lines += ["## Not estimable from the observed cells", ""]
         lines += [
-            f"- {r.term}: aliased with {r.aliased_with} (only their sum is in the data)"
-            if r.verdict == "aliased"
-            else f"- {r.term}: inestimable"
-            for r in odd.itertuples()
-        ] + [""]
+            f"- aliased (the data hold only their sum or difference): {c}" for c in sorted(chains)
+        ]
+        lines += [f"- inestimable: {', '.join(lost)}"] if lost else []
+        lines += [""]
     if paired is not None:
         lines += ["## Per-case paired tests", "", "```", paired.to_string(index=False), "```", ""]
     path = out_dir / "report.md"

@@ -21,6 +21,7 @@ from segexp.analysis import (
     model,
     path_analysis,
     seeds_decision,
+    write_report,
 )
 from segexp.designs import make_design, path_next
 
@@ -183,7 +184,7 @@ def test_failed_cells_make_terms_inestimable_and_they_are_named(tmp_path):
     assert verdicts[["f0", "f1"]].ne("inestimable").all()
     assert "f2 could not be estimated" in headline(result)
     report = (tmp_path / "report.md").read_text()
-    assert "- f2: inestimable" in report and "Failed runs (12)" in report
+    assert "- inestimable: f2, f0 x f2, f1 x f2" in report and "Failed runs (12)" in report
 
 
 def test_fractional_aliases_are_reported():
@@ -193,6 +194,39 @@ def test_fractional_aliases_are_reported():
     assert effects.loc["f0 x f1", "aliased_with"] == "f2 x f4"
     assert effects.loc["f0 x f4", "aliased_with"] == "f1 x f2, f3 x f5"  # AE = BC = DF
     assert effects.loc["f0 x f1", ["effect", "p_holm"]].isna().all()
+
+
+def test_fractional_report_names_the_alias_chains(tmp_path):
+    table = noise_free(make_design(6).cells, 6, seeds=2)
+    table[METRIC] += np.random.default_rng(2).normal(0, SD, len(table))
+    from_table(table, METRIC, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert (
+        "aliased (the data hold only their sum or difference): f0 x f4 = f1 x f2 = f3 x f5"
+        in report
+    )
+    assert report.count("- aliased") == 7  # the seven chains of the 2^(6-2) IV
+
+
+def test_path_analysis_orders_the_changes_with_holm_verdicts(tmp_path):
+    rng, factors = np.random.default_rng(4), ["f0", "f1", "f2", "f3"]
+    main = np.array([-3 * SD, 0.0, -8 * SD, 0.0])
+    table = pd.DataFrame(columns=[*factors, "seed", METRIC])
+    while cells := path_next(table, factors, METRIC):
+        new = runs_table(cells, 3, factors)
+        new[METRIC] = planted(new, factors, main, {}, 1, rng)[:, 0]
+        table = pd.concat([table, new], ignore_index=True) if len(table) else new
+    result = path_analysis(table, factors, METRIC)
+    effects = result.effects
+    assert effects.term.tolist()[:2] == ["f2", "f0"] and effects.step.tolist() == [1, 2, 3, 4]
+    assert effects.verdict.tolist()[:2] == ["hurt", "hurt"]
+    assert effects.effect.sum() == pytest.approx(
+        table.groupby(factors)[METRIC].mean().iloc[-1]
+        - table.groupby(factors)[METRIC].mean().iloc[0]
+    )
+    write_report(result, tmp_path, title="ablation path")
+    assert headline(result).startswith("f2 hurt val/dice_best by 0.0")
+    assert (tmp_path / "effects.png").exists()
 
 
 def test_no_replicates_gives_no_verdicts():
