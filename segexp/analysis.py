@@ -10,15 +10,12 @@ cells cannot separate are reported as `inestimable` or `aliased`, never dropped.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
-
-from segexp.designs import cell_means, path_steps
 
 LOWER_IS_BETTER = ("loss", "hd95", "mae", "error")
 MIN_DOF = 4  # residual dof needed before two-way interactions are worth fitting
@@ -33,9 +30,7 @@ def lower_is_better(metric: str) -> bool:
 
 @dataclass
 class Analysis:
-    effects: (
-        pd.DataFrame
-    )  # term, kind, effect, se, ci_low, ci_high, p, p_holm, verdict, aliased_with
+    effects: pd.DataFrame  # term, kind, effect, se, ci_low, ci_high, p, p_holm, verdict, ...
     metric: str
     factors: list[str]
     seed_sd: float  # residual SD of one run (NaN without replicates)
@@ -226,93 +221,6 @@ def analyze(
     )
 
 
-def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha: float = 0.05):
-    """A finished ablation path as an Analysis: one row per step in path order.
-
-    A step's effect is the mean over seeds of its cell minus that of the previous cell, with a t
-    CI from the seed variance pooled over all path cells; Holm over the steps. The order is
-    chosen on the same data, so the first steps' effects lean towards B (winner's curse).
-    """
-    steps, missing = path_steps(results, factors, metric, lower_is_better(metric))
-    if missing:
-        raise ValueError(f"the ablation path is not finished: still needs cells {missing}")
-    observed = results[results[metric].notna()]
-    cells = observed.groupby(factors)[metric]
-    dof = int(len(observed) - cells.ngroups)
-    s2 = float(((observed[metric] - cells.transform("mean")) ** 2).sum() / dof) if dof else np.nan
-    means, counts = (
-        cell_means(results, factors, metric),
-        cell_means(observed, factors, "seed", "size"),
-    )
-    previous, rows = (0,) * len(factors), []
-    for step, (j, cell) in enumerate(steps, start=1):
-        effect = means[cell] - means[previous]
-        se = (
-            math.sqrt(s2 * (1 / counts[cell] + 1 / counts[previous]))
-            if np.isfinite(effect)
-            else np.nan
-        )
-        rows.append({"term": factors[j], "kind": "step", "step": step, "effect": effect, "se": se})
-        previous = cell
-    table = pd.DataFrame(rows)
-    fitted = table.effect.notna().to_numpy()
-    scale = float(np.abs(observed[metric]).max())
-    out = t_tests(
-        table.effect[fitted].to_numpy()[:, None],
-        table.se[fitted].to_numpy()[:, None],
-        dof,
-        alpha,
-        scale,
-    )
-    for key in ("effect", "se", "ci_low", "ci_high", "p", "p_holm"):
-        table.loc[fitted, key] = out[key][:, 0]
-    table["verdict"] = np.where(fitted, "no replicates", "inestimable")
-    if dof > 0:
-        table.loc[fitted, "verdict"] = verdicts(out["effect"], out["p_holm"], metric, alpha)[:, 0]
-    table["aliased_with"] = ""
-    failed = results[results[metric].isna()]
-    seed_sd = math.sqrt(s2) if dof > 0 else float("nan")
-    return Analysis(table, metric, list(factors), seed_sd, dof, len(observed), failed, alpha)
-
-
-def seeds_decision(
-    results: pd.DataFrame,
-    factors: list[str],
-    metric: str,
-    max_rounds: int,
-    margin: float | None = None,
-    alpha: float = 0.05,
-) -> dict:
-    """`--seeds auto`: after a round of seeds, which terms are settled and whether to stop.
-
-    Each look (round) tests at alpha / max_rounds (Bonferroni over looks), so however the stopping
-    falls out the chance of any false hurt/helped verdict over all looks stays <= alpha; report
-    the final analysis at that same level (returned). A term is settled when its verdict is
-    hurt/helped, or when its (1 - alpha/max_rounds) CI lies inside +-margin (practically zero;
-    margin defaults to 0.5 x the current seed SD, itself an estimate), or when it is inestimable
-    or aliased (more seeds cannot help). Returns {stop, settled: {term: reason}, open: [terms],
-    alpha, analysis}.
-    """
-    level = alpha / max_rounds
-    result = analyze(results, factors, metric, alpha=level)
-    margin = 0.5 * result.seed_sd if margin is None else margin
-    settled, still_open = {}, []
-    for row in result.effects.itertuples():
-        if row.verdict in SIGNIFICANT or row.verdict in ("inestimable", "aliased"):
-            settled[row.term] = row.verdict
-        elif row.verdict == "within noise" and -margin < row.ci_low and row.ci_high < margin:
-            settled[row.term] = f"within +-{margin:.3g}"
-        else:
-            still_open.append(row.term)
-    return {
-        "stop": not still_open,
-        "settled": settled,
-        "open": still_open,
-        "alpha": level,
-        "analysis": result,
-    }
-
-
 def number(value: float) -> str:
     return f"{value:.3g}" if abs(value) >= 1 else f"{value:.3f}"
 
@@ -331,7 +239,7 @@ def headline(
     labels = factor_labels or {}
     table, metric = analysis.effects, analysis.metric
     sig = table[table.verdict.isin(SIGNIFICANT)].sort_values("p_holm")
-    parts = []
+    level, parts = f"{100 * (1 - analysis.alpha):.4g}%", []
     for row in sig.itertuples():
         lo, hi = (
             sorted((abs(row.ci_low), abs(row.ci_high)))
@@ -345,7 +253,7 @@ def headline(
         )
         parts.append(
             f"{what} {row.verdict} {metric} by {number(abs(row.effect))} "
-            f"(95% CI {number(lo)} to {number(hi)}, Holm p {p_text(row.p_holm)})"
+            f"({level} CI {number(lo)} to {number(hi)}, Holm p {p_text(row.p_holm)})"
         )
     steps = table[table.kind != "interaction"]
     rest = steps[steps.verdict == "within noise"]
