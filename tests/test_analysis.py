@@ -84,14 +84,16 @@ def simulate(cells, main, pairs=None, seeds=2, reps=1000, fail=0.0, metric=METRI
         all_right.append((verdict == right).all(axis=0))
         for i, term in enumerate(terms):
             rec = records.setdefault(
-                term, {"truth": truth[term], "bias": [], "est": [], "cover": []}
+                term, {"truth": truth[term], "bias": [], "est": [], "cover": [], "right": []}
             )
+            rec["right"].append(verdict[i] == right[i])
             rec["bias"].append(out["effect"][i].mean() - truth[term])
             rec["est"].append(out["effect"][i, :n])
             covered = (out["ci_low"][i] <= true[i]) & (true[i] <= out["ci_high"][i])
             rec["cover"].append(covered[:n])
     for rec in records.values():
-        rec["est"], rec["cover"] = np.concatenate(rec["est"]), np.concatenate(rec["cover"])
+        for key in ("est", "cover", "right"):
+            rec[key] = np.concatenate(rec[key])
     return records, np.concatenate(false_any), np.concatenate(all_right)
 
 
@@ -270,9 +272,10 @@ def test_seeds_decision_settles_clear_terms_and_keeps_unclear_ones_open():
     assert seeds_decision(many, factors, METRIC, max_rounds=4, margin=2 * SD)["stop"]
 
 
-def path_correct(k: int, reps: int, rng) -> float:
-    """Share of ablation paths (2 seeds) calling f0 (2 SD harm) hurt and every other step noise."""
-    factors, main, right = [f"f{i}" for i in range(k)], np.array([-2 * SD] + [0.0] * (k - 1)), 0
+def path_correct(k: int, reps: int, rng) -> tuple[float, float]:
+    """Shares of ablation paths (2 seeds) calling f0 (2 SD harm) hurt, and also the rest noise."""
+    factors, main = [f"f{i}" for i in range(k)], np.array([-2 * SD] + [0.0] * (k - 1))
+    right, power = 0, 0
     for _ in range(reps):
         table = pd.DataFrame(columns=[*factors, "seed", METRIC])
         while cells := path_next(table, factors, METRIC):
@@ -280,8 +283,9 @@ def path_correct(k: int, reps: int, rng) -> float:
             new[METRIC] = planted(new, factors, main, {}, 1, rng)[:, 0]
             table = pd.concat([table, new], ignore_index=True) if len(table) else new
         verdicts = path_analysis(table, factors, METRIC).effects.set_index("term").verdict
+        power += verdicts.f0 == "hurt"
         right += verdicts.f0 == "hurt" and (verdicts.drop("f0") == "within noise").all()
-    return right / reps
+    return power / reps, right / reps
 
 
 def design_figures(reps: int = 1000) -> pd.DataFrame:
@@ -292,10 +296,14 @@ def design_figures(reps: int = 1000) -> pd.DataFrame:
         kinds = ["full", "fractional", "oat"] if k > 4 else ["full", "oat"]
         for kind in kinds:
             cells = make_design(k, kind).cells
-            _, _, all_right = simulate(cells, main, reps=reps, rng_seed=k)
-            rows.append((k, kind, 2 * len(cells), all_right.mean()))
-        rows.append((k, "path", 2 * (1 + k * (k + 1) // 2), path_correct(k, reps // 4, rng)))
-    return pd.DataFrame(rows, columns=["k", "design", "trainings", "all verdicts right"])
+            records, _, all_right = simulate(cells, main, reps=reps, rng_seed=k)
+            mains_right = np.all([records[f"f{i}"]["right"] for i in range(k)], axis=0)
+            power = records["f0"]["right"].mean()
+            rows.append((k, kind, 2 * len(cells), power, mains_right.mean(), all_right.mean()))
+        power, right = path_correct(k, reps // 4, rng)
+        rows.append((k, "path", 2 * (1 + k * (k + 1) // 2), power, right, right))
+    columns = ["k", "design", "trainings", "f0 hurt", "main verdicts right", "all verdicts right"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 if __name__ == "__main__":
