@@ -266,7 +266,8 @@ def headline(
             other = "change is" if len(rest) == 1 else "changes are"
             text += f"; the other {len(rest)} {other} within noise ({noise})"
     else:
-        text = f"No change moved {metric} beyond seed noise: all {len(rest)} are within noise ({noise})"
+        which = "the change is" if len(rest) == 1 else f"all {len(rest)} changes are"
+        text = f"No change moved {metric} beyond seed noise: {which} within noise ({noise})"
     lost = steps[steps.verdict == "inestimable"]
     if len(lost):
         text += f"; {', '.join(labels.get(t, t) for t in lost.term)} could not be estimated"

@@ -233,6 +233,11 @@ def test_no_replicates_gives_no_verdicts():
     result = analyze(noise_free(make_design(3).cells, 3, seeds=1), ["f0", "f1", "f2"], METRIC)
     assert (result.effects.verdict == "no replicates").all()
     assert result.effects.ci_low.isna().all() and "no replicates" in headline(result)
+    table = noise_free(make_design(2).cells, 2)
+    table[METRIC] = 0.8 + np.random.default_rng(1).normal(0, SD, len(table))
+    assert headline(analyze(table, ["f0", "f1"], METRIC)).startswith(
+        "No change moved val/dice_best beyond seed noise: all 2 changes are within noise (seed SD"
+    )
 
 
 def test_from_table_round_trip_and_headline(tmp_path):
