@@ -169,11 +169,11 @@ def cell_means(
     }
 
 
-def path_steps(results: pd.DataFrame, factors: list[str], metric: str, lower_is_better: bool):
+def path_steps(results: pd.DataFrame, factors: list[str], metric: str):
     """Walk the ablation path through the finished cells: (chosen path, cells still missing).
 
     The path starts at A; each step flips the remaining change that moves the metric most in
-    the direction from A to B (most harm first when B is worse). Returns ([(factor index, cell),
+    the direction from A to B (most harm first when B is worse or ties). Returns ([(factor index, cell),
     ...], missing cells); missing is empty once the path is complete.
     """
     k = len(factors)
@@ -181,7 +181,9 @@ def path_steps(results: pd.DataFrame, factors: list[str], metric: str, lower_is_
     means = cell_means(results, factors, metric) if len(results) else {}
     if a not in means or b not in means:
         return [], [c for c in (a, b) if c not in means]
-    toward = np.sign(means[b] - means[a]) or (-1.0 if lower_is_better else 1.0)
+    gap = means[b] - means[a]
+    harm = 1.0 if lower_is_better(metric) else -1.0  # the sign of a change for the worse
+    toward = np.sign(gap) if np.isfinite(gap) and gap != 0 else harm
     current, path = a, []
     while current != b:
         flips = [j for j in range(k) if current[j] == 0]
@@ -199,9 +201,7 @@ def path_steps(results: pd.DataFrame, factors: list[str], metric: str, lower_is_
     return path, []
 
 
-def path_next(
-    results: pd.DataFrame, factors: list[str], metric: str, lower_is_better: bool = False
-) -> list[tuple[int, ...]]:
+def path_next(results: pd.DataFrame, factors: list[str], metric: str) -> list[tuple[int, ...]]:
     """Cells the ablation path needs next given the runs so far ([] when complete).
 
     `results`: one row per finished or failed run, 0/1 factor columns and the metric (NaN =
@@ -210,7 +210,7 @@ def path_next(
     """
     if not len(results):
         return [(0,) * len(factors), (1,) * len(factors)]
-    return path_steps(results, factors, metric, lower_is_better)[1]
+    return path_steps(results, factors, metric)[1]
 
 
 def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha: float = 0.05):
@@ -220,7 +220,7 @@ def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha:
     CI from the seed variance pooled over all path cells; Holm over the steps. The order is
     chosen on the same data, so the first steps' effects lean towards B (winner's curse).
     """
-    steps, missing = path_steps(results, factors, metric, lower_is_better(metric))
+    steps, missing = path_steps(results, factors, metric)
     if missing:
         raise ValueError(f"the ablation path is not finished: still needs cells {missing}")
     observed = results[results[metric].notna()]
@@ -229,7 +229,7 @@ def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha:
     s2 = float(((observed[metric] - cells.transform("mean")) ** 2).sum() / dof) if dof else np.nan
     means, counts = (
         cell_means(results, factors, metric),
-        cell_means(observed, factors, "seed", "size"),
+        cell_means(observed, factors, metric, "size"),
     )
     previous, rows = (0,) * len(factors), []
     for step, (j, cell) in enumerate(steps, start=1):
