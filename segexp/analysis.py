@@ -303,7 +303,9 @@ def figure_api():
     return figure, save
 
 
-def plot_forest(analysis: Analysis, path: Path) -> Path:
+def plot_forest(
+    analysis: Analysis, path: Path, factor_labels: dict[str, str] | None = None
+) -> Path:
     """Forest plot: one row per term, point and CI coloured by verdict, zero line."""
     figure, save = figure_api()
     table = analysis.effects
@@ -319,10 +321,10 @@ def plot_forest(analysis: Analysis, path: Path) -> Path:
             ax.plot([row.ci_low, row.ci_high], [yi, yi], color=color, lw=2)
         ax.plot(row.effect, yi, "o", color=color)
     ax.axvline(0, color="black", lw=0.8)
-    labels = [
-        f"{s}. {t}" if "step" in table else t
-        for s, t in zip(table.get("step", table.term), table.term, strict=True)
-    ]
+    names = [(factor_labels or {}).get(t, t) for t in table.term]
+    labels = (
+        [f"{s}. {t}" for s, t in zip(table.step, names, strict=True)] if "step" in table else names
+    )
     level = f"{100 * (1 - analysis.alpha):.4g}%"
     ax.set(yticks=y, yticklabels=labels, xlabel=f"effect on {analysis.metric} (B - A), {level} CI")
     ax.set_title("red: hurt, green: helped, grey: within noise (Holm-adjusted)", fontsize=9)
@@ -350,7 +352,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     table = analysis.effects
     table.to_csv(out_dir / "effects.csv", index=False)
-    plot_forest(analysis, out_dir / "effects.png")
+    plot_forest(analysis, out_dir / "effects.png", factor_labels)
     shown = table[table.effect.notna()].copy()
     for key in ("effect", "ci_low", "ci_high"):
         shown[key] = shown[key].map(lambda v: f"{v:+.4f}")
@@ -359,12 +361,18 @@ def write_report(
     columns = [c for c in ("step", "term", "effect", "ci_low", "ci_high", "p", "p_holm", "verdict")]
     level = f"{100 * (1 - analysis.alpha):.4g}%"
     better = "lower" if lower_is_better(analysis.metric) else "higher"
+    meaning = (
+        "the step's cell minus the previous cell on the path (the order was picked on the same"
+        " runs, so early steps lean towards B)"
+        if "step" in table
+        else "B's level minus A's level"
+    )
     lines = [f"# {title}", "", headline(analysis, factor_labels, trainings, minutes), ""]
     lines += [f"- {term}: {label}" for term, label in (factor_labels or {}).items()]
     lines += [f"- {line}" for line in (context or [])] + [
         f"- runs analysed: {analysis.runs}; seed SD of {analysis.metric} ({better} is better): "
         f"{number(analysis.seed_sd)}, residual dof {analysis.dof}",
-        f"- effect = B's level minus A's level, {level} CI per term; verdicts from Holm-adjusted p "
+        f"- effect = {meaning}, {level} CI per term; verdicts from Holm-adjusted p "
         f"over the {int(table.p.notna().sum())} tested terms (family-wise error {analysis.alpha:.3g})",
         *(
             ["- f x g = f's effect at g's B level minus at its A level"]
