@@ -262,6 +262,14 @@ def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha:
     return Analysis(table, metric, list(factors), seed_sd, dof, len(observed), failed, alpha)
 
 
+def seed_rounds(budget: int, cells: int, first: int = 2, per_round: int = 1) -> int:
+    """How many looks `--seeds auto` can take: `first` seeds per cell, then `per_round` more per
+    round, at most `budget` trainings in all (pass the result to seeds_decision as max_rounds)."""
+    if budget < first * cells:
+        raise ValueError(f"a budget of {budget} trainings cannot give {cells} cells {first} seeds")
+    return 1 + (budget - first * cells) // (per_round * cells)
+
+
 def seeds_decision(
     results: pd.DataFrame,
     factors: list[str],

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segexp.designs import letters, make_design, path_next, path_steps
+from segexp.designs import letters, make_design, path_next, path_steps, seed_rounds
 
 
 def regular_fraction(k: int) -> np.ndarray:
@@ -104,3 +104,10 @@ def test_path_on_a_loss_goes_most_harm_first_and_steps_around_failed_cells():
         rows = new if rows.empty else pd.concat([rows, new], ignore_index=True)
     steps, _ = path_steps(rows, factors, "val/loss")
     assert [j for j, _ in steps] == [2, 1, 0]  # f1 alone failed, so f2 (+0.2) first, then f1
+
+
+def test_seed_rounds_fit_the_budget():
+    assert seed_rounds(64, 8) == 7  # 2 seeds on 8 cells, then 6 rounds of 8
+    assert seed_rounds(20, 8) == 1 and seed_rounds(48, 8, first=3, per_round=2) == 2
+    with pytest.raises(ValueError, match="budget"):
+        seed_rounds(10, 8)
