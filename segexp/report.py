@@ -207,7 +207,8 @@ def log_final_evaluation(
     final["best_epoch"] = best_epoch
     if not run.active:  # DDP rank > 0: validated with the others, rank 0 writes the results
         return final
-    run.log_metrics(final, step=0)
+    # one evaluation per fit: a run resumed for more epochs adds a point, never a duplicate
+    run.log_metrics(final, step=trainer.current_epoch - 1)
 
     if "hc_true_mm" in cases:  # HC18: name each row by its image file, as the challenge does
         cases.insert(0, "filename", cases.case_id + ".png")

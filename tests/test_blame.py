@@ -156,10 +156,9 @@ def test_from_table_reanalyses_without_training(tmp_path, capsys):
         -0.05, abs=0.005
     )
     assert effects.loc["wd", "verdict"] == "within noise"
-    assert (
-        "lr" in capsys.readouterr().out.splitlines()[0]
-        or "hurt" in (tmp_path / "out" / "report.md").read_text()
-    )
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "lr hurt val/dice_best by 0.05" in report and "within noise" in report
+    assert "lr hurt val/dice_best by 0.05" in capsys.readouterr().out
 
 
 BLAME_BASE = [
