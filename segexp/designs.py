@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from segexp.analysis import SIGNIFICANT, Analysis, analyze, lower_is_better, t_tests, verdicts
+from segexp.analysis import (
+    SIGNIFICANT,
+    Analysis,
+    analyze,
+    lower_is_better,
+    seed_blocks,
+    t_tests,
+    verdicts,
+)
 
 KINDS = ("auto", "full", "fractional", "path", "oat")
 
@@ -216,41 +224,36 @@ def path_next(results: pd.DataFrame, factors: list[str], metric: str) -> list[tu
 def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha: float = 0.05):
     """A finished ablation path as an Analysis: one row per step in path order.
 
-    A step's effect is the mean over seeds of its cell minus that of the previous cell, with a t
-    CI from the seed variance pooled over all path cells; Holm over the steps. The order is
-    chosen on the same data, so the first steps' effects lean towards B (winner's curse).
+    A step's effect is its cell's mean minus the previous cell's, from OLS on cell means plus
+    seed blocks (when every cell ran the same seeds), t CI on the residual dof; Holm over the
+    steps. The order is picked on the same runs, so early steps lean towards B (winner's curse).
     """
     steps, missing = path_steps(results, factors, metric)
     if missing:
         raise ValueError(f"the ablation path is not finished: still needs cells {missing}")
     observed = results[results[metric].notna()]
-    cells = observed.groupby(factors)[metric]
-    dof = int(len(observed) - cells.ngroups)
-    s2 = float(((observed[metric] - cells.transform("mean")) ** 2).sum() / dof) if dof else np.nan
-    means, counts = (
-        cell_means(results, factors, metric),
-        cell_means(observed, factors, metric, "size"),
-    )
+    cells = [tuple(int(v) for v in c) for c in observed[factors].to_numpy()]
+    index = {c: i for i, c in enumerate(dict.fromkeys(cells))}
+    dummies = np.eye(len(index))[[index[c] for c in cells]]  # (runs, cells)
+    x = np.column_stack([dummies, seed_blocks(results, factors, observed)])
+    y = observed[metric].to_numpy(float)
+    pinv = np.linalg.pinv(x)
+    beta = pinv @ y
+    dof = len(y) - np.linalg.matrix_rank(x) if len(index) < len(y) else 0
+    s2 = float(((y - x @ beta) ** 2).sum() / dof) if dof > 0 else np.nan
     previous, rows = (0,) * len(factors), []
     for step, (j, cell) in enumerate(steps, start=1):
-        effect = means[cell] - means[previous]
-        se = (
-            math.sqrt(s2 * (1 / counts[cell] + 1 / counts[previous]))
-            if np.isfinite(effect)
-            else np.nan
-        )
+        effect, se = np.nan, np.nan
+        if cell in index and previous in index:
+            contrast = np.zeros(x.shape[1])
+            contrast[[index[cell], index[previous]]] = 1.0, -1.0
+            effect, se = contrast @ beta, math.sqrt(s2 * contrast @ pinv @ pinv.T @ contrast)
         rows.append({"term": factors[j], "kind": "step", "step": step, "effect": effect, "se": se})
         previous = cell
     table = pd.DataFrame(rows)
     fitted = table.effect.notna().to_numpy()
-    scale = float(np.abs(observed[metric]).max())
-    out = t_tests(
-        table.effect[fitted].to_numpy()[:, None],
-        table.se[fitted].to_numpy()[:, None],
-        dof,
-        alpha,
-        scale,
-    )
+    effect, se = table.effect[fitted].to_numpy()[:, None], table.se[fitted].to_numpy()[:, None]
+    out = t_tests(effect, se, dof, alpha, float(np.abs(y).max()))
     for key in ("effect", "se", "ci_low", "ci_high", "p", "p_holm"):
         table.loc[fitted, key] = out[key][:, 0]
     table["verdict"] = np.where(fitted, "no replicates", "inestimable")
@@ -259,7 +262,7 @@ def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha:
     table["aliased_with"] = ""
     failed = results[results[metric].isna()]
     seed_sd = math.sqrt(s2) if dof > 0 else float("nan")
-    return Analysis(table, metric, list(factors), seed_sd, dof, len(observed), failed, alpha)
+    return Analysis(table, metric, list(factors), seed_sd, int(dof), len(y), failed, alpha)
 
 
 def seed_rounds(budget: int, cells: int, first: int = 2, per_round: int = 1) -> int:
