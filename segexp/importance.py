@@ -35,6 +35,7 @@ def importance_table(df: pd.DataFrame, params: list[str], metric: str) -> pd.Dat
     from statsmodels.stats.anova import anova_lm
 
     data = df.dropna(subset=[metric])
+    params = [p for p in params if data[p].nunique() > 1]  # a constant has no importance
     safe = {p: f"x{i}" for i, p in enumerate(params)}  # formula-safe names for `optimizer.lr`
     frame = pd.DataFrame({safe[p]: data[p].astype(str).to_numpy() for p in params})
     frame["y"] = data[metric].to_numpy(float)
