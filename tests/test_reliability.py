@@ -26,7 +26,8 @@ from conftest import (
 from mlflow import MlflowClient
 
 from segexp import cli, report, tracking
-from segexp.train import ConfigError, train
+from segexp.config import ConfigError
+from segexp.train import train
 
 
 def test_kill_9_then_cleanup_then_resume_finishes_the_same_run(work_dir, client, hc18_root):
@@ -142,7 +143,7 @@ def test_a_bad_augmentation_fails_before_any_run(work_dir, client, hc18_root):
         "augment=buda",
         "+augment.transforms.0={_target_: albumentations.RandomCrop, height: 999, width: 999}",
     )
-    with pytest.raises(ConfigError, match="augment.transforms"):
+    with pytest.raises(ConfigError, match="augment"):
         train(cfg)
     experiment = client.get_experiment_by_name("hc18_synthetic")
     assert experiment is None or not client.search_runs([experiment.experiment_id])
