@@ -10,12 +10,16 @@ cells cannot separate are reported as `inestimable` or `aliased`, never dropped.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from segexp.designs import path_steps
+from segexp.plots import figure, save
 
 LOWER_IS_BETTER = ("loss", "hd95", "mae", "error")
 MIN_DOF = 4  # residual dof needed before two-way interactions are worth fitting
@@ -221,6 +225,88 @@ def analyze(
     )
 
 
+def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha: float = 0.05):
+    """A finished ablation path as an Analysis: one row per step in path order.
+
+    A step's effect is its cell's mean minus the previous cell's, from OLS on cell means plus
+    seed blocks (when every cell ran the same seeds), t CI on the residual dof; Holm over the
+    steps. The order is picked on the same runs, so early steps lean towards B (winner's curse).
+    """
+    steps, missing = path_steps(results, factors, metric, lower_is_better(metric))
+    if missing:
+        raise ValueError(f"the ablation path is not finished: still needs cells {missing}")
+    observed = results[results[metric].notna()]
+    cells = [tuple(int(v) for v in c) for c in observed[factors].to_numpy()]
+    index = {c: i for i, c in enumerate(dict.fromkeys(cells))}
+    dummies = np.eye(len(index))[[index[c] for c in cells]]  # (runs, cells)
+    x = np.column_stack([dummies, seed_blocks(results, factors, observed)])
+    y = observed[metric].to_numpy(float)
+    pinv = np.linalg.pinv(x)
+    beta = pinv @ y
+    dof = len(y) - np.linalg.matrix_rank(x) if len(index) < len(y) else 0
+    s2 = float(((y - x @ beta) ** 2).sum() / dof) if dof > 0 else np.nan
+    previous, rows = (0,) * len(factors), []
+    for step, (j, cell) in enumerate(steps, start=1):
+        effect, se = np.nan, np.nan
+        if cell in index and previous in index:
+            contrast = np.zeros(x.shape[1])
+            contrast[[index[cell], index[previous]]] = 1.0, -1.0
+            effect, se = contrast @ beta, math.sqrt(s2 * contrast @ pinv @ pinv.T @ contrast)
+        rows.append({"term": factors[j], "kind": "step", "step": step, "effect": effect, "se": se})
+        previous = cell
+    table = pd.DataFrame(rows)
+    fitted = table.effect.notna().to_numpy()
+    effect, se = table.effect[fitted].to_numpy()[:, None], table.se[fitted].to_numpy()[:, None]
+    out = t_tests(effect, se, dof, alpha, float(np.abs(y).max()))
+    for key in ("effect", "se", "ci_low", "ci_high", "p", "p_holm"):
+        table.loc[fitted, key] = out[key][:, 0]
+    table["verdict"] = np.where(fitted, "no replicates", "inestimable")
+    if dof > 0:
+        table.loc[fitted, "verdict"] = verdicts(out["effect"], out["p_holm"], metric, alpha)[:, 0]
+    table["aliased_with"] = ""
+    failed = results[results[metric].isna()]
+    seed_sd = math.sqrt(s2) if dof > 0 else float("nan")
+    return Analysis(table, metric, list(factors), seed_sd, int(dof), len(y), failed, alpha)
+
+
+def seeds_decision(
+    results: pd.DataFrame,
+    factors: list[str],
+    metric: str,
+    max_rounds: int,
+    margin: float | None = None,
+    alpha: float = 0.05,
+) -> dict:
+    """`--seeds auto`: after a round of seeds, which terms are settled and whether to stop.
+
+    Each look (round) tests at alpha / max_rounds (Bonferroni over looks), so however the stopping
+    falls out the chance of any false hurt/helped verdict over all looks stays <= alpha; report
+    the final analysis at that same level (returned). A term is settled when its verdict is
+    hurt/helped, or when its (1 - alpha/max_rounds) CI lies inside +-margin (practically zero;
+    margin defaults to 0.5 x the current seed SD, itself an estimate), or when it is inestimable
+    or aliased (more seeds cannot help). Returns {stop, settled: {term: reason}, open: [terms],
+    alpha, analysis}.
+    """
+    level = alpha / max_rounds
+    result = analyze(results, factors, metric, alpha=level)
+    margin = 0.5 * result.seed_sd if margin is None else margin
+    settled, still_open = {}, []
+    for row in result.effects.itertuples():
+        if row.verdict in SIGNIFICANT or row.verdict in ("inestimable", "aliased"):
+            settled[row.term] = row.verdict
+        elif row.verdict == "within noise" and -margin < row.ci_low and row.ci_high < margin:
+            settled[row.term] = f"within +-{margin:.3g}"
+        else:
+            still_open.append(row.term)
+    return {
+        "stop": not still_open,
+        "settled": settled,
+        "open": still_open,
+        "alpha": level,
+        "analysis": result,
+    }
+
+
 def number(value: float) -> str:
     return f"{value:.3g}" if abs(value) >= 1 else f"{value:.3f}"
 
@@ -281,33 +367,10 @@ def headline(
     return text
 
 
-def figure_api():
-    """(figure, save) from segexp.plots, or the same on bare matplotlib before plots.py lands."""
-    try:
-        from segexp.plots import figure, save
-    except ImportError:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        def figure(rows=1, cols=1, **kwargs):
-            return plt.subplots(rows, cols, **kwargs)
-
-        def save(fig, path):
-            fig.tight_layout()
-            fig.savefig(path, dpi=100, bbox_inches="tight")
-            plt.close(fig)
-            return Path(path)
-
-    return figure, save
-
-
 def plot_forest(
     analysis: Analysis, path: Path, factor_labels: dict[str, str] | None = None
 ) -> Path:
     """Forest plot: one row per term, point and CI coloured by verdict, zero line."""
-    figure, save = figure_api()
     table = analysis.effects
     table = table[(table.kind != "interaction") | table.effect.notna()]  # no rows of NaN pairs
     fig, ax = figure(figsize=(8, 1.2 + 0.35 * len(table)))

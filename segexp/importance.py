@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from segexp.analysis import figure_api
+from segexp.plots import figure, save
 
 
 def sorted_levels(values) -> list:
@@ -113,7 +113,6 @@ def marginal_means(df: pd.DataFrame, params: list[str], metric: str) -> pd.DataF
 
 def plot_marginal_means(table: pd.DataFrame, metric: str, path: Path) -> Path:
     """One panel per parameter: marginal mean per level with its 95% CI."""
-    figure, save = figure_api()
     params = list(pd.unique(table.param))
     fig, axes = figure(1, len(params), figsize=(3.2 * len(params), 3.2), squeeze=False)
     for ax, param in zip(axes[0], params, strict=True):

@@ -19,9 +19,11 @@ from segexp.analysis import (
     from_table,
     headline,
     model,
+    path_analysis,
+    seeds_decision,
     write_report,
 )
-from segexp.designs import make_design, path_analysis, path_next, seeds_decision
+from segexp.designs import make_design, path_next
 
 METRIC = "val/dice_best"
 SD = 0.01  # seed-to-seed SD of the planted metric
