@@ -15,15 +15,14 @@ import pytest
 
 from segexp.analysis import (
     analyze,
-    estimate,
     from_table,
     headline,
-    model,
     path_analysis,
     seeds_decision,
     write_report,
 )
 from segexp.designs import make_design, path_next
+from segexp.ols import estimate, model
 
 METRIC = "val/dice_best"
 SD = 0.01  # seed-to-seed SD of the planted metric
