@@ -172,6 +172,7 @@ BLAME_BASE = [
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_blame_flags_the_harmful_change_and_not_the_harmless_one(
     work_dir, client, hc18_root, capsys
 ):
@@ -216,10 +217,11 @@ def test_blame_flags_the_harmful_change_and_not_the_harmless_one(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_blame_through_the_joblib_launcher_splits_a_group_switch_from_a_harmful_leaf(
     work_dir, client, hc18_root, capsys
 ):
-    base = [*BLAME_BASE, f"dataset.root={hc18_root}", "trainer.max_epochs=4", "seed=1"]
+    base = [*BLAME_BASE, f"dataset.root={hc18_root}", "seed=1"]
     env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
 
     def segexp_train(*overrides: str) -> str:
@@ -234,7 +236,7 @@ def test_blame_through_the_joblib_launcher_splits_a_group_switch_from_a_harmful_
         return done.stdout.split("\nrun ", 1)[1].split()[0]
 
     run_a = segexp_train("optimizer=adam", "optimizer.lr=1e-2")
-    run_b = segexp_train("optimizer=sgd", "optimizer.lr=100")
+    run_b = segexp_train("optimizer=sgd", "optimizer.lr=0")  # planted: B never learns
     artifacts = (work_dir / "artifacts").as_uri()
     result = blame(
         client,
@@ -247,7 +249,7 @@ def test_blame_through_the_joblib_launcher_splits_a_group_switch_from_a_harmful_
     )
     assert [f.label() for f in result["factors"]] == [
         "optimizer: adam -> sgd",
-        "optimizer.lr: 0.01 -> 100",
+        "optimizer.lr: 0.01 -> 0",
     ]
     table = result["results"]
     assert len(table) == 8 and table["val/dice_best"].notna().all(), table  # every cell FINISHED
