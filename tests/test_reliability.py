@@ -19,6 +19,7 @@ from conftest import (
     an_epoch_is_logged,
     make_cfg,
     only_run,
+    predict_args,
     segexp_train,
     start_long_run,
     steps,
@@ -144,20 +145,7 @@ def test_a_malicious_checkpoint_is_refused_and_never_runs(work_dir, client, hc18
     torch.save({"state_dict": Payload(marker)}, out / "checkpoints" / "best.ckpt")
     client.log_artifact(first["run_id"], str(out / "checkpoints" / "best.ckpt"), "checkpoints")
     with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
-        cli.main(
-            [
-                "predict",
-                first["run_id"],
-                "--images",
-                str(hc18_root / "test_set"),
-                "--pixel-csv",
-                str(hc18_root / "test_set_pixel_size.csv"),
-                "--out",
-                str(work_dir / "sub.csv"),
-                "--work-dir",
-                str(work_dir),
-            ]
-        )
+        cli.main(predict_args(first["run_id"], hc18_root, work_dir))
     assert not marker.exists()
 
 
