@@ -70,7 +70,7 @@ def launch(rows: list[dict], parent_run_id: str, launcher: list[str], work_dir: 
         "+blame.cell=" + ",".join(str(i) for i in range(len(rows))),
     ]  # fmt: skip
     env = {**os.environ, sweep.PARENT_ENV: parent_run_id}
-    return subprocess.Popen(command, env=env)
+    return subprocess.Popen(command, env=env), Path(handle.name)
 
 
 def train_cells(
@@ -84,10 +84,12 @@ def train_cells(
     done_before: int,
 ) -> None:
     """Run the jobs and print a progress line per finished cell with the ETA."""
-    if rows:
-        proc = launch(rows, parent.run_id, launcher, work_dir)
-        seen: set[str] = set()
-        by_name = {r["name"]: r for r in rows}
+    if not rows:
+        return
+    proc, cells_file = launch(rows, parent.run_id, launcher, work_dir)
+    seen: set[str] = set()
+    by_name = {r["name"]: r for r in rows}
+    try:
         while True:
             finished = proc.poll() is not None
             for run in compare.children(client, client.get_run(parent.run_id)):
@@ -107,8 +109,13 @@ def train_cells(
             if finished:
                 break
             time.sleep(2)
-        if proc.returncode not in (0, 1):  # 1: some job FAILED, which the analysis lists
-            raise SystemExit(proc.returncode)
+    finally:
+        if proc.poll() is None:  # interrupted here: the jobs end too, their runs KILLED
+            proc.terminate()
+            proc.wait(timeout=120)
+        cells_file.unlink(missing_ok=True)
+    if proc.returncode not in (0, 1):  # 1: some job FAILED, which the analysis lists
+        raise SystemExit(proc.returncode)
 
 
 def blame(
