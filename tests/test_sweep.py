@@ -364,7 +364,7 @@ def test_kill_9_of_a_joblib_sweep_ends_its_workers_and_their_runs(work_dir, clie
     assert len(workers) == 2 and proc.pid not in workers
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    deadline = time.time() + 60  # the workers notice within seconds that their sweep is gone
+    deadline = time.time() + 120  # the workers end their runs within seconds, then exit
     while time.time() < deadline and any(process_alive(pid) for pid in workers):
         time.sleep(0.5)
     assert not any(process_alive(pid) for pid in workers), "orphaned sweep workers"
