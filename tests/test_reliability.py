@@ -376,6 +376,8 @@ def test_a_loss_that_turns_nan_at_epoch_2_keeps_the_earlier_best_checkpoint(
         ("seed=abc", "seed='abc' must be an integer"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0 must be >= 1"),
         ("checkpoint.mode=best", "checkpoint.mode='best' must be 'min' or 'max'"),
+        ("dataset.batch_size=0", "dataset: ValueError: dataset.batch_size must be >= 1, got 0"),
+        ("model.features=[]", "model: IndexError"),  # a constructor that refuses its arguments
     ],
 )
 def test_bad_run_values_are_refused_by_key_before_a_run_exists(
