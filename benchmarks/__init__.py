@@ -1,0 +1,1 @@
+"""Benchmarks run by `make bench` (not tests, not part of the installed package)."""
