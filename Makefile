@@ -51,4 +51,4 @@ clean:
 # segexp vs the reference LGG trainer head to head, every precision x layout x compile, RSS,
 # blame cost (prints; not a test). BENCH_ARGS, e.g. `--batches 3 --no-compile`.
 bench: install
-	PYTHONUNBUFFERED=1 nice -n 10 $(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
+	PYTHONUNBUFFERED=1 $(BIN)/python -m benchmarks.bench $(BENCH_ARGS)

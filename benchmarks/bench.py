@@ -126,7 +126,8 @@ def segexp_contender(cfg: DictConfig, precision: str, channels_last: bool, compi
     loss_fn, optimizer = instantiate(cfg.loss), instantiate(cfg.optimizer)(net.parameters())
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    run = torch.compile(net) if compiled else net
+    if compiled:
+        speed.compile_net(net)
 
     def step(batch):
         image = batch["image"]
@@ -134,7 +135,7 @@ def segexp_contender(cfg: DictConfig, precision: str, channels_last: bool, compi
             image = image.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
         with speed.autocast(precision, torch.device("cpu")):
-            loss = loss_fn(run(image), batch["mask"])
+            loss = loss_fn(net(image), batch["mask"])
         loss.backward()
         optimizer.step()
 

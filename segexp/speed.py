@@ -141,13 +141,14 @@ def train_step(
             net.to(memory_format=torch.channels_last),
             x.contiguous(memory_format=torch.channels_last),
         )
-    run = torch.compile(net) if compiled else net
+    if compiled:
+        compile_net(net)
 
     def step() -> None:
         for p in net.parameters():
             p.grad = None
         with autocast(precision, device):
-            out = run(x)
+            out = net(x)
         out.float().square().mean().backward()
         sync(device)
 
@@ -364,6 +365,8 @@ def fuse_for_eval(net: nn.Module) -> nn.Module:
     return fuse(copy.deepcopy(net).eval())
 
 
-def state_dict(net: nn.Module) -> dict:
-    """Parameters without torch.compile's `_orig_mod.` prefix, loadable into the eager net."""
-    return getattr(net, "_orig_mod", net).state_dict()
+def compile_net(net: nn.Module) -> nn.Module:
+    """torch.compile `net` in place (`Module.compile`): no `_orig_mod.` wrapper, so state_dict
+    keys and checkpoints stay those of the eager net. Compiles lazily, on the first call."""
+    net.compile()
+    return net
