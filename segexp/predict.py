@@ -61,7 +61,7 @@ def load_run_model(client, run_id: str) -> tuple[torch.nn.Module, dict]:
         )
     from segexp.train import build_net
 
-    net, _ = build_net(cfg.model)
+    net = build_net(cfg.model)
     net.load_state_dict(
         {
             k.removeprefix("net."): v

@@ -362,7 +362,10 @@ def fuse_for_eval(net: nn.Module) -> nn.Module:
     """An eval-mode copy of `net` with each BatchNorm folded into the conv before it (fx)."""
     from torch.fx.experimental.optimization import fuse
 
-    return fuse(copy.deepcopy(net).eval())
+    folded = fuse(copy.deepcopy(net).eval())
+    if any(p.dim() == 4 and not p.is_contiguous() for p in net.parameters()):
+        folded = folded.to(memory_format=torch.channels_last)  # folded weights come contiguous
+    return folded
 
 
 def compile_net(net: nn.Module) -> nn.Module:

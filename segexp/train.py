@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-from segexp import report, sweep, tracking
+from segexp import report, speed, sweep, tracking
 from segexp.data import SegDataModule
 from segexp.module import SegModule
 
@@ -100,16 +100,6 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.dataset.name} {choice(cfg, 'model')} lr={cfg.optimizer.lr:g} bs={cfg.dataset.batch_size}"
 
 
-def resolve_precision(precision: str) -> str:
-    """`auto`: bf16-mixed where the hardware has fast bf16, else 32-true."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
-
-
 def check_augment(datamodule: SegDataModule) -> None:
     """Run the augmentation once on a training item, so a bad transform fails before any run."""
     if datamodule.train_transform is None:
@@ -121,40 +111,64 @@ def check_augment(datamodule: SegDataModule) -> None:
         raise ConfigError(f"augment.transforms fails on a training image: {err}") from err
 
 
-def resolve_channels_last(value: bool | str, precision: str) -> bool:
-    """`auto`: channels-last memory format where it is faster: on GPUs, and with bf16 on CPUs.
-
-    In fp32 on a CPU it depends on the net (`make bench`: unet_buda at 256 px no faster,
-    unet_small at 128 px 17% faster), so there `auto` stays contiguous and configs choose.
-    """
-    if value != "auto":
-        return bool(value)
-    return torch.cuda.is_available() or resolve_precision(precision).startswith("bf16")
-
-
-def build_net(model_cfg: DictConfig) -> tuple[torch.nn.Module, bool | str]:
-    """The network of a `model` config, and its `channels_last` setting (segexp's, not the model's)."""
+def build_net(model_cfg: DictConfig) -> torch.nn.Module:
+    """The network of a `model` config (configs logged before `performance` may still carry
+    `channels_last`, a segexp option that no constructor takes)."""
     args = OmegaConf.to_container(model_cfg, resolve=True)
-    channels_last = args.pop("channels_last", "auto")
-    return instantiate(args), channels_last
+    args.pop("channels_last", None)
+    return instantiate(args)
 
 
-def build_module(cfg: DictConfig, datamodule: SegDataModule) -> SegModule:
-    net, channels_last = build_net(cfg.model)
-    channels_last = resolve_channels_last(channels_last, cfg.trainer.precision)
+def device_of(cfg: DictConfig) -> torch.device:
+    """The device Lightning will train on: CUDA where the accelerator allows it and one exists."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def resolve_speed(cfg: DictConfig, datamodule: SegDataModule, net: torch.nn.Module):
+    """Precision, channels-last and compile: explicit values as set, `auto` by measurement."""
+    datamodule.prepare_data()
+    per_epoch = len(datamodule.train_idx)
+    limit = cfg.trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        per_epoch = min(per_epoch, limit * datamodule.batch_size)
+    size = datamodule.image_size
+    return speed.resolve(
+        cfg.trainer.precision,
+        cfg.get("performance") or {},
+        net,
+        (datamodule.batch_size, datamodule.channels, size, size),
+        datamodule.cache_dir or Path(cfg.work_dir) / "cache",
+        device_of(cfg),
+        run_images=cfg.trainer.max_epochs * per_epoch,
+    )
+
+
+def build_module(
+    cfg: DictConfig,
+    datamodule: SegDataModule,
+    choice: speed.Choice | None = None,
+    net: torch.nn.Module | None = None,
+) -> SegModule:
+    net = net or build_net(cfg.model)
+    choice = choice or resolve_speed(cfg, datamodule, net)
     return SegModule(
         net=net,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         volumetric=datamodule.volumetric,
-        channels_last=channels_last,
+        channels_last=choice.channels_last,
+        compile=choice.compile,
         monitor=cfg.checkpoint.monitor,
         hc_boundary_offset_px=datamodule.hc_boundary_offset_px,
     )
 
 
-def build_trainer(cfg: DictConfig, run: tracking.TrackedRun, output_dir: Path) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig, run: tracking.TrackedRun, output_dir: Path, choice: speed.Choice
+) -> pl.Trainer:
     checkpoints = output_dir / "checkpoints"
     callbacks = [
         ModelCheckpoint(
@@ -166,10 +180,14 @@ def build_trainer(cfg: DictConfig, run: tracking.TrackedRun, output_dir: Path) -
         callbacks.append(
             EarlyStopping(cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, **cfg.early_stopping)
         )
+    extra = {}
+    if device_of(cfg).type == "cuda" and cfg.trainer.get("benchmark") is None:
+        extra["benchmark"] = True  # cuDNN autotuning: every batch has the same size
     return instantiate(
         cfg.trainer,
-        precision=resolve_precision(cfg.trainer.precision),
+        precision=choice.precision,
         default_root_dir=str(output_dir),
+        **extra,
         callbacks=callbacks,
         logger=False,
     )
@@ -197,7 +215,9 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     datamodule = instantiate(cfg.dataset, train_transform=augment)
     datamodule.prepare_data()  # bad input fails here, before a run exists
     check_augment(datamodule)
-    module = build_module(cfg, datamodule)
+    net = build_net(cfg.model)
+    choice = resolve_speed(cfg, datamodule, net)  # probes only what is `auto` and not cached
+    module = build_module(cfg, datamodule, choice, net)
     output_dir = resume.output_dir if resume else default_output_dir(cfg)
     with tracking.TrackedRun(
         client,
@@ -211,9 +231,15 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             run.set_tags({"segexp.resumed_with": " ".join(overrides)})
         else:
             report.log_run_inputs(run, cfg, overrides, datamodule, output_dir)
-        precision = resolve_precision(cfg.trainer.precision)
-        run.set_tags({"segexp.precision": precision, "segexp.channels_last": module.channels_last})
-        trainer = build_trainer(cfg, run, output_dir)
+        run.set_tags(
+            {
+                "segexp.precision": choice.precision,
+                "segexp.channels_last": choice.channels_last,
+                "segexp.compile": choice.compile,
+                **choice.figures,  # speed.*: the probe's img/s per mode, source, compile figures
+            }
+        )
+        trainer = build_trainer(cfg, run, output_dir, choice)
         trainer.fit(
             module,
             datamodule=datamodule,
@@ -233,7 +259,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point (`segexp train`, `python -m segexp.train`); returns val/dice_best."""
-    torch.set_num_threads(sweep.threads_per_job())
+    speed.configure_threads(sweep.threads_per_job())
     overrides = list(HydraConfig.get().overrides.task)
     if sweep.in_multirun() and os.environ.get(sweep.PARENT_ENV):
         cfg.tracking.parent_run_id = os.environ[sweep.PARENT_ENV]

@@ -29,7 +29,7 @@ from PIL import Image
 from segexp import synthetic, tracking
 from segexp.cases import DataError
 from segexp.metrics import case_table
-from segexp.train import ConfigError, build_module, resolve_precision, train
+from segexp.train import ConfigError, build_module, build_net, resolve_speed, train
 
 EXPERIMENTS = sorted(
     p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")
@@ -46,13 +46,12 @@ def test_every_experiment_composes_and_builds(experiment, tmp_path, hc18_root, l
     cfg = make_cfg(tmp_path, f"experiment={experiment}", *data, "dataset.image_size=32")
     datamodule = instantiate(cfg.dataset)
     datamodule.setup()
-    module = build_module(cfg, datamodule)
+    choice = resolve_speed(cfg, datamodule, build_net(cfg.model))
+    module = build_module(cfg, datamodule, choice)
     batch = next(iter(datamodule.train_dataloader()))
     assert module(batch["image"]).shape == batch["mask"].shape
     assert module.volumetric == experiment.startswith("lgg")
-    trainer = instantiate(
-        cfg.trainer, precision=resolve_precision(cfg.trainer.precision), logger=False
-    )
+    trainer = instantiate(cfg.trainer, precision=choice.precision, logger=False)
     assert trainer.max_epochs == cfg.trainer.max_epochs
 
 
@@ -81,7 +80,7 @@ def test_lgg_experiments_state_the_reference_configs(tmp_path):
 def test_models_and_losses_give_finite_gradients(model, loss, tmp_path):
     cfg = make_cfg(tmp_path, f"model={model}", f"loss={loss}")
     net, criterion = (
-        instantiate({k: v for k, v in cfg.model.items() if k != "channels_last"}),
+        build_net(cfg.model),
         instantiate(cfg.loss),
     )
     logits = net(torch.randn(2, 1, 32, 32))
@@ -388,7 +387,7 @@ def test_bf16_mixed_and_channels_last_train_on_cpu(work_dir, client, hc18_root):
         *TINY,
         f"dataset.root={hc18_root}",
         "trainer.precision=bf16-mixed",
-        "model.channels_last=true",
+        "performance.channels_last=true",
         "trainer.max_epochs=1",
     )
     final = train(cfg)
@@ -441,7 +440,7 @@ def test_bf16_dice_matches_fp32_after_the_same_epochs(work_dir, client, tmp_path
         "optimizer.lr=3e-3",
         "scheduler=cosine",
         "trainer.max_epochs=25",
-        "model.channels_last=true",
+        "performance.channels_last=true",
     ]
     fp32 = train(make_cfg(work_dir, *common, "trainer.precision=32-true", "run_name=fp32"))
     bf16 = train(make_cfg(work_dir, *common, "trainer.precision=bf16-mixed", "run_name=bf16"))
@@ -451,20 +450,18 @@ def test_bf16_dice_matches_fp32_after_the_same_epochs(work_dir, client, tmp_path
 
 
 def test_precision_and_channels_last_auto_are_resolved_and_recorded(work_dir, client, hc18_root):
-    from segexp.train import resolve_channels_last, resolve_precision
-
-    assert resolve_precision("16-mixed") == "16-mixed"  # explicit values pass through
-    assert resolve_channels_last("auto", "bf16-mixed") is True
-    assert resolve_channels_last(False, "bf16-mixed") is False
-    if not torch.cuda.is_available():
-        assert resolve_channels_last("auto", "32-true") is False
     overrides = [*TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1"]
-    train(make_cfg(work_dir, *overrides, "model.channels_last=auto"))
+    train(make_cfg(work_dir, *overrides, "performance.compile=false"))
     run = only_run(client, "hc18_synthetic")
+    tags = run.data.tags
     assert run.data.params["trainer.precision"] == "auto"
-    assert run.data.tags["segexp.precision"] == resolve_precision("auto")
-    expected = resolve_channels_last("auto", "auto")
-    assert run.data.tags["segexp.channels_last"] == str(expected)
+    assert tags["speed.source"] == "probe" and (work_dir / "cache" / "speed").is_dir()
+    # the run trains with what its probe measured fastest, and records the figures
+    assert tags["speed.choice"].split()[0] == f"{tags['segexp.precision']}/" + (
+        "channels_last" if tags["segexp.channels_last"] == "True" else "contiguous"
+    )
+    measured = {k: float(v) for k, v in tags.items() if k.startswith("speed.img_s.")}
+    assert max(measured, key=measured.get) == "speed.img_s." + tags["speed.choice"].split()[0]
     assert steps(client, run.info.run_id, "time/train_images_per_second") == [0]
 
 
