@@ -298,9 +298,12 @@ def resolve(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if any(mode_name(p, cl) not in measured for p in precisions for cl in layouts):
             source = "probe"
-            if len(precisions) > 1 and bf16_emulated(device):
-                precisions.remove("bf16-mixed")
-                figures["speed.bf16"] = "skipped: emulated (micro-probe)"
+            if len(precisions) > 1 and "bf16_emulated" not in entry:
+                entry["bf16_emulated"] = bf16_emulated(device)
+        if len(precisions) > 1 and entry.get("bf16_emulated"):
+            precisions.remove("bf16-mixed")
+            figures["speed.bf16"] = "skipped: emulated (micro-probe)"
+        if any(mode_name(p, cl) not in measured for p in precisions for cl in layouts):
             measured.update(probe(net, sample_shape, device, precisions, layouts))
             entry.update(machine=machine(device), torch=torch.__version__)
         wanted = [mode_name(p, cl) for p in precisions for cl in layouts]
