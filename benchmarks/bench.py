@@ -22,34 +22,23 @@ import threading
 import time
 from pathlib import Path
 
-import albumentations as A
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from mlflow import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import reference
 from segexp import speed, synthetic
-from segexp.train import CONFIG_DIR, train
+from segexp.config import CONFIG_DIR
+from segexp.models import build_net
+from segexp.train import build_datamodule, train
 
 LGG = ["experiment=lgg_buda_1", "dataset=lgg_synthetic", "dataset.val_count=1"]
 # kaggle_3m: 3,788 slices that segexp loads from 110 patients, 10 of them validation.
 LGG_TRAIN_IMAGES = round(3788 * 100 / 110)
 BLAME = {"k=3 full factorial": 8, "k=6 fractional 2^(6-2)": 16}  # cells; 2 seeds per cell
-
-
-def build_net(model_cfg: DictConfig) -> torch.nn.Module:
-    """segexp's network for a model config, in main's layout (segexp.models) or the older one."""
-    try:
-        from segexp.models import build_net as build
-    except ImportError:
-        from segexp.train import build_net as build
-    args = OmegaConf.to_container(model_cfg, resolve=True)
-    args.pop("channels_last", None)
-    net = build(OmegaConf.create(args))
-    return net[0] if isinstance(net, tuple) else net
 
 
 def config(work_dir: Path, *overrides: str) -> DictConfig:
@@ -293,9 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['steady']:.2f} / {r['e2e']:.2f}, {r['rss_mb']:.0f} MB",
         )
 
-    augment = A.Compose(instantiate(cfg.augment.transforms)) if cfg.augment.transforms else None
-    datamodule = instantiate(cfg.dataset, train_transform=augment)
-    datamodule.prepare_data()
+    datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
     loaders = {w: loader_throughput(datamodule, w, args.batches) for w in (0, 1, 2)}
     row("loader img/s, workers 0 / 1 / 2", " / ".join(f"{v:.1f}" for v in loaders.values()))

@@ -26,10 +26,12 @@ from hydra.types import RunMode
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from segexp import compare, tracking
+from segexp import compare, store, tracking
+from segexp.config import config_hash, redact, redacted
 
 PARENT_ENV = "SEGEXP_SWEEP_PARENT_RUN_ID"
 SWEPT_ENV = "SEGEXP_SWEPT_KEYS"  # keys with several values: they name the child runs
+JOBS_ENV, START_ENV = "SEGEXP_SWEEP_JOBS", "SEGEXP_SWEEP_START"  # for the progress lines
 ROLE_TAG = "segexp.role"
 
 
@@ -38,18 +40,55 @@ def grid(overrides: list[str]) -> str:
     return " ".join(sorted(o for o in overrides if not o.startswith("sweep.resume=")))
 
 
-def swept_keys(overrides: list[str]) -> list[str]:
-    """Keys that the sweep varies (`optimizer.lr=1e-3,3e-4`, `range(...)`, `choice(...)`)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+SHORT_KEYS = {"batch_size": "bs", "seed": "s", "weight_decay": "wd", "max_epochs": "epochs"}
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return [o.get_key_element() for o in parsed if o.is_sweep_override()]
+
+def short_key(key: str) -> str:
+    """`optimizer.lr` -> `lr`, `dataset.batch_size` -> `bs`: names that fit a table column."""
+    last = key.lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+    return SHORT_KEYS.get(last, last)
+
+
+def compact(value: str) -> str:
+    """`0.0003` -> `3e-4`; other values as written."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if number != 0 and abs(number) < 0.01 and "e" not in value:
+        mantissa, exponent = f"{number:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return value
 
 
 def child_run_name(overrides: list[str]) -> str:
-    """A sweep job's run name: its values of the swept keys, e.g. `optimizer.lr=0.001 seed=1`."""
+    """A sweep job's run name: its swept values, short and distinct, e.g. `lr=3e-4 bs=16 s=2`."""
     keys = set(os.environ.get(SWEPT_ENV, "").split())
-    return " ".join(o for o in overrides if o.split("=", 1)[0] in keys)
+    picked = [o.split("=", 1) for o in overrides if o.split("=", 1)[0] in keys]
+    return " ".join(f"{short_key(k)}={compact(v)}" for k, v in picked)
+
+
+def sweep_shape(overrides: list[str]) -> tuple[list[str], int]:
+    """(swept keys, number of jobs) of a grid sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = [o for o in parsed if o.is_sweep_override()]
+    jobs = 1
+    for o in swept:
+        jobs *= len(list(o.sweep_string_iterator()))
+    return [o.get_key_element() for o in swept], jobs
+
+
+def progress_line(client: MlflowClient, parent_run_id: str, name: str, value: float | None) -> str:
+    """`job 3/8 done (lr=3e-4 bs=16): val/dice_best 0.812, ETA 14 min` after a sweep job."""
+    parent = client.get_run(parent_run_id)
+    done = sum(r.info.status != "RUNNING" for r in compare.children(client, parent))
+    total = int(os.environ.get(JOBS_ENV) or done)
+    elapsed = time.time() - float(os.environ.get(START_ENV) or time.time())
+    eta = elapsed / max(done, 1) * max(total - done, 0) / 60
+    result = "no val/dice_best" if value is None else f"val/dice_best {value:.3f}"
+    return f"job {done}/{total} done ({name}): {result}, ETA {eta:.0f} min"
 
 
 def in_multirun() -> bool:
@@ -73,7 +112,7 @@ def finished_twin(client: MlflowClient, cfg: DictConfig) -> str | None:
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is None:
         return None
-    key = tracking.config_hash(tracking.redacted(cfg))
+    key = config_hash(redacted(cfg))
     runs = client.search_runs(
         [experiment.experiment_id],
         f"tags.`segexp.config_hash` = '{key}' and params.seed = '{cfg.seed}'"
@@ -104,13 +143,12 @@ class SweepCallback(Callback):
         self.interrupted = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        uri, artifact_root = tracking.store_locations(config.tracking, Path(config.work_dir))
-        self.client = tracking.prepare_store(uri, artifact_root)
-        experiment_id = tracking.experiment_id(
-            self.client, config.tracking.experiment, artifact_root
-        )
-        tracking.cleanup_stale_runs(self.client, [experiment_id])
-        sweep_grid = tracking.redact("overrides", grid(list(config.hydra.overrides.task)))
+        if os.environ.get(PARENT_ENV):
+            return  # jobs of an outer run (`segexp blame` cells): that run is their parent
+        self.client, artifact_root = store.open_store(config.tracking, Path(config.work_dir))
+        experiment_id = store.experiment_id(self.client, config.tracking.experiment, artifact_root)
+        store.cleanup_stale_runs(self.client, [experiment_id])
+        sweep_grid = redact("overrides", grid(list(config.hydra.overrides.task)))
         resume = config.get("sweep", {}).get("resume")
         previous = resume and previous_parent(self.client, experiment_id, sweep_grid)
         if previous:
@@ -118,9 +156,11 @@ class SweepCallback(Callback):
             self.client.update_run(self.parent_run_id, status="RUNNING")
         else:
             sweep_id = uuid.uuid4().hex[:8]
+            keys, jobs = sweep_shape(list(config.hydra.overrides.task))
+            name = " x ".join(short_key(k) for k in keys) or "1 config"
             run = self.client.create_run(
                 experiment_id,
-                run_name=f"sweep {sweep_grid}"[:250],
+                run_name=f"sweep {name} ({jobs} runs)"[:250],
                 tags={
                     ROLE_TAG: "sweep",
                     "segexp.sweep_id": sweep_id,
@@ -134,13 +174,17 @@ class SweepCallback(Callback):
         self.client.set_tag(self.parent_run_id, "segexp.pid", str(os.getpid()))
         self.client.set_tag(self.parent_run_id, "segexp.host", socket.gethostname())
         os.environ[PARENT_ENV] = self.parent_run_id
-        os.environ[SWEPT_ENV] = " ".join(swept_keys(list(config.hydra.overrides.task)))
+        os.environ[tracking.LAUNCHER_PID_ENV] = str(os.getpid())
+        keys, jobs = sweep_shape(list(config.hydra.overrides.task))
+        os.environ[SWEPT_ENV] = " ".join(keys)
+        os.environ[JOBS_ENV], os.environ[START_ENV] = str(jobs), str(time.time())
         print(f"sweep parent run {self.parent_run_id} (experiment '{config.tracking.experiment}')")
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         atexit.register(self.finish)  # a failed job makes Hydra exit before on_multirun_end
 
     def _on_sigterm(self, signum, frame):
         self.interrupted = True
+        tracking.received_signal.append(signum)  # no further job starts, whatever catches this
         raise KeyboardInterrupt(f"received signal {signum}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -152,10 +196,11 @@ class SweepCallback(Callback):
             return
         parent_run_id, self.parent_run_id = self.parent_run_id, None
         os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(tracking.LAUNCHER_PID_ENV, None)
         client = self.client
         parent = client.get_run(parent_run_id)
         wait_for_jobs(client, parent)
-        tracking.cleanup_stale_runs(client, [parent.info.experiment_id])
+        store.cleanup_stale_runs(client, [parent.info.experiment_id])
         runs = compare.children(client, parent)
         runs = list({r.info.run_id: r for r in runs + reused_runs(client, parent)}.values())
         latest = latest_per_config(runs)
@@ -181,7 +226,7 @@ def wait_for_jobs(client: MlflowClient, parent, timeout: float = 30.0) -> None:
             if r.info.status == "RUNNING"
             and r.data.tags.get("segexp.pid", "").isdigit()
             and int(r.data.tags["segexp.pid"]) != os.getpid()  # in-process jobs are done
-            and tracking.process_alive(int(r.data.tags["segexp.pid"]))
+            and store.process_alive(int(r.data.tags["segexp.pid"]))
         ]
         if not running:
             return

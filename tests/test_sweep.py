@@ -70,13 +70,15 @@ def test_parallel_sweep_is_one_parent_with_a_child_per_job(swept):
     assert {"optimizer.lr=1e-3,-1", "seed=1,2"} <= set(
         parent.data.tags["segexp.sweep_grid"].split()
     )
+    assert parent.info.run_name == "sweep lr x s (4 runs)"  # no paths, no full overrides
+    assert "job 2/4 done (lr=1e-3 s=" in log or "job 4/4 done (lr=1e-3 s=" in log
     kids = compare.children(client, parent)
     assert len(kids) == 4, log[-3000:]
     by_lr = {}
     for kid in kids:
         by_lr.setdefault(kid.data.params["optimizer.lr"], []).append(kid)
         lr, seed = kid.data.params["optimizer.lr"], kid.data.params["seed"]
-        assert kid.info.run_name == f"optimizer.lr={lr} seed={seed}"
+        assert kid.info.run_name == f"lr={'1e-3' if lr == '0.001' else lr} s={seed}"
     assert {k.info.status for k in by_lr["0.001"]} == {"FINISHED"}
     assert {k.info.status for k in by_lr["-1"]} == {"FAILED"}
     for kid in by_lr["0.001"]:
@@ -134,6 +136,16 @@ def test_compare_shows_only_differing_params_and_logs_the_plot(swept, capsys, tm
     printed = capsys.readouterr().out
     assert "optimizer.lr" in printed and "dataset.image_size" not in printed
     assert "by seed" in printed and out.stat().st_size > 10_000
+    lines = printed.splitlines()
+    header, first = lines[0].split(), lines[1].split()
+    assert header[:2] == ["best", "run"] and "vs_best" in header and "run_id" not in header
+    assert first[0] == "*" and first[1] == "lr=1e-3"  # best first, marked, named
+    ranked = compare.ranked(compare.runs_table(compare.expand(client, [parent.info.run_id])[0]))
+    assert list(ranked.status) == ["FINISHED", "FINISHED", "FAILED", "FAILED"]
+    assert ranked["val/dice_best"][0] >= ranked["val/dice_best"][1] and ranked.vs_best[0] == 0
+    assert ranked.vs_best[1] == ranked["val/dice_best"][1] - ranked["val/dice_best"][0]
+    assert str(ranked.best_epoch.dtype) == "Int64"  # printed as 1, not 1.0000
+    assert "optimizer.lr" in ranked and ranked["optimizer.lr"].dtype.kind == "f"
     assert "compare/cmp.png" in {
         a.path for a in client.list_artifacts(parent.info.run_id, "compare")
     }
