@@ -27,9 +27,14 @@ from torch import nn
 
 AUTO = "auto"
 CPU_PRECISIONS = ("32-true", "bf16-mixed")
-# Pixels per probe batch: a forward + backward of unet_buda at 1 x 128 x 128 takes ~0.2 s on
-# 2 EPYC cores, so the probe's 4 modes x 3 steps stay within a few seconds.
+# Pixels per image in the probe: a forward + backward of unet_buda at 1 x 128 x 128 takes
+# ~0.2 s on 2 EPYC cores. Each mode is timed at 1 and PROBE_BATCH such images and the step time
+# a + b * pixels extrapolated to the real batch: at batch 1 the per-step costs (bf16 weight
+# casts, kernel set-up) hide bf16's gain (unet_buda 256 px batch 16 on EPYC: bf16 1.7x faster,
+# yet at 1 x 128 px fp32 looked as fast).
 PROBE_PIXELS = 128 * 128
+PROBE_BATCH = 4
+PROBE_VERSION = 2  # part of the cache key: bump when what the probe measures changes
 PROBE_ROUNDS = 2  # timed steps per mode after the warm-up, interleaved, best kept
 # bf16 this much slower than fp32 in a one-conv micro-probe is emulated: not worth a full step.
 EMULATED_RATIO = 4.0
@@ -80,7 +85,8 @@ def machine(device: torch.device) -> str:
 def cache_key(net: nn.Module, sample_shape: tuple[int, ...], device: torch.device) -> str:
     """Hash of machine, torch version, the net's class and parameter shapes, and input shape."""
     shapes = [list(p.shape) for p in net.parameters()]
-    what = [machine(device), torch.__version__, type(net).__qualname__, shapes, list(sample_shape)]
+    what = [PROBE_VERSION, machine(device), torch.__version__, type(net).__qualname__, shapes]
+    what.append(list(sample_shape))
     return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:16]
 
 
@@ -184,6 +190,28 @@ def bf16_emulated(device: torch.device) -> bool:
     return times["bf16"] > EMULATED_RATIO * times["fp32"]
 
 
+def probe_batches(sample_shape: tuple[int, ...]) -> tuple[int, int]:
+    """The two batch sizes the probe times at probe_shape's image size (equal: no extrapolation)."""
+    n, _, h, w = probe_shape(sample_shape)
+    if (h, w) == tuple(sample_shape[2:]) and n == sample_shape[0]:
+        return n, n  # the real shape is small enough to time as it is
+    return n, min(sample_shape[0] * sample_shape[2] * sample_shape[3] // (h * w), PROBE_BATCH * n)
+
+
+def extrapolate(small: float, large: float, batches: tuple[int, int], sample_shape) -> float:
+    """img/s at the real shape from step seconds at the two probe batches: t = a + b * pixels."""
+    n0, n1 = batches
+    if n1 == n0:
+        return n0 / small
+    per_image = (large - small) / (n1 - n0)
+    if per_image <= 0:  # load noise swamped the difference: no fixed cost to separate
+        per_image = large / n1
+    fixed = max(small - per_image * n0, 0.0)
+    n, _, h, w = sample_shape
+    _, _, ph, pw = probe_shape(sample_shape)
+    return n / (fixed + per_image * n * (h * w) / (ph * pw))
+
+
 def probe(
     net: nn.Module,
     sample_shape: tuple[int, ...],
@@ -191,22 +219,31 @@ def probe(
     precisions: list[str],
     layouts: list[bool],
 ) -> dict[str, float]:
-    """Train img/s of each precision x layout at the probe shape (warm-up, then best of rounds)."""
-    shape = probe_shape(sample_shape)
+    """Train img/s of each precision x layout, extrapolated to the real shape from two probe
+    batches (each warmed up, then the best of interleaved rounds)."""
+    _, c, h, w = probe_shape(sample_shape)
+    batches = probe_batches(sample_shape)
     steps = {}
     for precision in precisions:
         for channels_last in layouts:
-            step = train_step(net, shape, device, precision, channels_last)
-            step()  # warm-up: oneDNN / cuDNN pick and build their kernels
-            steps[mode_name(precision, channels_last)] = step
-    return {m: shape[0] / t for m, t in best_times(steps, PROBE_ROUNDS).items()}
+            for n in sorted(set(batches)):
+                step = train_step(net, (n, c, h, w), device, precision, channels_last)
+                step()  # warm-up: oneDNN / cuDNN pick and build their kernels
+                steps[(mode_name(precision, channels_last), n)] = step
+    best = best_times(steps, PROBE_ROUNDS)
+    return {
+        mode: extrapolate(best[(mode, batches[0])], best[(mode, batches[1])], batches, sample_shape)
+        for mode, _ in best
+    }
 
 
 def probe_compile(
     net: nn.Module, sample_shape: tuple[int, ...], device: torch.device, precision: str, cl: bool
 ) -> dict[str, float]:
-    """Seconds torch.compile takes (first step) and its speed-up over eager at the probe shape."""
-    shape = probe_shape(sample_shape)
+    """Seconds torch.compile takes (first step) and its speed-up over eager at the larger probe
+    batch."""
+    _, c, h, w = probe_shape(sample_shape)
+    shape = (probe_batches(sample_shape)[1], c, h, w)
     eager = train_step(net, shape, device, precision, cl)
     eager()
     compiled = train_step(net, shape, device, precision, cl, compiled=True)
@@ -227,14 +264,6 @@ def compiler_available() -> bool:
 def rule_precision(device: torch.device) -> str:
     """On CUDA the choice needs no probe: bf16 autocast from Ampere on, fp16 before."""
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-
-
-def run_seconds(run_images: int | None, sample_shape, img_s: float) -> float | None:
-    """Expected training seconds of the run from the probe's img/s (scaled by pixels per image)."""
-    if not run_images:
-        return None
-    _, _, h, w = probe_shape(sample_shape)
-    return run_images * (sample_shape[2] * sample_shape[3]) / (h * w) / img_s
 
 
 def resolve_compile(value, entry: dict, net, sample_shape, device, mode: str, seconds):
@@ -309,7 +338,7 @@ def resolve(
         wanted = [mode_name(p, cl) for p in precisions for cl in layouts]
         candidates = {m: measured[m] for m in wanted if m in measured}
         best = max(candidates, key=candidates.get)
-        seconds = run_seconds(run_images, sample_shape, candidates[best])
+        seconds = run_images / candidates[best] if run_images else None
         compiled, compile_figures = resolve_compile(
             compiled, entry, net, sample_shape, device, best, seconds
         )
@@ -320,7 +349,9 @@ def resolve(
         {
             "speed.source": source,
             "speed.probe_seconds": f"{time.perf_counter() - start:.1f}",
-            "speed.probe_shape": "x".join(map(str, probe_shape(sample_shape))),
+            "speed.probe_shape": "{} and {} x {}x{}x{}".format(
+                *probe_batches(sample_shape), *probe_shape(sample_shape)[1:]
+            ),
             "speed.machine": machine(device),
             "speed.choice": best + (" +compile" if compiled else ""),
         }

@@ -164,3 +164,14 @@ def test_reference_port_matches_the_reference_model_and_loss():
     # 1 - (2 * 1.5 + 1) / (1.75 + 2 + 1)
     assert reference.ReferenceDiceLoss()(p, t).item() == pytest.approx(1 - 4 / 4.75)
     assert json.dumps(reference.COMMIT)  # the commit the port was read from is recorded
+
+
+def test_probe_extrapolates_a_fixed_plus_per_pixel_step_time():
+    sample = (16, 3, 256, 256)
+    n0, n1 = speed.probe_batches(sample)
+    assert speed.probe_shape(sample)[2:] == (128, 128) and (n0, n1) == (1, speed.PROBE_BATCH)
+    fixed, per_image = 0.5, 0.1  # seconds per step, per 128 x 128 image
+    img_s = speed.extrapolate(fixed + per_image * n0, fixed + per_image * n1, (n0, n1), sample)
+    # the real step: the same fixed cost plus 16 images of 4x the pixels
+    assert img_s == pytest.approx(16 / (fixed + per_image * 16 * 4))
+    assert speed.probe_batches((2, 3, 32, 32)) == (2, 2)  # small enough to time as it is
