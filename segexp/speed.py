@@ -1,7 +1,7 @@
 """Speed settings chosen by measurement: precision, channels-last, torch.compile, DataLoader.
 
-`resolve` answers `auto` with what a few-second probe of this network at this input shape
-measures fastest on this machine: CPU flags do not predict it (an Intel Xeon with AVX-512 BF16
+`resolve` answers `auto` with what a short probe of this network, extrapolated to this input
+shape, measures fastest on this machine: CPU flags do not predict it (an Intel Xeon with AVX-512 BF16
 trained 28% slower in bf16, an AMD EPYC with the same flag 3x faster). Probe figures are cached
 as JSON per machine, torch version and model shape, so a machine probes each model once.
 Explicit values are taken as they are; when nothing is `auto` nothing is probed.
