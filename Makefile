@@ -54,6 +54,7 @@ browser: install
 clean:
 	rm -rf mlruns/outputs mlruns/cache
 
-# Throughput of segexp vs a bare PyTorch loop, loaders, cache, FLOPs (prints; not a test).
+# segexp vs the reference LGG trainer head to head, every precision x layout x compile, RSS,
+# blame cost (prints; not a test). BENCH_ARGS, e.g. `--batches 3 --no-compile`.
 bench: install
-	PYTHONUNBUFFERED=1 $(BIN)/python -m segexp.bench
+	PYTHONUNBUFFERED=1 $(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
