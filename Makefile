@@ -25,12 +25,12 @@ test-all: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check segexp tests
-	$(BIN)/ruff format --check segexp tests
+	$(BIN)/ruff check segexp tests benchmarks
+	$(BIN)/ruff format --check segexp tests benchmarks
 
 format: install
-	$(BIN)/ruff format segexp tests
-	$(BIN)/ruff check --fix segexp tests
+	$(BIN)/ruff format segexp tests benchmarks
+	$(BIN)/ruff check --fix segexp tests benchmarks
 
 mlruns/data/hc18_synthetic: | install
 	$(BIN)/segexp make-data hc18 $@ --n 240 --seed 0

@@ -486,7 +486,8 @@ def test_bf16_dice_matches_fp32_after_the_same_epochs(work_dir, client, tmp_path
 
 def test_precision_and_channels_last_auto_are_resolved_and_recorded(work_dir, client, hc18_root):
     overrides = [*TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1"]
-    cfg = make_cfg(work_dir, *overrides, "performance.compile=false")
+    auto = ["trainer.precision=auto", "performance.channels_last=auto"]  # TINY fixes them
+    cfg = make_cfg(work_dir, *overrides, *auto, "performance.compile=false")
     choice = resolve_speed(cfg, build_datamodule(cfg), build_net(cfg.model))
     train(cfg)
     run = only_run(client, "hc18_synthetic")
