@@ -13,8 +13,19 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from segexp.metrics import case_table, clinical_table, overlap_counts, summarize
+from segexp.metrics import (
+    case_table,
+    clinical_table,
+    largest_component,
+    overlap_counts,
+    summarize,
+)
 from segexp.tracking import NonFiniteMetricError
+
+
+def flip_tta_logits(net: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """Mean logits of the image and its left-right mirror, mirrored back: (N, 1, H, W)."""
+    return (net(image) + net(image.flip(-1)).flip(-1)) / 2
 
 
 class SegModule(pl.LightningModule):
@@ -27,6 +38,9 @@ class SegModule(pl.LightningModule):
         hc_boundary_offset_px: with it, batches that carry `hc_mm` also get head circumference
             metrics (see `segexp.metrics.hc_from_mask`); None turns HC off.
         channels_last: run the network in channels-last memory format (faster convs on CPU/GPU).
+        flip_tta, single_object, hc_ellipse_fit: how validation predicts and measures (see
+            `SegDataModule`); `setup` takes them, and the plausible HC/eccentricity range of the
+            training masks, from the trainer's datamodule when it has them.
     """
 
     def __init__(
@@ -39,22 +53,50 @@ class SegModule(pl.LightningModule):
         channels_last: bool = False,
         monitor: str = "val/loss",
         hc_boundary_offset_px: float | None = None,
+        flip_tta: bool = False,
+        single_object: bool = False,
+        hc_ellipse_fit: str = "moment",
     ):
         super().__init__()
         self.net, self.loss = net, loss
         self.optimizer, self.scheduler = optimizer, scheduler
         self.volumetric, self.channels_last, self.monitor = volumetric, channels_last, monitor
         self.hc_boundary_offset_px = hc_boundary_offset_px
+        self.flip_tta, self.single_object, self.hc_ellipse_fit = (
+            flip_tta,
+            single_object,
+            hc_ellipse_fit,
+        )
+        self.hc_plausible: dict | None = None  # {"hc_mm": (lo, hi), "eccentricity": (lo, hi)}
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.val_cases: pd.DataFrame | None = None
         self.val_masks = None
         self._val: dict[str, list] = {}
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        for key in ("flip_tta", "single_object", "hc_ellipse_fit", "hc_plausible"):
+            if getattr(datamodule, key, None) is not None:
+                setattr(self, key, getattr(datamodule, key))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # `segexp predict` flags implausible ellipses with the range of this run's training masks
+        checkpoint["segexp_evaluation"] = {
+            "flip_tta": self.flip_tta,
+            "single_object": self.single_object,
+            "hc_ellipse_fit": self.hc_ellipse_fit,
+            "hc_plausible": self.hc_plausible,
+        }
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         return self.net(image)  # logits, (N, 1, H, W)
+
+    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 1, H, W) as evaluation sees them: with flip TTA when `flip_tta`."""
+        return flip_tta_logits(self, image) if self.flip_tta else self(image)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch["image"]), batch["mask"])
@@ -75,7 +117,7 @@ class SegModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch["image"])
+        logits = self.predict_logits(batch["image"])
         loss = self.loss(logits, batch["mask"])
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
         # kept on the device until the epoch ends: no per-batch host syncs
@@ -101,17 +143,25 @@ class SegModule(pl.LightningModule):
         def gather(key):  # one host transfer per key per epoch
             return torch.cat(val[key]).cpu().numpy() if key in val else None
 
-        cases = case_table(gather("counts"), sum(val["case_id"], []), sum(val["group"], []))
+        masks, counts = gather("masks"), gather("counts")  # (N, 2, H, W) predicted / true
+        if self.single_object:  # one head per image: its largest component, holes filled
+            masks[:, 0] = [largest_component(m) for m in masks[:, 0]]
+            counts = overlap_counts(
+                torch.from_numpy(masks[:, :1]).float() - 0.5, torch.from_numpy(masks[:, 1:]).float()
+            ).numpy()
+        cases = case_table(counts, sum(val["case_id"], []), sum(val["group"], []))
         clinical = clinical_table(
-            gather("masks"),
+            masks,
             gather("original_size"),
             gather("pixel_size_mm"),
             gather("probabilities"),
             gather("hc_mm"),
             self.hc_boundary_offset_px or 0.0,
+            method=self.hc_ellipse_fit,
+            plausible=self.hc_plausible,
         )
         self.val_cases = cases.join(clinical)
-        self.val_masks = gather("masks")  # (N, 2, H, W) predicted / true, in val_cases order
+        self.val_masks = masks  # (N, 2, H, W) predicted / true, in val_cases order
         self.log_dict(summarize(self.val_cases, self.volumetric), prog_bar=False)
 
     def configure_optimizers(self):
