@@ -1,358 +1,384 @@
-"""`segexp blame RUN_A RUN_B`: which of the changed hyperparameters moved the metric, and by how much.
+"""`segexp blame RUN_A RUN_B`: which of the changes between two runs moved the metric, by how much.
 
-The configs of A and B are diffed; each changed key is a two-level factor (A's value, B's value).
-A designed experiment (full 2^k factorial for k <= 4, else one-at-a-time from both ends) is run
-with seed replicates; main effects (mean at B's level minus mean at A's level), two-way
-interactions and 95% confidence intervals come from the pooled seed-to-seed variance.
+The factors come from `segexp.factors` (a group switch is one factor), the cells from
+`segexp.designs` (full 2^k for k <= 4, a resolution IV+ fraction for 5-8, or the ablation path),
+the effects from `segexp.analysis` (OLS on the coded factors, Holm-adjusted verdicts). Cells train
+as jobs of one Hydra multirun through the launcher the user chose (`hydra/launcher=joblib`, a
+SLURM launcher), as child runs of the blame's parent run; FINISHED runs of the same config and seed
+(A and B among them) are reused, so a re-run after Ctrl-C picks up where it stopped.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import yaml
-from omegaconf import DictConfig, OmegaConf
+from mlflow import MlflowClient
 from scipy import stats
 
-from segexp import compare, tracking
+from segexp import analysis, compare, config, designs, factors, store, sweep, tracking
+from segexp.config import ConfigError
 
-LOWER_IS_BETTER = ("loss", "hd95", "mae", "error")
+LAUNCHER_KEYS = ("hydra/launcher", "hydra.launcher", "hydra/sweeper", "hydra.sweeper")
 
 
-def factors_between(config_a: dict, config_b: dict) -> dict[str, tuple[str, str]]:
-    """Changed leaves: key -> (A's value, B's value), as strings, bookkeeping ignored."""
-    flat_a, flat_b = tracking.flatten(config_a), tracking.flatten(config_b)
-    keys = sorted(k for k in set(flat_a) | set(flat_b) if not tracking.is_bookkeeping(k))
+def stored_config(client: MlflowClient, run_id: str) -> dict:
+    """A run's logged config.yaml, refused when it names a target segexp may not build."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "config.yaml", tmp)
+        except Exception as err:
+            raise ConfigError(f"run {run_id} has no readable config.yaml ({err})") from err
+        stored = yaml.safe_load(Path(path).read_text())
+    try:  # stored configs are data: refuse what may not be built before anything trains
+        config.check_targets(stored)
+    except ConfigError as err:
+        raise ConfigError(f"run {run_id}: {err}") from None
+    return stored
+
+
+def cell_name(change: factors.Change, levels: tuple[int, ...], seed: int) -> str:
+    """A short, distinct run name: the factors at B's level, e.g. `optimizer=sgd lr=0.001 s=43`."""
+    parts = [
+        f"{f.name.rsplit('.', 1)[-1]}={factors.short(f.levels[1])}"
+        for f, level in zip(change.factors, levels, strict=True)
+        if level == 1
+    ]
+    return " ".join(parts or ["A"]) + f" s={seed}"
+
+
+def finished_runs(client: MlflowClient, experiment_id: str) -> dict[tuple[str, str], str]:
+    """(config hash, seed) -> run id of the latest FINISHED run, for reuse."""
+    found = {}
+    for run in client.search_runs(
+        [experiment_id],
+        "attributes.status = 'FINISHED'",
+        max_results=5000,
+        order_by=["attributes.start_time ASC"],
+    ):
+        found[(run.data.tags.get("segexp.config_hash"), run.data.params.get("seed"))] = (
+            run.info.run_id
+        )
+    return found
+
+
+class Cells:
+    """Every (cell, seed) of the design: its composed config, hash, and run once known."""
+
+    def __init__(self, change: factors.Change, extra: list[str]):
+        self.change, self.extra = change, extra
+        self.rows: dict[tuple, dict] = {}  # (levels, seed) -> row
+        self.impossible: dict[tuple, str] = {}  # levels -> why it cannot be composed
+
+    def add(self, levels: tuple[int, ...], seed: int) -> dict | None:
+        key = (levels, seed)
+        if key in self.rows or levels in self.impossible:
+            return self.rows.get(key)
+        overrides = [*self.extra, f"seed={seed}"]
+        try:
+            cfg = self.change.cell_config(levels, overrides)
+        except ConfigError as err:
+            self.impossible[levels] = str(err)
+            return None
+        self.rows[key] = {
+            "levels": levels,
+            "seed": seed,
+            "name": cell_name(self.change, levels, seed),
+            "overrides": self.change.cell_overrides(levels, overrides),
+            "cfg": cfg,
+            "hash": config.config_hash(config.redacted(cfg)),
+            "run_id": None,
+        }
+        return self.rows[key]
+
+    def table(self, names: list[str], client: MlflowClient, metric: str) -> pd.DataFrame:
+        """runs.csv: a 0/1 column per factor, seed, run_id, the metric (empty = failed)."""
+        records = []
+        for row in self.rows.values():
+            value = None
+            if row["run_id"]:
+                run = client.get_run(row["run_id"])
+                value = run.data.metrics.get(metric) if run.info.status == "FINISHED" else None
+            records.append(
+                {
+                    **dict(zip(names, row["levels"], strict=True)),
+                    "seed": row["seed"],
+                    "run_id": row["run_id"],
+                    metric: value,
+                }
+            )
+        return pd.DataFrame(records)
+
+
+def launch(rows: list[dict], parent_run_id: str, launcher: list[str], work_dir: Path):
+    """Train `rows` as the jobs of one `segexp train -m` through the chosen Hydra launcher."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=work_dir) as handle:
+        json.dump([{"name": r["name"], "overrides": r["overrides"]} for r in rows], handle)
+    command = [
+        sys.executable, "-m", "segexp.cli", "train", "-m", *launcher,
+        f"work_dir={work_dir}", f"+blame.cells={handle.name}",
+        "+blame.cell=" + ",".join(str(i) for i in range(len(rows))),
+    ]  # fmt: skip
+    env = {**os.environ, sweep.PARENT_ENV: parent_run_id}
+    return subprocess.Popen(command, env=env)
+
+
+def train_cells(
+    client,
+    rows: list[dict],
+    parent,
+    launcher: list[str],
+    work_dir: Path,
+    start: float,
+    total: int,
+    done_before: int,
+) -> None:
+    """Run the jobs and print a progress line per finished cell with the ETA."""
+    if rows:
+        proc = launch(rows, parent.run_id, launcher, work_dir)
+        seen: set[str] = set()
+        by_name = {r["name"]: r for r in rows}
+        while True:
+            finished = proc.poll() is not None
+            for run in compare.children(client, client.get_run(parent.run_id)):
+                row = by_name.get(run.info.run_name)
+                if row is None or run.info.status == "RUNNING" or run.info.run_id in seen:
+                    continue
+                seen.add(run.info.run_id)
+                row["run_id"] = run.info.run_id
+                done = done_before + len(seen)
+                eta = (time.time() - start) / max(len(seen), 1) * (total - done)
+                value = run.data.metrics.get("val/dice_best")
+                result = f"val/dice_best {value:.3f}" if value is not None else run.info.status
+                print(
+                    f"cell {done}/{total} done ({row['name']}): {result}, ETA {eta / 60:.0f} min",
+                    flush=True,
+                )
+            if finished:
+                break
+            time.sleep(2)
+        if proc.returncode not in (0, 1):  # 1: some job FAILED, which the analysis lists
+            raise SystemExit(proc.returncode)
+
+
+def blame(
+    client: MlflowClient,
+    artifact_root: str,
+    run_a: str,
+    run_b: str,
+    metric: str = "val/dice_best",
+    seeds: int | str = 3,
+    design: str = "auto",
+    overrides: list[str] | None = None,
+    dry_run: bool = False,
+    out_dir: Path | None = None,
+    budget: int | None = None,
+    work_dir: Path | None = None,
+) -> dict:
+    """Design, train (or reuse) and analyse the cells between A and B; returns the report pieces."""
+    overrides = list(overrides or [])
+    launcher = [o for o in overrides if o.startswith(LAUNCHER_KEYS)]
+    extra = [o for o in overrides if o not in launcher]
+    runs = {r: client.get_run(r) for r in (run_a, run_b)}
+    config_a, config_b = stored_config(client, run_a), stored_config(client, run_b)
+    change = factors.between(runs[run_a], runs[run_b], config_a, config_b)
+    if not change.factors:
+        raise ConfigError(f"runs {run_a} and {run_b} trained the same config: nothing to blame")
+    names = [f.name for f in change.factors]
+    plan = designs.make_design(len(names), "full" if design == "factorial" else design)
+    auto_seeds = seeds == "auto"
+    rounds = 5 if auto_seeds else 1
+    per_round = 2 if auto_seeds else int(seeds)
+    first_seed = int(config_a["seed"])
+    cells = Cells(change, extra)
+    for levels in plan.cells:
+        for seed in range(first_seed, first_seed + per_round):
+            cells.add(levels, seed)
+    trainings_max = len(plan.cells) * per_round * rounds
+    lines = [
+        f"factors ({len(names)}): " + ", ".join(f.label() for f in change.factors),
+        f"design: {plan.name}; {plan.note}",
+        f"seeds: {'auto (rounds of 2, up to ' + str(rounds * 2) + ')' if auto_seeds else list(range(first_seed, first_seed + per_round))};"
+        f" trainings at most: {trainings_max if plan.name.startswith(('full', 'fractional', 'one')) else 'k(k+1)/2 x seeds'}",
+    ]
+    if change.stored is not None:
+        lines.append(
+            "runs carry no recorded config-group choices: cells merge into A's stored config and train in this process"
+        )
+    for levels, reason in cells.impossible.items():
+        lines.append(f"cannot compose cell {levels}: {reason}")
+    print("\n".join(lines))
+    if dry_run:
+        return {
+            "factors": change.factors,
+            "design": plan,
+            "impossible": cells.impossible,
+            "lines": lines,
+        }
+
+    experiment = config_a["tracking"]["experiment"]
+    work_dir = Path(work_dir or config_a["work_dir"]).resolve()
+    reusable = finished_runs(client, store.experiment_id(client, experiment, artifact_root))
+    start = time.time()
+    parent = tracking.TrackedRun(
+        client,
+        experiment,
+        artifact_root,
+        f"blame {runs[run_a].info.run_name} -> {runs[run_b].info.run_name}"[:250],
+    )
+    trained = 0
+    with parent:
+        parent.set_tags(
+            {
+                "segexp.role": "blame",
+                "segexp.blame": f"{run_a}->{run_b}",
+                "segexp.design": plan.name,
+            }
+        )
+        for round_index in range(rounds):
+            todo = []
+            for row in cells.rows.values():
+                if row["run_id"] is None:
+                    row["run_id"] = reusable.get((row["hash"], str(row["seed"])))
+                    if row["run_id"] is None:
+                        todo.append(row)
+            done_before = len(cells.rows) - len(todo)
+            if budget is not None and trained + len(todo) > budget:
+                todo = todo[: max(budget - trained, 0)]
+            if change.stored is None:
+                train_cells(
+                    client, todo, parent, launcher, work_dir, start, len(cells.rows), done_before
+                )
+            else:
+                train_in_process(todo, parent.run_id)
+            trained += len(todo)
+            table = cells.table(names, client, metric)
+            if plan.name.startswith("ablation"):
+                more = designs.path_next(table, names, metric, analysis.lower_is_better(metric))
+                if more:
+                    for levels in more:
+                        for seed in range(first_seed, first_seed + per_round):
+                            cells.add(levels, seed)
+                    continue
+            if not auto_seeds:
+                break
+            decision = analysis.seeds_decision(table, names, metric, max_rounds=rounds)
+            if (
+                decision["stop"]
+                or round_index == rounds - 1
+                or (budget is not None and trained >= budget)
+            ):
+                if decision["open"]:
+                    print(f"verdicts still open: {', '.join(decision['open'])}")
+                break
+            for levels in {row["levels"] for row in cells.rows.values()}:
+                for seed in range(
+                    first_seed + (round_index + 1) * per_round,
+                    first_seed + (round_index + 2) * per_round,
+                ):
+                    cells.add(levels, seed)
+        table = cells.table(names, client, metric)
+        minutes = (time.time() - start) / 60
+        result = (
+            analysis.path_analysis(table, names, metric)
+            if plan.name.startswith("ablation")
+            else analysis.analyze(table, names, metric)
+        )
+        out_dir = Path(out_dir or tempfile.mkdtemp(prefix="segexp-blame-"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out_dir / "runs.csv", index=False)
+        labels = {f.name: f.label().split(": ", 1)[1] for f in change.factors}
+        failed = [
+            f"failed cell {dict(zip(names, r['levels'], strict=True))} seed {r['seed']}: {r['name']}"
+            for r in cells.rows.values()
+            if not r["run_id"] or client.get_run(r["run_id"]).info.status != "FINISHED"
+        ]
+        paired = paired_case_tests(client, table, names)
+        report = analysis.write_report(
+            result,
+            out_dir,
+            title=f"blame {run_a} -> {run_b}",
+            factor_labels=labels,
+            trainings=len(table),
+            minutes=minutes,
+            context=[*lines, *failed],
+            paired=paired,
+        )
+        print("\n" + Path(report).read_text())
+        for name in ("effects.csv", "runs.csv", "effects.png", "report.md"):
+            if (out_dir / name).is_file():
+                parent.log_artifact(out_dir / name)
+        parent.log_metrics({"blame/trainings": trained, "blame/seed_sd": result.seed_sd}, step=0)
     return {
-        k: (flat_a.get(k, "<absent>"), flat_b.get(k, "<absent>"))
-        for k in keys
-        if flat_a.get(k) != flat_b.get(k)
+        "analysis": result,
+        "effects": result.effects,
+        "results": table,
+        "trained": trained,
+        "minutes": minutes,
+        "parent_run_id": parent.run_id,
+        "factors": change.factors,
+        "out_dir": out_dir,
     }
 
 
-@dataclass
-class Design:
-    name: str
-    cells: list[tuple[int, ...]]  # one 0/1 level per factor (0 = A's value, 1 = B's)
-    note: str
+def train_in_process(rows: list[dict], parent_run_id: str) -> None:
+    """Fallback for runs without recorded choices: train the merged configs one by one."""
+    from segexp.train import train
 
-
-def make_design(k: int, design: str = "auto") -> Design:
-    if design == "auto":
-        design = "factorial" if k <= 4 else "oat"
-    if design == "factorial":
-        return Design(
-            f"full factorial 2^{k}", list(itertools.product((0, 1), repeat=k)), "no aliasing"
-        )
-    if design == "oat":
-        cells = {(0,) * k, (1,) * k}
-        for j in range(k):
-            cells.add(tuple(int(i == j) for i in range(k)))  # A plus one change
-            cells.add(tuple(int(i != j) for i in range(k)))  # B minus one change
-        note = "one-at-a-time from both ends: main effects only, interactions not estimable"
-        return Design(f"one-at-a-time ({len(cells)} cells)", sorted(cells), note)
-    raise ValueError(f"--design must be auto, factorial or oat, got {design!r}")
-
-
-def parse_value(text: str):
-    """A flattened value string back to its value (numbers, lists, None, booleans, strings)."""
-    if text in ("<absent>", "None"):
-        return None
-    for number in (int, float):  # before YAML, which reads `1e-06` as a string
+    for row in rows:
+        cfg = row["cfg"]
+        cfg.tracking.parent_run_id = parent_run_id
+        cfg.run_name = row["name"]
         try:
-            return number(text)
-        except ValueError:
-            pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def cell_config(
-    base: dict,
-    factors: dict[str, tuple[str, str]],
-    levels: tuple[int, ...],
-    seed: int,
-    overrides: list[str],
-) -> DictConfig:
-    cfg = OmegaConf.create(base)
-    for (key, values), level in zip(factors.items(), levels, strict=True):
-        OmegaConf.update(cfg, key, parse_value(values[level]), force_add=True)
-    cfg.seed = seed
-    cfg.resume = None
-    cfg.run_name = None
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-
-
-def pooled_variance(
-    data: pd.DataFrame, factors: list[str], metric: str
-) -> tuple[float, int, float]:
-    """Within-cell (seed-to-seed) variance pooled over cells, its dof, and t(0.975, dof); NaN without replicates."""
-    cells = data.groupby(factors)[metric]
-    dof = int(len(data) - cells.ngroups)
-    if dof <= 0:
-        return float("nan"), dof, float("nan")
-    s2 = float(((data[metric] - cells.transform("mean")) ** 2).sum() / dof)
-    return s2, dof, float(stats.t.ppf(0.975, dof))
-
-
-def effects_table(
-    results: pd.DataFrame, factors: list[str], metric: str, interactions: bool = True
-) -> tuple[pd.DataFrame, dict]:
-    """Main effects (and two-way interactions) with 95% CIs from the pooled seed-to-seed variance.
-
-    `results` has one row per run: a 0/1 column per factor and the metric column. An effect is
-    mean(metric | level B) - mean(metric | level A); its CI is t * sqrt(s2 (1/n_B + 1/n_A)), s2 the
-    pooled within-cell variance. Verdict: `hurt`/`helped` when the CI excludes 0, else `within noise`.
-    """
-    data = results.dropna(subset=[metric])
-    s2, dof, t = pooled_variance(data, factors, metric)
-    sign = -1.0 if any(word in metric for word in LOWER_IS_BETTER) else 1.0
-    contrasts = {f: data[f].to_numpy() for f in factors}
-    if interactions and len(factors) > 1:
-        for f, g in itertools.combinations(factors, 2):
-            contrasts[f"{f} x {g}"] = (data[f].to_numpy() == data[g].to_numpy()).astype(int)
-    rows = []
-    for name, level in contrasts.items():
-        at_b, at_a = data[metric][level == 1], data[metric][level == 0]
-        effect = float(at_b.mean() - at_a.mean())
-        half = t * math.sqrt(s2 * (1 / len(at_b) + 1 / len(at_a))) if dof > 0 else float("nan")
-        if math.isnan(half):
-            verdict = "no replicates"
-        elif abs(effect) <= half:
-            verdict = "within noise"
-        else:
-            verdict = "helped" if sign * effect > 0 else "hurt"
-        rows.append(
-            {
-                "term": name,
-                "effect": effect,
-                "ci_low": effect - half,
-                "ci_high": effect + half,
-                "n_a": len(at_a),
-                "n_b": len(at_b),
-                "verdict": verdict,
-            }
-        )
-    noise = {"seed_sd": math.sqrt(s2) if dof > 0 else float("nan"), "dof": dof, "runs": len(data)}
-    return pd.DataFrame(rows), noise
+            row["run_id"] = train(cfg, row["overrides"])["run_id"]
+        except Exception as err:  # a failed cell is listed in the report, never dropped silently
+            print(f"cell {row['name']} failed: {err}")
 
 
 def paired_case_tests(
-    results: pd.DataFrame, factors: list[str], per_case: dict[str, pd.DataFrame]
-) -> dict[str, float]:
+    client: MlflowClient, table: pd.DataFrame, names: list[str]
+) -> pd.DataFrame | None:
     """Per factor: Wilcoxon signed-rank p over cases of per-case Dice, A-level vs B-level runs."""
-    p_values = {}
-    for factor in factors:
+    per_case = {}
+    for run_id in table.run_id.dropna():
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                per_case[run_id] = pd.read_csv(
+                    client.download_artifacts(run_id, "evaluation/val_cases.csv", tmp)
+                )
+            except Exception:  # a run without per-case CSVs: no paired test for it
+                continue
+    rows = []
+    for factor in names:
         means = []
         for level in (0, 1):
-            tables = [
-                per_case[r] for r in results.run_id[results[factor] == level] if r in per_case
-            ]
+            tables = [per_case[r] for r in table.run_id[table[factor] == level] if r in per_case]
             if not tables:
                 break
             means.append(pd.concat(tables).groupby("case_id").dice.mean())
         if len(means) == 2:
             a, b = means[0].align(means[1], join="inner")
             differ = (a - b).abs() > 1e-12
-            p_values[factor] = (
+            p = (
                 float(stats.wilcoxon(a[differ], b[differ]).pvalue)
                 if differ.sum() >= 5
                 else float("nan")
             )
-    return p_values
-
-
-def plot_effects(effects: pd.DataFrame, metric: str, path: Path) -> Path:
-    from segexp.report import _figure, _save
-
-    fig, ax = _figure(figsize=(8, 1 + 0.5 * len(effects)))
-    y = np.arange(len(effects))[::-1]
-    colors = effects.verdict.map({"hurt": "tab:red", "helped": "tab:green"}).fillna("tab:gray")
-    ax.barh(y, effects.effect, color=colors)
-    ax.errorbar(
-        effects.effect,
-        y,
-        xerr=[effects.effect - effects.ci_low, effects.ci_high - effects.effect],
-        fmt="none",
-        ecolor="black",
-        capsize=3,
-    )
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set(
-        yticks=y, yticklabels=effects.term, xlabel=f"effect on {metric} (B level - A level), 95% CI"
-    )
-    return _save(fig, path)
-
-
-def blame(
-    client,
-    artifact_root: str,
-    run_a: str,
-    run_b: str,
-    metric: str = "val/dice_best",
-    seeds: int = 3,
-    design: str = "auto",
-    overrides: list[str] | None = None,
-    dry_run: bool = False,
-    out_dir: Path | None = None,
-) -> dict:
-    """Run the designed experiment between two runs and analyse it; returns the report pieces."""
-    from segexp.train import train
-
-    overrides = list(overrides or [])
-    with tempfile.TemporaryDirectory() as tmp:
-        config_a = OmegaConf.to_container(
-            OmegaConf.load(client.download_artifacts(run_a, "config.yaml", f"{tmp}/a"))
-        )
-        config_b = OmegaConf.to_container(
-            OmegaConf.load(client.download_artifacts(run_b, "config.yaml", f"{tmp}/b"))
-        )
-    factors = factors_between(config_a, config_b)
-    names = list(factors)
-    if not names:
-        raise ValueError(f"runs {run_a} and {run_b} trained the same config: nothing to blame")
-    plan = make_design(len(names), design)
-    seed_list = [int(config_a["seed"]) + i for i in range(seeds)]
-    lines = [
-        f"factors ({len(names)}): "
-        + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in factors.items()),
-        f"design: {plan.name}; {plan.note}",
-        f"seeds: {seed_list}; trainings at most: {len(plan.cells) * seeds}",
-    ]
-    print("\n".join(lines))
-    if dry_run:
-        return {"factors": factors, "design": plan, "seeds": seed_list}
-
-    experiment = config_a["tracking"]["experiment"]
-    existing = {}
-    for run in client.search_runs(
-        [client.get_experiment_by_name(experiment).experiment_id], "attributes.status = 'FINISHED'"
-    ):
-        key = (run.data.tags.get("segexp.config_hash"), run.data.params.get("seed"))
-        existing.setdefault(key, run.info.run_id)
-
-    parent = tracking.TrackedRun(
-        client, experiment, artifact_root, f"blame {run_a[:8]}->{run_b[:8]}"
-    )
-    start = time.time()
-    rows, trained = [], 0
-    with parent:
-        parent.set_tags({"segexp.blame": f"{run_a}->{run_b}", "segexp.design": plan.name})
-        for levels in plan.cells:
-            for seed in seed_list:
-                cfg = cell_config(config_a, factors, levels, seed, overrides)
-                cfg.tracking.parent_run_id = parent.run_id
-                key = (tracking.config_hash(OmegaConf.to_container(cfg, resolve=True)), str(seed))
-                run_id = existing.get(key)  # reuse: A and B themselves count
-                if run_id is None:
-                    trained += 1
-                    try:
-                        run_id = train(
-                            cfg,
-                            [f"{k}={factors[k][lv]}" for k, lv in zip(names, levels, strict=True)]
-                            + [f"seed={seed}"],
-                        )["run_id"]
-                    except Exception as err:  # a failed cell is recorded FAILED and left out
-                        print(f"cell {levels} seed {seed} failed: {err}")
-                value = client.get_run(run_id).data.metrics.get(metric) if run_id else None
-                rows.append(
-                    {
-                        **dict(zip(names, levels, strict=True)),
-                        "seed": seed,
-                        "run_id": run_id,
-                        metric: value,
-                    }
-                )
-        results = pd.DataFrame(rows)
-        effects, noise = effects_table(
-            results, names, metric, interactions=plan.name.startswith("full")
-        )
-        per_case = {}
-        for run_id in results.run_id.dropna():
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    per_case[run_id] = pd.read_csv(
-                        client.download_artifacts(run_id, "evaluation/val_cases.csv", tmp)
-                    )
-                except Exception:  # runs from before per-case CSVs: no paired test for them
-                    continue
-        p_values = paired_case_tests(results, names, per_case)
-        effects["paired_p"] = effects.term.map(p_values)
-        seconds = time.time() - start
-        out_dir = Path(out_dir or tempfile.mkdtemp(prefix="segexp-blame-"))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        table = effects.to_string(index=False, float_format=lambda v: f"{v:+.4f}")
-        summary = f"runs analysed: {noise['runs']}, trained now: {trained}, seed-to-seed SD of {metric}: {noise['seed_sd']:.4f} (dof {noise['dof']}), wall time {seconds:.0f} s"
-        print(f"\n{table}\n\n{summary}")
-        effects.to_csv(out_dir / "effects.csv", index=False)
-        results.to_csv(out_dir / "runs.csv", index=False)
-        plot_effects(effects, metric, out_dir / "effects.png")
-        report = [
-            "# blame " + f"{run_a} -> {run_b}",
-            "",
-            *[f"- {line}" for line in lines],
-            f"- {summary}",
-            "",
-            "```",
-            table,
-            "```",
-            "",
-        ]
-        (out_dir / "report.md").write_text("\n".join(report))
-        for name in ("effects.csv", "runs.csv", "effects.png", "report.md"):
-            parent.log_artifact(out_dir / name)
-        parent.log_metrics({"blame/trainings": trained, "blame/seed_sd": noise["seed_sd"]}, step=0)
-    return {
-        "effects": effects,
-        "results": results,
-        "noise": noise,
-        "trained": trained,
-        "seconds": seconds,
-        "parent_run_id": parent.run_id,
-    }
-
-
-def marginal_means(results: pd.DataFrame, factors: list[str], metric: str) -> pd.DataFrame:
-    """Mean metric per level of each factor, with 95% CIs from the pooled within-config variance."""
-    data = results.dropna(subset=[metric])
-    s2, dof, t = pooled_variance(data, factors, metric)
-    rows = []
-    for factor in factors:
-        for level, values in data.groupby(factor)[metric]:
-            half = t * math.sqrt(s2 / len(values)) if dof > 0 else float("nan")
             rows.append(
                 {
                     "factor": factor,
-                    "level": level,
-                    "mean": values.mean(),
-                    "ci_low": values.mean() - half,
-                    "ci_high": values.mean() + half,
-                    "runs": len(values),
+                    "cases": len(a),
+                    "mean_dice_a": a.mean(),
+                    "mean_dice_b": b.mean(),
+                    "wilcoxon_p": p,
                 }
             )
-    return pd.DataFrame(rows)
-
-
-def sweep_effects(client, parent_run_id: str, metric: str = "val/dice_best") -> pd.DataFrame:
-    """`segexp effects`: marginal means per level of every param that varies across a parent's
-    FINISHED child runs (a sweep or a blame), seeds as replicates; trains nothing."""
-    kids = compare.children(client, client.get_run(parent_run_id))
-    finished = [c for c in kids if c.info.status == "FINISHED"]
-    if not finished:
-        raise ValueError(f"run {parent_run_id} has no FINISHED child runs")
-    params = pd.DataFrame([{**c.data.params, metric: c.data.metrics.get(metric)} for c in finished])
-    varying = compare.differing_params(finished)
-    if not varying:
-        raise ValueError(f"the child runs of {parent_run_id} do not differ in any param")
-    table = marginal_means(params, varying, metric)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    return table
+    return pd.DataFrame(rows) if rows else None

@@ -85,12 +85,21 @@ def scan_hc18(root: Path, subset: str = "training") -> list[Case]:
         if row is None:
             problems.append((str(path), f"no row in {csv_path.name}"))
             continue
-        pixel_mm = float(row["pixel size(mm)"])
-        if not np.isfinite(pixel_mm) or pixel_mm <= 0:
+        pixel_mm = number(row["pixel size(mm)"])
+        if not pixel_mm > 0:  # NaN and non-numbers fail this too
             problems.append(
                 (
                     str(csv_path),
-                    f"{path.name}: pixel size {row['pixel size(mm)']!r} is not positive",
+                    f"{path.name}: pixel size {row['pixel size(mm)']!r} is not a positive number",
+                )
+            )
+            continue
+        hc_mm = number(row["head circumference (mm)"]) if subset == "training" else None
+        if subset == "training" and not hc_mm > 0:
+            problems.append(
+                (
+                    str(csv_path),
+                    f"{path.name}: head circumference {row['head circumference (mm)']!r} is not a positive number",
                 )
             )
             continue
@@ -101,7 +110,7 @@ def scan_hc18(root: Path, subset: str = "training") -> list[Case]:
                 image=str(path),
                 mask=str(annotation) if subset == "training" else None,
                 pixel_size_mm=pixel_mm,
-                hc_mm=float(row["head circumference (mm)"]) if subset == "training" else None,
+                hc_mm=hc_mm,
             )
         )
     for name in sorted(set(rows) - on_disk):
@@ -114,6 +123,14 @@ def scan_hc18(root: Path, subset: str = "training") -> list[Case]:
     if problems:
         raise DataError(root, problems)
     return cases
+
+
+def number(value) -> float:
+    """A CSV cell as a float; NaN where it is not a number (`abc`, empty)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def lgg_root(root: Path) -> Path:

@@ -1,4 +1,9 @@
-"""The `segexp` command: train, make-data, check-data."""
+"""The `segexp` command: one argparse definition for every subcommand and its `--help`.
+
+Options and Hydra overrides mix in any order (`segexp blame A B --seeds 2 trainer.max_epochs=3`):
+each subcommand is parsed with `parse_intermixed_args`. `segexp train` hands its arguments to
+Hydra untouched (`segexp train --help` is Hydra's).
+"""
 
 from __future__ import annotations
 
@@ -6,110 +11,84 @@ import argparse
 import json
 import os
 import sys
-
-USAGE = """usage: segexp COMMAND [ARGS]
-
-commands:
-  train [OVERRIDES]           train one run (Hydra overrides, e.g. experiment=hc18_seed optimizer.lr=3e-4)
-  make-data {hc18,lgg} OUT    write a synthetic dataset in the real on-disk layout
-  check-data [OVERRIDES]      validate a dataset and print a summary, e.g. dataset=hc18 dataset.root=PATH
-  predict RUN_ID --images DIR --pixel-csv CSV --out submission.csv [--masks DIR]
-                              HC18 challenge CSV from a run's best checkpoint
-  blame RUN_A RUN_B [--seeds 3] [--design auto|factorial|oat] [--metric val/dice_best] [--dry-run] [OVERRIDES]
-                              which changed hyperparameter moved the metric, with 95% CIs over seeds
-  effects PARENT_RUN_ID [--metric val/dice_best]
-                              marginal means per level of the params its child runs vary; no new runs
-  compare RUN_OR_SWEEP_ID... [--by seed] [--out compare.png]
-                              the params that differ, val/dice_best, status, duration; curves overlaid
-  ui [--port 5000] [--host 127.0.0.1 [--allow-remote]]
-                              MLflow UI on the store (localhost only unless --allow-remote)
-  runs cleanup [--experiment NAME]
-                              mark KILLED the RUNNING runs whose process on this host is gone
-"""
+from pathlib import Path
 
 
-def make_data(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="segexp make-data", description="Write a synthetic dataset in a real layout."
-    )
-    parser.add_argument("layout", choices=["hc18", "lgg"])
-    parser.add_argument("out", help="output folder (the dataset root)")
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def slice_range(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX, e.g. 20-88, got {text!r}") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
+    return low, high
+
+
+def store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--n",
-        type=int,
+        "--work-dir",
         default=None,
-        help="images (hc18, default 200) or patients (lgg, default 20)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--size", type=int, default=256, help="lgg slice size in pixels (real data: 256)"
+        help="segexp work dir holding the default store (default: conf/train.yaml's work_dir, "
+        "i.e. $SEGEXP_WORK_DIR or ./mlruns)",
     )
     parser.add_argument(
-        "--slices", default="20-88", help="lgg slices per patient, MIN-MAX (real data: 20-88)"
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default: MLFLOW_TRACKING_URI, else the work dir's SQLite store)",
     )
-    args = parser.parse_args(argv)
+
+
+def open_store(args) -> tuple:
+    """(client, artifact root, work dir) from the same defaults `segexp train` composes."""
+    from segexp import config, store
+
+    overrides = [f"work_dir={Path(args.work_dir).resolve()}"] if args.work_dir else []
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    cfg = config.compose(overrides)
+    client, artifact_root = store.open_store(cfg.tracking, Path(cfg.work_dir))
+    return client, artifact_root, Path(cfg.work_dir)
+
+
+def make_data(args) -> int:
     from segexp import synthetic
 
     if args.layout == "hc18":
         out = synthetic.make_hc18(args.out, n=args.n or 200, seed=args.seed)
     else:
-        low, high = (int(x) for x in args.slices.split("-"))
         out = synthetic.make_lgg(
-            args.out, n=args.n or 20, seed=args.seed, size=args.size, slices=(low, high)
+            args.out, n=args.n or 20, seed=args.seed, size=args.size, slices=args.slices
         )
     print(f"wrote synthetic {args.layout} to {out}")
     return 0
 
 
-def check_data(overrides: list[str]) -> int:
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
+def check_data(args) -> int:
+    from segexp import config
+    from segexp.train import check_run_config
 
-    from segexp.cases import DataError
-    from segexp.train import CONFIG_DIR
-
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    try:
-        datamodule = instantiate(cfg.dataset)
-        datamodule.prepare_data()
-    except (DataError, ValueError) as err:
-        print(f"check-data: {err}", file=sys.stderr)
-        return 2
+    cfg = config.compose(args.overrides)
+    check_run_config(cfg)
+    datamodule = config.instantiate(cfg.dataset, "dataset")
+    datamodule.prepare_data()
     print(json.dumps(datamodule.summary(), indent=2))
     return 0
 
 
-def predict(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="segexp predict", description="HC18 submission CSV from a run's best checkpoint."
-    )
-    parser.add_argument("run_id")
-    parser.add_argument("--images", required=True, help="folder of images, e.g. HC18's test_set/")
-    parser.add_argument("--pixel-csv", required=True, help="CSV with filename and 'pixel size(mm)'")
-    parser.add_argument("--out", required=True, help="submission CSV to write")
-    parser.add_argument(
-        "--masks", default=None, help="also write predicted masks (original size) here"
-    )
-    store_args(parser)
-    args = parser.parse_args(argv)
-    from pathlib import Path
-
-    from segexp.cases import DataError
+def predict(args) -> int:
     from segexp.predict import predict as run_predict
 
-    try:
-        table = run_predict(
-            client_of(args),
-            args.run_id,
-            Path(args.images),
-            Path(args.pixel_csv),
-            Path(args.out),
-            args.masks,
-        )
-    except DataError as err:
-        print(f"predict: {err}", file=sys.stderr)
-        return 2
+    client, _, _ = open_store(args)
+    table = run_predict(
+        client, args.run_id, Path(args.images), Path(args.pixel_csv), Path(args.out), args.masks
+    )
     missed = int((table.semi_axes_a_mm == 0).sum())
     print(
         f"wrote {len(table)} rows to {args.out}"
@@ -118,116 +97,66 @@ def predict(argv: list[str]) -> int:
     return 0
 
 
-def blame(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="segexp blame", description="Which change between two runs moved the metric."
-    )
-    parser.add_argument("run_a")
-    parser.add_argument("run_b")
-    parser.add_argument(
-        "overrides", nargs="*", help="applied to every training, e.g. trainer.max_epochs=3"
-    )
-    parser.add_argument("--metric", default="val/dice_best")
-    parser.add_argument(
-        "--seeds", type=int, default=3, help="replicates per design cell (>= 2 for CIs)"
-    )
-    parser.add_argument("--design", default="auto", choices=["auto", "factorial", "oat"])
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print the factors and the design, train nothing"
-    )
-    parser.add_argument(
-        "--out", default=None, help="folder for effects.csv, runs.csv, effects.png, report.md"
-    )
-    store_args(parser)
-    args = parser.parse_args(argv)
-    from pathlib import Path
+def blame(args) -> int:
+    runs = [a for a in args.runs_and_overrides if "=" not in a]
+    overrides = [a for a in args.runs_and_overrides if "=" in a]
+    if args.from_table:
+        from segexp.analysis import from_table
 
-    from segexp import tracking
+        if runs or overrides:
+            raise SystemExit("segexp blame: --from-table analyses a table; give no runs")
+        out = Path(args.out or "blame")
+        from_table(Path(args.from_table), args.metric, out)
+        print((out / "report.md").read_text())
+        return 0
+    if len(runs) != 2:
+        raise SystemExit(f"segexp blame: expected two run ids (A B), got {runs}")
     from segexp.blame import blame as run_blame
 
-    _, artifacts = tracking.store_locations({"uri": args.tracking_uri}, Path(args.work_dir))
+    client, artifact_root, work_dir = open_store(args)
     run_blame(
-        client_of(args),
-        artifacts,
-        args.run_a,
-        args.run_b,
+        client,
+        artifact_root,
+        *runs,
         metric=args.metric,
         seeds=args.seeds,
         design=args.design,
-        overrides=args.overrides,
+        overrides=overrides,
         dry_run=args.dry_run,
         out_dir=args.out and Path(args.out),
+        budget=args.budget,
+        work_dir=work_dir,
     )
     return 0
 
 
-def effects(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="segexp effects", description="Main effects over an existing sweep or blame."
-    )
-    parser.add_argument("parent_run_id")
-    parser.add_argument("--metric", default="val/dice_best")
-    store_args(parser)
-    args = parser.parse_args(argv)
-    from segexp.blame import sweep_effects
+def seeds_value(text: str) -> int | str:
+    return "auto" if text == "auto" else positive_int(text)
 
-    sweep_effects(client_of(args), args.parent_run_id, args.metric)
+
+def effects(args) -> int:
+    from segexp.compare import effects as sweep_effects
+
+    client, _, _ = open_store(args)
+    sweep_effects(client, args.parent_run_id, args.metric, Path(args.out))
     return 0
 
 
-def store_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--work-dir",
-        default=os.environ.get("SEGEXP_WORK_DIR", "mlruns"),
-        help="segexp work dir (default store)",
-    )
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow store (default: MLFLOW_TRACKING_URI, else the work dir's)",
-    )
-
-
-def client_of(args):
-    from pathlib import Path
-
-    from segexp import tracking
-
-    uri, artifacts = tracking.store_locations({"uri": args.tracking_uri}, Path(args.work_dir))
-    return tracking.prepare_store(uri, artifacts)
-
-
-def compare(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="segexp compare", description="Runs side by side: what differs, and how they did."
-    )
-    parser.add_argument("ids", nargs="+", help="run ids; a sweep (parent) id means its child runs")
-    parser.add_argument(
-        "--by", default=None, help="group replicates by this param (e.g. seed): mean and std"
-    )
-    parser.add_argument("--out", default="compare.png", help="PNG of val/dice and val/loss curves")
-    store_args(parser)
-    args = parser.parse_args(argv)
-    from pathlib import Path
-
+def compare(args) -> int:
     from segexp.compare import compare as run_compare
 
-    run_compare(client_of(args), args.ids, by=args.by, out=Path(args.out))
+    client, _, _ = open_store(args)
+    run_compare(client, args.ids, by=args.by, out=Path(args.out))
     return 0
 
 
-def runs(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="segexp runs", description="Housekeeping of runs.")
-    parser.add_argument("action", choices=["cleanup"])
-    parser.add_argument("--experiment", action="append", help="only these experiments")
-    store_args(parser)
-    args = parser.parse_args(argv)
-    from segexp import tracking
+def runs(args) -> int:
+    from segexp import store
 
-    client = client_of(args)
+    client, _, _ = open_store(args)
     experiments = client.search_experiments()
     ids = [e.experiment_id for e in experiments if not args.experiment or e.name in args.experiment]
-    marked = tracking.cleanup_stale_runs(client, ids)
+    marked = store.cleanup_stale_runs(client, ids)
     print(f"marked KILLED: {len(marked)} run(s) whose process is gone")
     for run_id in marked:
         print(f"  {run_id}")
@@ -243,35 +172,15 @@ every machine that can reach this one. If that is what you want:
 Pass --allow-remote to bind {host} anyway."""
 
 
-def ui(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="segexp ui", description="MLflow UI on the segexp store, bound to localhost."
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument(
-        "--allow-remote",
-        action="store_true",
-        help="allow a host other than localhost (prints the security advice)",
-    )
-    parser.add_argument(
-        "--print-command", action="store_true", help="print the mlflow command, start nothing"
-    )
-    parser.add_argument(
-        "extra", nargs="*", help="passed to `mlflow server` after --, e.g. -- --app-name basic-auth"
-    )
-    store_args(parser)
-    args = parser.parse_args(argv)
-    from pathlib import Path
-
-    from segexp import tracking
-
+def ui(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(REMOTE_ADVICE.format(host=args.host), file=sys.stderr)
         if not args.allow_remote:
             return 2
-    uri, artifacts = tracking.store_locations({"uri": args.tracking_uri}, Path(args.work_dir))
-    tracking.prepare_store(uri, artifacts)
+    client, artifacts, _ = open_store(args)
+    uri = client.tracking_uri
+    # one worker per 2 cores: MLflow's default 4 make a small machine slow to answer
+    workers = max(1, (os.cpu_count() or 1) // 2)
     command = [
         str(Path(sys.executable).parent / "mlflow"),
         "server",
@@ -283,6 +192,8 @@ def ui(argv: list[str]) -> int:
         args.host,
         "--port",
         str(args.port),
+        "--workers",
+        str(workers),
         *args.extra,
     ]
     print(" ".join(command))
@@ -292,34 +203,149 @@ def ui(argv: list[str]) -> int:
     return 0  # not reached
 
 
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each subcommand's parser, from one definition."""
+    parser = argparse.ArgumentParser(
+        prog="segexp", description="Experiment-tracked 2D medical image segmentation."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands: dict[str, argparse.ArgumentParser] = {}
+
+    def add(name: str, handler, help: str, store: bool = True) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help, description=help)
+        command.set_defaults(handler=handler)
+        if store:
+            store_options(command)
+        commands[name] = command
+        return command
+
+    train = add(
+        "train",
+        None,
+        "train one run, or a sweep with -m (Hydra overrides, e.g. experiment=hc18_seed "
+        "optimizer.lr=3e-4; `segexp train --help` is Hydra's)",
+        store=False,
+    )
+    train.add_argument("overrides", nargs="*", help="Hydra overrides")
+
+    command = add("make-data", make_data, "write a synthetic dataset in a real layout", False)
+    command.add_argument("layout", choices=["hc18", "lgg"])
+    command.add_argument("out", help="output folder (the dataset root)")
+    command.add_argument(
+        "--n", type=positive_int, help="images (hc18, default 200) or patients (lgg, default 20)"
+    )
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument(
+        "--size", type=positive_int, default=256, help="lgg slice size in pixels (real: 256)"
+    )
+    command.add_argument(
+        "--slices",
+        type=slice_range,
+        default=(20, 88),
+        help="lgg slices per patient, MIN-MAX (real data: 20-88)",
+    )
+
+    command = add(
+        "check-data",
+        check_data,
+        "validate a dataset and print a summary (e.g. dataset=hc18 dataset.root=PATH)",
+        False,
+    )
+    command.add_argument("overrides", nargs="*", help="Hydra overrides")
+
+    command = add("predict", predict, "HC18 challenge CSV from a run's best checkpoint")
+    command.add_argument("run_id")
+    command.add_argument("--images", required=True, help="folder of images, e.g. test_set/")
+    command.add_argument("--pixel-csv", required=True, help="CSV: filename, 'pixel size(mm)'")
+    command.add_argument("--out", required=True, help="submission CSV to write")
+    command.add_argument("--masks", default=None, help="also write predicted masks here")
+
+    command = add("blame", blame, "which changed hyperparameter between two runs moved the metric")
+    command.add_argument(
+        "runs_and_overrides",
+        nargs="*",
+        metavar="RUN_A RUN_B [OVERRIDE ...]",
+        help="the two runs, then overrides applied to every training (trainer.max_epochs=3)",
+    )
+    command.add_argument("--metric", default="val/dice_best")
+    command.add_argument(
+        "--seeds",
+        type=seeds_value,
+        default=3,
+        help="replicates per cell, or `auto`: add seeds in rounds until every verdict settles",
+    )
+    command.add_argument(
+        "--design",
+        default="auto",
+        choices=["auto", "full", "factorial", "fractional", "path", "oat"],
+        help="auto: full 2^k for k <= 4, a resolution IV+ fraction for 5-8; path: ablation path",
+    )
+    command.add_argument("--budget", type=positive_int, help="--seeds auto: most trainings")
+    command.add_argument("--dry-run", action="store_true", help="print the design, train nothing")
+    command.add_argument("--out", default=None, help="folder for effects.csv, report.md, ...")
+    command.add_argument(
+        "--from-table",
+        metavar="RUNS_CSV",
+        help="re-analyse a table (0/1 factor columns, seed, the metric) without training",
+    )
+
+    command = add(
+        "effects",
+        effects,
+        "which hyperparameter matters across a sweep: ANOVA importance and marginal means",
+    )
+    command.add_argument("parent_run_id")
+    command.add_argument("--metric", default="val/dice_best")
+    command.add_argument("--out", default="effects.png", help="PNG of the marginal means")
+
+    command = add("compare", compare, "runs side by side: what differs and how they did")
+    command.add_argument("ids", nargs="+", help="run ids; a sweep (parent) id means its runs")
+    command.add_argument("--by", default=None, help="group replicates by this param (seed)")
+    command.add_argument("--out", default="compare.png", help="PNG of the curves")
+
+    command = add("runs", runs, "housekeeping: mark KILLED the runs whose process is gone")
+    command.add_argument("action", choices=["cleanup"])
+    command.add_argument("--experiment", action="append", help="only these experiments")
+
+    command = add("ui", ui, "MLflow UI on the store (localhost only unless --allow-remote)")
+    command.add_argument("--host", default="127.0.0.1")
+    command.add_argument("--port", type=int, default=5000)
+    command.add_argument("--allow-remote", action="store_true", help="allow a non-local host")
+    command.add_argument("--print-command", action="store_true", help="print, start nothing")
+    command.add_argument("extra", nargs="*", help="passed to `mlflow server` after --")
+    return parser, commands
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command == "train":
+    parser, commands = build_parser()
+    if not argv or argv[0] not in commands:
+        parser.parse_args(argv or ["--help"])  # --help, or argparse's error for a bad command
+        return 2
+    if argv[0] == "train":
         from segexp import train
 
         # argv[0] is the Hydra app's file: Lightning's DDP launcher re-runs `argv[0] argv[1:]`
         # for the other ranks, and that must start training, not the `segexp` dispatcher.
-        sys.argv = [train.__file__, *rest]
+        sys.argv = [train.__file__, *argv[1:]]
         train.main()
         return 0
-    commands = {
-        "make-data": make_data,
-        "check-data": check_data,
-        "predict": predict,
-        "blame": blame,
-        "effects": effects,
-        "compare": compare,
-        "runs": runs,
-        "ui": ui,
-    }
-    if command in commands:
-        return commands[command](rest)
-    print(f"segexp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    return run_reporting_errors(argv[0], args)
+
+
+def run_reporting_errors(name: str, args) -> int:
+    """Run a subcommand; bad input (data, config, store, unknown run) is one line and exit 2."""
+    from mlflow.exceptions import MlflowException
+
+    from segexp.store import StoreError
+
+    try:
+        return args.handler(args)
+    except (ValueError, StoreError, MlflowException) as err:  # DataError, ConfigError too
+        message = err.message if isinstance(err, MlflowException) else str(err)
+        print(f"segexp {name}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from segexp import tracking
-from segexp.report import _figure, _save
+from segexp import config
+from segexp.plots import epoch_axis, figure, run_styles, save
 
 RESULT_KEYS = ["val/dice_best", "best_epoch"]
 
@@ -44,7 +44,7 @@ def differing_params(runs: list[Run]) -> list[str]:
     return [
         k
         for k in table.columns
-        if not tracking.is_bookkeeping(k) and table[k].nunique(dropna=False) > 1
+        if not config.is_bookkeeping(k) and table[k].nunique(dropna=False) > 1
     ]
 
 
@@ -93,9 +93,10 @@ def plot_runs(
     client: MlflowClient, runs: list[Run], params: list[str], path: Path, keys=("val/dice",)
 ) -> Path:
     """One panel per metric key, one line per run against epoch, labelled by its differing params."""
-    fig, axes = _figure(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
+    fig, axes = figure(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
+    styles = run_styles(len(runs))
     for ax, key in zip(axes[0], keys, strict=True):
-        for run in runs:
+        for run, style in zip(runs, styles, strict=True):
             points = sorted(
                 (m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)
             )
@@ -104,11 +105,13 @@ def plot_runs(
                 label = label or run.info.run_name
                 if run.data.params.get("seed") is not None:
                     label += f" seed={run.data.params['seed']}"
-                ax.plot(*zip(*points, strict=True), marker=".", label=label)
-        ax.set(xlabel="epoch", ylabel=key, title=key)
+                ax.plot(*zip(*points, strict=True), label=label, markersize=4, alpha=0.85, **style)
+        ax.set(ylabel=key, title=key)
+        epoch_axis(ax)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    # outside the axes: a legend never hides a curve
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return save(fig, path)
 
 
 def compare(
@@ -130,3 +133,30 @@ def compare(
     for parent in parents:
         client.log_artifact(parent.info.run_id, str(out), "compare")
     return {"table": table, "grouped": grouped, "plot": out}
+
+
+def effects(client: MlflowClient, parent_run_id: str, metric: str, out: Path) -> dict:
+    """`segexp effects`: which hyperparameter matters across a sweep (or blame), seeds as
+    replicates, from its FINISHED child runs; trains nothing."""
+    from segexp.importance import importance_table, marginal_means, plot_marginal_means
+
+    parent = client.get_run(parent_run_id)
+    finished = [c for c in children(client, parent) if c.info.status == "FINISHED"]
+    if not finished:
+        raise ValueError(f"run {parent_run_id} has no FINISHED child runs")
+    varying = differing_params(finished)
+    if not varying:
+        raise ValueError(f"the child runs of {parent_run_id} do not differ in any param")
+    table = pd.DataFrame([{**c.data.params, metric: c.data.metrics.get(metric)} for c in finished])
+    importance = importance_table(table, varying, metric)
+    means = marginal_means(table, varying, metric)
+    print(f"importance over {len(finished)} runs ({metric}):")
+    print(importance.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print("\nmarginal means (95% CI):")
+    print(means.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_marginal_means(means, metric, out)
+    print(f"\nplot: {out}")
+    client.log_artifact(parent_run_id, str(out), "effects")
+    return {"importance": importance, "means": means, "plot": out}

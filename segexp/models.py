@@ -1,9 +1,20 @@
-"""The plain U-Net of both seed projects; `segmentation_models_pytorch` covers everything else."""
+"""The networks: a `model` config built into a module, and the plain U-Net of both seed projects.
+
+`segmentation_models_pytorch` (`model=smp`) covers every other architecture.
+"""
 
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
+
+from segexp import config
+
+
+def build_net(model_cfg: DictConfig) -> nn.Module:
+    """The network of a `model` config (its `_target_` checked against the allowed targets)."""
+    return config.instantiate(model_cfg, "model")
 
 
 def _block(in_channels: int, out_channels: int, batch_norm: bool) -> nn.Sequential:

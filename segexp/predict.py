@@ -59,9 +59,9 @@ def load_run_model(client, run_id: str) -> tuple[torch.nn.Module, dict, dict]:
             map_location="cpu",
             weights_only=True,
         )
-    from segexp.train import build_net
+    from segexp.models import build_net
 
-    net, _ = build_net(cfg.model)
+    net = build_net(cfg.model)
     net.load_state_dict(
         {
             k.removeprefix("net."): v

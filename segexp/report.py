@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import yaml
 from omegaconf import DictConfig
 
-from segexp import tracking
+from segexp import config, tracking
 from segexp.data import SegDataModule
 from segexp.metrics import summarize, volume_table
 from segexp.module import SegModule
-
-matplotlib.use("Agg")  # headless: runs on servers and in CI
+from segexp.plots import epoch_axis, figure, save
 
 CURVE_KEYS = ["train/loss", "val/loss", "val/dice", "val/iou", "val/dice_volume"]
 
@@ -32,53 +31,50 @@ def log_run_inputs(
     if not run.active:  # DDP rank > 0
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    config = tracking.redacted(cfg)
+    resolved = config.redacted(cfg)
     run.set_tags(
         {
             **tracking.git_tags(),
-            "hydra.overrides": tracking.redact("overrides", " ".join(overrides)),
+            "hydra.overrides": config.redact("overrides", " ".join(overrides)),
             "dataset.fingerprint": datamodule.fingerprint,
             "dataset.train_images": len(datamodule.train_idx),
             "dataset.val_images": len(datamodule.val_idx),
             "segexp.output_dir": str(output_dir.resolve()),
-            "segexp.config_hash": tracking.config_hash(config),
+            "segexp.config_hash": config.config_hash(resolved),
+            **choice_tags(),
         }
     )
-    run.log_params(tracking.flatten(config))
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    run.log_params(config.flatten(resolved))
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     run.log_artifact(output_dir / "config.yaml")
     datamodule.split_table().to_csv(output_dir / "split.csv", index=False)
     run.log_artifact(output_dir / "split.csv")
 
 
+def choice_tags() -> dict[str, str]:
+    """The config-group options Hydra chose (`{"model": "unet_small", ...}`), for blame's factors."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    picked = {k: v for k, v in choices.items() if not k.startswith("hydra/") and v is not None}
+    return {"segexp.choices": json.dumps(picked, sort_keys=True)}
+
+
 def plot_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
     """Loss (left) and overlap metrics (right) per epoch."""
-    fig, (ax_loss, ax_dice) = _figure(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_dice) = figure(1, 2, figsize=(10, 4))
     for key, points in history.items():
         if points:
             ax = ax_loss if key.endswith("loss") else ax_dice
             ax.plot(*zip(*points, strict=True), marker="o", label=key)
     for ax, title in ((ax_loss, "loss"), (ax_dice, "overlap")):
-        ax.set(xlabel="epoch", title=title)
+        ax.set(title=title)
+        epoch_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(fig, path)
-
-
-def _figure(*args, **kwargs):
-    import matplotlib.pyplot as plt  # after the Agg backend is chosen
-
-    return plt.subplots(*args, **kwargs)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    fig.clf()
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+    save(fig, path)
 
 
 def plot_distributions(table, unit: str, path: Path) -> Path:
@@ -86,7 +82,7 @@ def plot_distributions(table, unit: str, path: Path) -> Path:
 
     Side by side they show why accuracy misleads: nearly all pixels are background.
     """
-    fig, axes = _figure(1, 2, figsize=(8, 4))
+    fig, axes = figure(1, 2, figsize=(8, 4))
     rng = np.random.default_rng(0)
     for ax, column in zip(axes, ("dice", "accuracy"), strict=True):
         values = table[column].to_numpy()
@@ -96,7 +92,7 @@ def plot_distributions(table, unit: str, path: Path) -> Path:
         ax.axhline(np.median(values), color="green", label=f"median {np.median(values):.3f}")
         ax.set(title=f"{column} per {unit}", ylim=(-0.02, 1.02), xticks=[])
         ax.legend(loc="lower left")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_overlays(
@@ -122,7 +118,7 @@ def plot_overlays(
         def row_of(case_id: str) -> int:
             return int(np.nonzero(cases.case_id.to_numpy() == case_id)[0][0])
 
-    fig, axes = _figure(1, 2, figsize=(9, 4.5))
+    fig, axes = figure(1, 2, figsize=(9, 4.5))
     for ax, label, name in zip(
         axes, ("best", "worst"), (ranked.index[0], ranked.index[-1]), strict=True
     ):
@@ -135,12 +131,12 @@ def plot_overlays(
         rgb[find_boundaries(pred)] = (1, 0, 0)
         ax.imshow(rgb)
         ax.set(title=f"{label}: {name}\n{rank_by} {ranked[name]:.3f}", xticks=[], yticks=[])
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_hc_agreement(cases, path: Path) -> Path:
     """Predicted vs reference HC (left) and Bland-Altman difference vs mean (right)."""
-    fig, (ax_scatter, ax_ba) = _figure(1, 2, figsize=(9, 4))
+    fig, (ax_scatter, ax_ba) = figure(1, 2, figsize=(9, 4))
     true, pred = cases.hc_true_mm.to_numpy(), cases.hc_pred_mm.to_numpy()
     ax_scatter.scatter(true, pred, s=12)
     limits = [0, max(true.max(), pred.max()) * 1.05]
@@ -161,7 +157,7 @@ def plot_hc_agreement(cases, path: Path) -> Path:
         ylabel="predicted - reference (mm)",
         title=f"bias {diff.mean():+.2f} mm",
     )
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def log_plots(
@@ -211,7 +207,8 @@ def log_final_evaluation(
     final["best_epoch"] = best_epoch
     if not run.active:  # DDP rank > 0: validated with the others, rank 0 writes the results
         return final
-    run.log_metrics(final, step=0)
+    # one evaluation per fit: a run resumed for more epochs adds a point, never a duplicate
+    run.log_metrics(final, step=trainer.current_epoch - 1)
 
     if "hc_true_mm" in cases:  # HC18: name each row by its image file, as the challenge does
         cases.insert(0, "filename", cases.case_id + ".png")

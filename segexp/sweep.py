@@ -26,7 +26,8 @@ from hydra.types import RunMode
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from segexp import compare, tracking
+from segexp import compare, store, tracking
+from segexp.config import config_hash, redact, redacted
 
 PARENT_ENV = "SEGEXP_SWEEP_PARENT_RUN_ID"
 SWEPT_ENV = "SEGEXP_SWEPT_KEYS"  # keys with several values: they name the child runs
@@ -73,7 +74,7 @@ def finished_twin(client: MlflowClient, cfg: DictConfig) -> str | None:
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is None:
         return None
-    key = tracking.config_hash(tracking.redacted(cfg))
+    key = config_hash(redacted(cfg))
     runs = client.search_runs(
         [experiment.experiment_id],
         f"tags.`segexp.config_hash` = '{key}' and params.seed = '{cfg.seed}'"
@@ -104,13 +105,12 @@ class SweepCallback(Callback):
         self.interrupted = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        uri, artifact_root = tracking.store_locations(config.tracking, Path(config.work_dir))
-        self.client = tracking.prepare_store(uri, artifact_root)
-        experiment_id = tracking.experiment_id(
-            self.client, config.tracking.experiment, artifact_root
-        )
-        tracking.cleanup_stale_runs(self.client, [experiment_id])
-        sweep_grid = tracking.redact("overrides", grid(list(config.hydra.overrides.task)))
+        if os.environ.get(PARENT_ENV):
+            return  # jobs of an outer run (`segexp blame` cells): that run is their parent
+        self.client, artifact_root = store.open_store(config.tracking, Path(config.work_dir))
+        experiment_id = store.experiment_id(self.client, config.tracking.experiment, artifact_root)
+        store.cleanup_stale_runs(self.client, [experiment_id])
+        sweep_grid = redact("overrides", grid(list(config.hydra.overrides.task)))
         resume = config.get("sweep", {}).get("resume")
         previous = resume and previous_parent(self.client, experiment_id, sweep_grid)
         if previous:
@@ -134,6 +134,7 @@ class SweepCallback(Callback):
         self.client.set_tag(self.parent_run_id, "segexp.pid", str(os.getpid()))
         self.client.set_tag(self.parent_run_id, "segexp.host", socket.gethostname())
         os.environ[PARENT_ENV] = self.parent_run_id
+        os.environ[tracking.LAUNCHER_PID_ENV] = str(os.getpid())
         os.environ[SWEPT_ENV] = " ".join(swept_keys(list(config.hydra.overrides.task)))
         print(f"sweep parent run {self.parent_run_id} (experiment '{config.tracking.experiment}')")
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -141,6 +142,7 @@ class SweepCallback(Callback):
 
     def _on_sigterm(self, signum, frame):
         self.interrupted = True
+        tracking.received_signal.append(signum)  # no further job starts, whatever catches this
         raise KeyboardInterrupt(f"received signal {signum}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -152,10 +154,11 @@ class SweepCallback(Callback):
             return
         parent_run_id, self.parent_run_id = self.parent_run_id, None
         os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(tracking.LAUNCHER_PID_ENV, None)
         client = self.client
         parent = client.get_run(parent_run_id)
         wait_for_jobs(client, parent)
-        tracking.cleanup_stale_runs(client, [parent.info.experiment_id])
+        store.cleanup_stale_runs(client, [parent.info.experiment_id])
         runs = compare.children(client, parent)
         runs = list({r.info.run_id: r for r in runs + reused_runs(client, parent)}.values())
         latest = latest_per_config(runs)
@@ -181,7 +184,7 @@ def wait_for_jobs(client: MlflowClient, parent, timeout: float = 30.0) -> None:
             if r.info.status == "RUNNING"
             and r.data.tags.get("segexp.pid", "").isdigit()
             and int(r.data.tags["segexp.pid"]) != os.getpid()  # in-process jobs are done
-            and tracking.process_alive(int(r.data.tags["segexp.pid"]))
+            and store.process_alive(int(r.data.tags["segexp.pid"]))
         ]
         if not running:
             return

@@ -1,22 +1,14 @@
-"""MLflow tracking: the explicit default store, run lifecycle, params, tags and per-epoch metrics.
-
-The embedded default is `sqlite:///<work_dir>/mlflow.db` with artifacts in `<work_dir>/artifacts`
-(`work_dir` defaults to `./mlruns`); `tracking.uri` or `MLFLOW_TRACKING_URI` points at a server.
-"""
+"""The life of one MLflow run: status on every exit, params, tags and per-epoch metrics."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import json
 import math
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -25,123 +17,15 @@ import pytorch_lightning as pl
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from segexp import config, store
+
 RUN_ENV = "SEGEXP_RUN_ID"  # rank 0's run, for the DDP processes Lightning starts
 PARAM_BATCH = 100  # MLflow's per-request limit on params
-SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key|credential", re.IGNORECASE)
-URI_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
-OVERRIDE_SECRET = re.compile(
-    r"((?:pass(?:word)?|secret|token|api_?key|credential)[^=\s]*=)\S+", re.IGNORECASE
-)
-
-
-def redact(key: str, value: str) -> str:
-    """Hide passwords in URIs and the values of secret-looking keys."""
-    if SECRET_KEY.search(key.rsplit(".", 1)[-1]):
-        return "***"
-    value = OVERRIDE_SECRET.sub(r"\1***", value)
-    return URI_PASSWORD.sub(r"\1***\3", value)
-
-
-def store_locations(tracking_cfg: DictConfig, work_dir: Path) -> tuple[str, str]:
-    """(tracking URI, artifact root URI): explicit config, then MLFLOW_TRACKING_URI, then default."""
-    uri = tracking_cfg.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
-    uri = uri or f"sqlite:///{(work_dir / 'mlflow.db').resolve()}"
-    artifacts = tracking_cfg.get("artifact_location") or (work_dir / "artifacts").resolve().as_uri()
-    return uri, artifacts
-
-
-def prepare_store(uri: str, artifact_root: str) -> MlflowClient:
-    """A client for `uri`; a SQLite store is created and migrated once, under a file lock.
-
-    Several processes opening a fresh SQLite database at once race in MLflow's schema setup,
-    so the first one creates it while the others wait on the lock.
-    """
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(Path(f"{db}.lock")):
-            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-            SqlAlchemyStore(uri, artifact_root)  # creates or migrates the schema, then closes
-    return MlflowClient(tracking_uri=uri)
-
-
-def experiment_id(client: MlflowClient, name: str, artifact_root: str) -> str:
-    """Get or create the experiment, with its artifacts under `artifact_root/<name>`."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(
-            name, artifact_location=f"{artifact_root.rstrip('/')}/{name}"
-        )
-    except MlflowException:  # created by a concurrent job in between
-        return client.get_experiment_by_name(name).experiment_id
-
-
-def redacted(cfg: DictConfig | ListConfig, key: str = "", raw=None):
-    """The resolved config as plain containers, with secret values and URI passwords hidden.
-
-    A value written as `${oc.env:NAME}` is kept as that text: what the environment held
-    (a token, a password) never reaches params, tags or config.yaml, and resume re-reads it.
-    """
-    if OmegaConf.is_config(cfg):
-        raw = OmegaConf.to_container(cfg, resolve=False)
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(raw, str) and "${oc.env:" in raw:
-        return raw
-    if isinstance(cfg, dict):
-        raw = raw if isinstance(raw, dict) else {}
-        return {k: redacted(v, f"{key}.{k}", raw.get(k)) for k, v in cfg.items()}
-    if isinstance(cfg, list):
-        raw = raw if isinstance(raw, list) and len(raw) == len(cfg) else [None] * len(cfg)
-        return [redacted(v, key, r) for v, r in zip(cfg, raw, strict=True)]
-    return redact(key, cfg) if isinstance(cfg, str) else cfg
-
-
-def flatten(node: dict, prefix: str = "") -> dict[str, str]:
-    """Nested dict as `a.b.c -> value` strings, lists kept whole, values never truncated."""
-    flat: dict[str, str] = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)
-    return flat
-
-
-# Keys that say where and how a run was recorded, not what was trained.
-BOOKKEEPING = (
-    "work_dir",
-    "run_name",
-    "resume",
-    "tracking.",
-    "dataset.root",
-    "dataset.cache_dir",
-    "dataset.num_workers",
-    "trainer.enable_progress_bar",
-    "trainer.log_every_n_steps",
-    "sweep.",
-)
-REPLICATE = ("seed", "dataset.split_seed")  # replicates, not factors
-
-
-def is_bookkeeping(key: str) -> bool:
-    return key in REPLICATE or any(
-        key == b or (b.endswith(".") and key.startswith(b)) for b in BOOKKEEPING
-    )
-
-
-def config_hash(config: dict) -> str:
-    """Hash of what was trained (bookkeeping and seed excluded): equal configs, equal hashes."""
-    flat = {k: v for k, v in flatten(config).items() if not is_bookkeeping(k)}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+LAUNCHER_PID_ENV = "SEGEXP_LAUNCHER_PID"  # the sweep's process: its jobs end when it is gone
+# The first SIGTERM/SIGINT this process received: once set, no further job of a sweep starts.
+received_signal: list[int] = []
 
 
 def git_tags() -> dict[str, str]:
@@ -149,7 +33,12 @@ def git_tags() -> dict[str, str]:
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, timeout=10
+            ["git", *args],
+            cwd=config.PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout.strip()
 
     try:
@@ -159,41 +48,6 @@ def git_tags() -> dict[str, str]:
         }
     except (OSError, subprocess.SubprocessError):
         return {}
-
-
-def process_alive(pid: int) -> bool:
-    """Whether `pid` is a live (not zombie) process on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def cleanup_stale_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
-    """Mark KILLED the RUNNING runs whose recorded process (pid on this host) is gone.
-
-    A run killed by SIGKILL or the OOM killer cannot end itself; its `segexp.pid` and
-    `segexp.host` tags tell whether anything is still writing to it. Runs of other hosts are
-    left alone. Returns the ids marked.
-    """
-    host, marked = socket.gethostname(), []
-    for run in client.search_runs(
-        experiment_ids, "attributes.status = 'RUNNING'", max_results=5000
-    ):
-        tags = run.data.tags
-        pid = tags.get("segexp.pid", "")
-        if tags.get("segexp.host") != host or not pid.isdigit() or process_alive(int(pid)):
-            continue
-        client.set_tag(run.info.run_id, "stop_reason", f"process {pid} on {host} is gone")
-        client.set_terminated(run.info.run_id, status="KILLED")
-        marked.append(run.info.run_id)
-    return marked
 
 
 class Interrupted(KeyboardInterrupt):
@@ -218,7 +72,7 @@ class TrackedRun:
     ):
         self.client, self.run_name, self.resume_run_id = client, run_name, resume_run_id
         self.parent_run_id = parent_run_id
-        self.experiment_id = experiment_id(client, experiment, artifact_root)
+        self.experiment_id = store.experiment_id(client, experiment, artifact_root)
         self.run_id: str | None = resume_run_id
         self.signal_received: int | None = None
         self.interrupted = False  # set by EpochMetricsToMLflow when Lightning saw Ctrl-C
@@ -239,10 +93,14 @@ class TrackedRun:
         self.set_tags({"segexp.pid": str(os.getpid()), "segexp.host": socket.gethostname()})
         os.environ[RUN_ENV] = self.run_id
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+        if launcher.isdigit() and int(launcher) != os.getpid():  # a joblib/submitit worker
+            watch_launcher(int(launcher))
         return self
 
     def _on_sigterm(self, signum, frame):
         self.signal_received = signum
+        received_signal.append(signum)
         raise Interrupted(f"received signal {signum}")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -251,24 +109,25 @@ class TrackedRun:
         os.environ.pop(RUN_ENV, None)
         signal.signal(signal.SIGTERM, self._previous_sigterm)
         if exc_type is None:
-            status = "FINISHED"
+            status, tags = "FINISHED", {}
         elif self.signal_received or self.interrupted or issubclass(exc_type, KeyboardInterrupt):
             status = "KILLED"  # Lightning turns Ctrl-C into SystemExit(1): `interrupted` remembers
-            self.set_tags(
-                {
-                    "stop_reason": f"signal {self.signal_received}"
-                    if self.signal_received
-                    else "interrupted"
-                }
-            )
+            reason = f"signal {self.signal_received}" if self.signal_received else "interrupted"
+            tags = {"stop_reason": reason}
         else:
-            status = "FAILED"
-            self.set_tags({"failure_reason": f"{exc_type.__name__}: {exc}"[:5000]})
-        self.client.set_terminated(self.run_id, status=status)
-        if self.signal_received:
-            raise SystemExit(
-                128 + self.signal_received
-            ) from exc  # the shell's code for "killed by"
+            status, tags = "FAILED", {"failure_reason": f"{exc_type.__name__}: {exc}"[:5000]}
+        try:
+            self.set_tags(tags)
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as err:  # the store itself is gone: say so, keep the original error
+            print(
+                f"segexp: could not mark run {self.run_id} {status} in the tracking store "
+                f"({type(err).__name__}); `segexp runs cleanup` marks it once the store is back"
+            )
+            if exc_type is None:
+                raise
+        if status == "KILLED":  # the shell's code for "killed by": 143 for SIGTERM, 130 for Ctrl-C
+            raise SystemExit(128 + (self.signal_received or signal.SIGINT)) from exc
         return False
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -349,6 +208,7 @@ class EpochMetricsToMLflow(pl.Callback):
         self.logged = self.run.logged_steps("train/loss")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._lr = float(trainer.optimizers[0].param_groups[0]["lr"])  # the epoch's, before a step
         self._start = self._train_end = time.perf_counter()
         self._images, self._first = 0, None
 
@@ -382,12 +242,18 @@ class EpochMetricsToMLflow(pl.Callback):
             for k, v in trainer.callback_metrics.items()
             if k.startswith(("train/", "val/"))
         }
+        metrics["train/lr"] = self._lr
         bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
         if bad:
             raise NonFiniteMetricError(f"non-finite metrics at epoch {epoch}: {bad}")
+        timing = self.timing()
         if epoch not in self.logged:
-            self.run.log_metrics({**metrics, **self.timing()}, step=epoch)
+            self.run.log_metrics({**metrics, **timing}, step=epoch)
             self.logged.add(epoch)
+        if trainer.progress_bar_callback is None and trainer.is_global_zero:
+            shown = {k: v for k, v in metrics.items() if k.count("/") == 1 and "_" not in k}
+            line = " ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items()))
+            print(f"epoch {epoch}: {line} ({timing['time/epoch_seconds']:.0f} s)", flush=True)
         self._save(trainer, "last.ckpt")
 
     def _save(self, trainer, name: str) -> None:
@@ -402,10 +268,12 @@ class EpochMetricsToMLflow(pl.Callback):
         self._save(trainer, "on_exception.ckpt")
 
 
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock held for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+def watch_launcher(pid: int, interval: float = 2.0) -> None:
+    """SIGTERM this process once the sweep process `pid` is gone (kill -9 leaves orphan jobs)."""
+
+    def watch():
+        while store.process_alive(pid):
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="segexp-launcher-watch").start()

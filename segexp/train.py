@@ -3,54 +3,56 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import albumentations as A
 import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-from segexp import report, sweep, tracking
+from segexp import config, report, store, sweep, tracking
+from segexp.cases import DataError
+from segexp.config import ConfigError
 from segexp.data import SegDataModule
+from segexp.models import build_net
 from segexp.module import SegModule
 
-CONFIG_DIR = tracking.PROJECT_ROOT / "conf"
-# `_target_`s may only name these packages: a config can never call os.system & co.
-ALLOWED_TARGETS = (
-    "torch.",
-    "segmentation_models_pytorch.",
-    "albumentations.",
-    "segexp.",
-    "pytorch_lightning.",
-    "lightning.",
-)
-OmegaConf.register_new_resolver(
-    "pm", lambda delta, center=0: [center - delta, center + delta], replace=True
-)
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Refuse, by key, the values that cannot train, before the store or any data is touched."""
+    config.check_targets(cfg)
+    if OmegaConf.is_missing(cfg.dataset, "root"):
+        raise ConfigError(
+            f"dataset.root is required for dataset {cfg.dataset.name!r}: "
+            f"pass dataset.root=/path/to/{cfg.dataset.name}"
+        )
+    for key in ("seed", "trainer.max_epochs"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+    if cfg.trainer.max_epochs < 1:
+        raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
+    if cfg.checkpoint.mode not in ("min", "max"):
+        raise ConfigError(f"checkpoint.mode={cfg.checkpoint.mode!r} must be 'min' or 'max'")
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work, named by its key."""
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose file is replaced atomically: a kill mid-write keeps the old one."""
 
-
-def check_config(cfg: DictConfig, path: str = "") -> None:
-    """Reject `_target_`s outside ALLOWED_TARGETS before anything is instantiated."""
-    for key, value in cfg.items() if isinstance(cfg, DictConfig) else enumerate(cfg):
-        name = f"{path}.{key}" if path else str(key)
-        if key == "_target_" and not str(value).startswith(ALLOWED_TARGETS):
-            raise ConfigError(
-                f"{name}={value!r} is not allowed: targets must start with one of {ALLOWED_TARGETS}"
-            )
-        if OmegaConf.is_config(value):
-            check_config(value, name)
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        tmp = str(Path(filepath).with_name(f".{Path(filepath).name}.tmp"))
+        super()._save_checkpoint(trainer, tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        self._last_checkpoint_saved = filepath
 
 
 @dataclass
@@ -61,7 +63,10 @@ class Resume:
 
 
 def resume_target(client, run_id: str, overrides: list[str]) -> tuple[Resume, DictConfig]:
-    """The run's last checkpoint and its logged config with `overrides` applied on top."""
+    """The run's last checkpoint and its logged config with `overrides` applied on top.
+
+    The stored config is data from the store: it passes `check_run_config` again before use.
+    """
     try:
         run = client.get_run(run_id)
     except Exception as err:
@@ -73,7 +78,7 @@ def resume_target(client, run_id: str, overrides: list[str]) -> tuple[Resume, Di
             f"resume={run_id}: no checkpoint at {checkpoint}; the run cannot be resumed"
         )
     try:
-        torch.load(checkpoint, map_location="cpu", weights_only=True)
+        epochs_done = 1 + torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"]
     except Exception as err:
         raise ConfigError(
             f"resume={run_id}: checkpoint {checkpoint} is unreadable ({err})"
@@ -81,23 +86,37 @@ def resume_target(client, run_id: str, overrides: list[str]) -> tuple[Resume, Di
     with tempfile.TemporaryDirectory() as tmp:
         saved = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
     extra = [o for o in overrides if not o.startswith("resume=")]
+    groups = {p.name for p in config.CONFIG_DIR.iterdir() if p.is_dir()}
+    switches = [
+        o
+        for o in extra
+        if o.split("=", 1)[0].lstrip("+~").split("/")[0] in groups and "." not in o.split("=", 1)[0]
+    ]
+    if switches:
+        raise ConfigError(
+            f"resume={run_id}: a resumed run keeps its config groups; only values can change "
+            f"(e.g. trainer.max_epochs=20), got {switches}"
+        )
     cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(extra))
     cfg.resume = run_id
+    check_run_config(cfg)
+    if run.info.status == "FINISHED" and cfg.trainer.max_epochs <= epochs_done:
+        raise ConfigError(
+            f"resume={run_id}: the run FINISHED its {epochs_done} epochs; "
+            f"pass trainer.max_epochs > {epochs_done} to train on"
+        )
     return Resume(run_id, checkpoint, output_dir), cfg
-
-
-def choice(cfg: DictConfig, group: str) -> str:
-    """The config-group option chosen for `group` (e.g. `unet_small`), when Hydra knows it."""
-    if HydraConfig.initialized():
-        return HydraConfig.get().runtime.choices.get(group) or "?"
-    target = str(OmegaConf.select(cfg, f"{group}._target_", default="?"))
-    return OmegaConf.select(cfg, f"{group}.arch") or target.rsplit(".", 1)[-1]
 
 
 def run_name(cfg: DictConfig) -> str:
     if cfg.run_name:
         return cfg.run_name
-    return f"{cfg.dataset.name} {choice(cfg, 'model')} lr={cfg.optimizer.lr:g} bs={cfg.dataset.batch_size}"
+    model = (
+        HydraConfig.get().runtime.choices.get("model")
+        if HydraConfig.initialized()
+        else OmegaConf.select(cfg, "model.arch") or str(cfg.model._target_).rsplit(".", 1)[-1]
+    )
+    return f"{cfg.dataset.name} {model} lr={cfg.optimizer.lr:g} bs={cfg.dataset.batch_size}"
 
 
 def resolve_precision(precision: str) -> str:
@@ -110,45 +129,35 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
 
 
-def check_augment(datamodule: SegDataModule) -> None:
-    """Run the augmentation once on a training item, so a bad transform fails before any run."""
-    if datamodule.train_transform is None:
-        return
-    datamodule.setup("fit")
-    try:
-        datamodule.train_set[0]
-    except Exception as err:
-        raise ConfigError(f"augment.transforms fails on a training image: {err}") from err
-
-
 def resolve_channels_last(value: bool | str, precision: str) -> bool:
-    """`auto`: channels-last memory format where it is faster: on GPUs, and with bf16 on CPUs.
-
-    In fp32 on a CPU it depends on the net (`make bench`: unet_buda at 256 px no faster,
-    unet_small at 128 px 17% faster), so there `auto` stays contiguous and configs choose.
-    """
+    """`auto`: channels-last memory format on GPUs and with bf16 on CPUs."""
     if value != "auto":
         return bool(value)
     return torch.cuda.is_available() or resolve_precision(precision).startswith("bf16")
 
 
-def build_net(model_cfg: DictConfig) -> tuple[torch.nn.Module, bool | str]:
-    """The network of a `model` config, and its `channels_last` setting (segexp's, not the model's)."""
-    args = OmegaConf.to_container(model_cfg, resolve=True)
-    channels_last = args.pop("channels_last", "auto")
-    return instantiate(args), channels_last
+def build_datamodule(cfg: DictConfig) -> SegDataModule:
+    """The DataModule with its data checked and decoded, and the augmentation tried once."""
+    augment = config.instantiate(cfg.augment, "augment") if cfg.augment else None
+    datamodule = config.instantiate(cfg.dataset, "dataset", train_transform=augment)
+    datamodule.prepare_data()  # bad input fails here, before a run exists
+    if augment is not None:
+        datamodule.setup("fit")
+        try:
+            datamodule.train_set[0]
+        except Exception as err:
+            raise ConfigError(f"augment fails on a training image: {err}") from err
+    return datamodule
 
 
 def build_module(cfg: DictConfig, datamodule: SegDataModule) -> SegModule:
-    net, channels_last = build_net(cfg.model)
-    channels_last = resolve_channels_last(channels_last, cfg.trainer.precision)
     return SegModule(
-        net=net,
-        loss=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        net=build_net(cfg.model),
+        loss=config.instantiate(cfg.loss, "loss"),
+        optimizer=config.instantiate(cfg.optimizer, "optimizer"),
+        scheduler=config.instantiate(cfg.scheduler, "scheduler") if cfg.scheduler else None,
         volumetric=datamodule.volumetric,
-        channels_last=channels_last,
+        channels_last=resolve_channels_last(cfg.performance.channels_last, cfg.trainer.precision),
         monitor=cfg.checkpoint.monitor,
         hc_boundary_offset_px=datamodule.hc_boundary_offset_px,
     )
@@ -157,8 +166,15 @@ def build_module(cfg: DictConfig, datamodule: SegDataModule) -> SegModule:
 def build_trainer(cfg: DictConfig, run: tracking.TrackedRun, output_dir: Path) -> pl.Trainer:
     checkpoints = output_dir / "checkpoints"
     callbacks = [
-        ModelCheckpoint(
-            checkpoints, filename="best", monitor=cfg.checkpoint.monitor, mode=cfg.checkpoint.mode
+        # saved when validation ends, so the epoch's last.ckpt (written at train epoch end)
+        # already knows this epoch's best; one best.ckpt, overwritten in place on resume
+        AtomicModelCheckpoint(
+            checkpoints,
+            filename="best",
+            monitor=cfg.checkpoint.monitor,
+            mode=cfg.checkpoint.mode,
+            save_on_train_epoch_end=False,
+            enable_version_counter=False,
         ),
         tracking.EpochMetricsToMLflow(run, checkpoints),
     ]
@@ -166,8 +182,11 @@ def build_trainer(cfg: DictConfig, run: tracking.TrackedRun, output_dir: Path) -
         callbacks.append(
             EarlyStopping(cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, **cfg.early_stopping)
         )
-    return instantiate(
+    progress_bar = cfg.trainer.get("enable_progress_bar")
+    return config.instantiate(
         cfg.trainer,
+        "trainer",
+        enable_progress_bar=sys.stderr.isatty() if progress_bar is None else progress_bar,
         precision=resolve_precision(cfg.trainer.precision),
         default_root_dir=str(output_dir),
         callbacks=callbacks,
@@ -185,18 +204,13 @@ def default_output_dir(cfg: DictConfig) -> Path:
 def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Train one run, log it to MLflow; returns `run_id` and the restored best epoch's metrics."""
     overrides = list(overrides or [])
-    check_config(cfg)
-    uri, artifact_root = tracking.store_locations(cfg.tracking, Path(cfg.work_dir))
-    client = tracking.prepare_store(uri, artifact_root)
+    check_run_config(cfg)
+    client, artifact_root = store.open_store(cfg.tracking, Path(cfg.work_dir))
     resume = None
     if cfg.resume:
         resume, cfg = resume_target(client, cfg.resume, overrides)
-        check_config(cfg)  # the stored config plus overrides is what will be instantiated
     pl.seed_everything(cfg.seed, workers=True)
-    augment = A.Compose(instantiate(cfg.augment.transforms)) if cfg.augment.transforms else None
-    datamodule = instantiate(cfg.dataset, train_transform=augment)
-    datamodule.prepare_data()  # bad input fails here, before a run exists
-    check_augment(datamodule)
+    datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
     output_dir = resume.output_dir if resume else default_output_dir(cfg)
     with tracking.TrackedRun(
@@ -225,27 +239,39 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     print(
         f"\nrun {run.run_id} in experiment '{cfg.tracking.experiment}':"
         f" val/dice_best={final['val/dice_best']:.4f} (epoch {final['best_epoch']})"
-        f"\noutputs: {output_dir}\nbrowse: make ui  (MLflow UI on http://127.0.0.1:5000)"
+        f"\noutputs: {output_dir}\nbrowse: segexp ui --work-dir {Path(cfg.work_dir).resolve()}"
     )
     return final
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+@hydra.main(config_path=str(config.CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point (`segexp train`, `python -m segexp.train`); returns val/dice_best."""
+    if tracking.received_signal:  # a sweep that was told to stop starts no further job
+        raise SystemExit(128 + tracking.received_signal[0])
     torch.set_num_threads(sweep.threads_per_job())
     overrides = list(HydraConfig.get().overrides.task)
+    if cfg.get("blame"):  # one cell of `segexp blame`, launched as a job of a multirun
+        cell = json.loads(Path(cfg.blame.cells).read_text())[cfg.blame.cell]
+        overrides = cell["overrides"]
+        cfg = config.compose(overrides)
+        cfg.run_name = cell["name"]
     if sweep.in_multirun() and os.environ.get(sweep.PARENT_ENV):
         cfg.tracking.parent_run_id = os.environ[sweep.PARENT_ENV]
         cfg.run_name = cfg.run_name or sweep.child_run_name(overrides) or None
         if cfg.sweep.resume and (reused := skip_finished(cfg)) is not None:
             return reused
-    return train(cfg, overrides)["val/dice_best"]
+    try:
+        return train(cfg, overrides)["val/dice_best"]
+    except (ConfigError, DataError, store.StoreError) as err:
+        if sweep.in_multirun():
+            raise  # Hydra records the failed job; the sweep's summary counts it
+        raise SystemExit(f"segexp train: {err}") from None
 
 
 def skip_finished(cfg: DictConfig) -> float | None:
     """`sweep.resume=true`: the val/dice_best of a FINISHED twin run, which the parent adopts."""
-    client = tracking.prepare_store(*tracking.store_locations(cfg.tracking, Path(cfg.work_dir)))
+    client, _ = store.open_store(cfg.tracking, Path(cfg.work_dir))
     twin = sweep.finished_twin(client, cfg)
     if twin is None:
         return None

@@ -10,11 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
-from segexp import synthetic, tracking
-from segexp.train import CONFIG_DIR
+from segexp import config, store, synthetic
 
 SHARED_HC18 = Path(__file__).resolve().parents[2] / "shared" / "data" / "hc18"
 TINY = [
@@ -41,7 +39,7 @@ def lgg_root(tmp_path_factory) -> Path:
 def store_template(tmp_path_factory) -> Path:
     """An MLflow SQLite schema made once (creating it costs seconds) and copied per test."""
     root = tmp_path_factory.mktemp("store")
-    tracking.prepare_store(f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri())
+    store.open_store({}, root)
     return root / "mlflow.db"
 
 
@@ -59,8 +57,7 @@ def client(work_dir) -> MlflowClient:
 
 def make_cfg(work_dir: Path, *overrides: str):
     """Compose conf/train.yaml with CLI-style overrides, as `segexp train` would."""
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=[f"work_dir={work_dir}", *overrides])
+    return config.compose([f"work_dir={work_dir}", *overrides])
 
 
 def only_run(client: MlflowClient, experiment: str):

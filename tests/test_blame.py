@@ -1,152 +1,164 @@
-"""segexp blame: the effect estimator on known answers, and end to end with a planted change."""
+"""segexp blame v2: factors as the user changed them, composed cells, end to end with trainings.
+
+The estimator's statistics (bias, coverage, family-wise error) are simulated in test_analysis.py.
+"""
 
 from __future__ import annotations
 
-import itertools
+import json
+import os
+import subprocess
+import sys
 
-import numpy as np
-import pandas as pd
 import pytest
 from conftest import make_cfg, steps
 
-from segexp import tracking
-from segexp.blame import (
-    blame,
-    cell_config,
-    effects_table,
-    factors_between,
-    make_design,
-    marginal_means,
-    parse_value,
-    sweep_effects,
-)
+from segexp import cli, config, factors
+from segexp.blame import blame
+from segexp.config import ConfigError
 from segexp.train import train
 
 
-def constructed(
-    main: dict[str, float],
-    interaction: float = 0.0,
-    seeds: int = 4,
-    noise: float = 0.002,
-    rng_seed: int = 1,
-) -> pd.DataFrame:
-    rng = np.random.default_rng(rng_seed)
-    rows = []
-    for levels in itertools.product((0, 1), repeat=len(main)):
-        for seed in range(seeds):
-            x = dict(zip(main, levels, strict=True))
-            y = (
-                0.8
-                + sum(effect * x[f] for f, effect in main.items())
-                + interaction * int(all(levels[:2]))
-            )
-            rows.append({**x, "seed": seed, "val/dice_best": y + rng.normal(0, noise)})
-    return pd.DataFrame(rows)
+def recorded(tmp_path, *overrides: str) -> tuple[dict, dict]:
+    """(tags, stored config) of a run as `segexp train OVERRIDES` records them."""
+    cfg, choices = config.compose([f"work_dir={tmp_path}", *overrides], choices=True)
+    tags = {"segexp.choices": json.dumps(choices), "hydra.overrides": " ".join(overrides)}
+    return tags, config.redacted(cfg)
 
 
-def test_main_effects_and_verdicts_on_known_answers():
-    effects, noise = effects_table(
-        constructed({"lr": -0.05, "wd": 0.0, "bs": 0.02}), ["lr", "wd", "bs"], "val/dice_best"
-    )
-    effects = effects.set_index("term")
-    assert effects.loc["lr", "effect"] == pytest.approx(-0.05, abs=0.003)
-    assert effects.loc["bs", "effect"] == pytest.approx(0.02, abs=0.003)
-    assert effects.loc[["lr", "wd", "bs"], "verdict"].tolist() == ["hurt", "within noise", "helped"]
-    assert (
-        effects.loc["lr", "ci_high"] < 0 < effects.loc["wd", "ci_high"]
-        and effects.loc["wd", "ci_low"] < 0
-    )
-    assert noise["seed_sd"] == pytest.approx(0.002, rel=0.4) and noise["dof"] == 8 * 3
-    assert effects.loc["lr x wd", "verdict"] == "within noise"
+def change_between(tmp_path, a: list[str], b: list[str]) -> factors.Change:
+    tags_a, config_a = recorded(tmp_path, *a)
+    tags_b, config_b = recorded(tmp_path, *b)
+    return factors.from_choices(tags_a, tags_b, config_a, config_b)
 
 
-def test_confidence_intervals_have_their_nominal_coverage():
-    # a zero effect is called `hurt`/`helped` in about 5% of experiments, a real one almost always
-    flagged = [
-        effects_table(
-            constructed({"lr": -0.004, "wd": 0.0}, rng_seed=i), ["lr", "wd"], "val/dice_best"
-        )[0]
-        .set_index("term")
-        .verdict
-        for i in range(200)
+def test_a_group_switch_is_one_factor_and_a_leaf_on_top_is_another(tmp_path):
+    change = change_between(tmp_path, ["optimizer=adam"], ["optimizer=sgd", "optimizer.lr=100"])
+    assert [f.label() for f in change.factors] == [
+        "optimizer: adam -> sgd",
+        "optimizer.lr: <default> -> 100",
     ]
-    false_positive = np.mean([v["wd"] != "within noise" for v in flagged])
-    power = np.mean([v["lr"] == "hurt" for v in flagged])
-    assert 0.01 <= false_positive <= 0.10 and power > 0.95
-
-
-def test_interactions_are_estimated():
-    effects, _ = effects_table(
-        constructed({"lr": 0.0, "wd": 0.0}, interaction=-0.04), ["lr", "wd"], "val/dice_best"
+    cells = {lv: change.cell_config(lv, ["seed=1"]) for lv in [(0, 0), (1, 0), (0, 1), (1, 1)]}
+    assert (
+        cells[(0, 0)].optimizer._target_ == "torch.optim.Adam"
+        and "momentum" not in cells[(0, 0)].optimizer
     )
-    effects = effects.set_index("term")
-    # y = c * lr * wd: half of c shows as each main effect and as the interaction contrast
-    assert effects.loc["lr x wd", "effect"] == pytest.approx(-0.02, abs=0.003)
-    assert effects.loc["lr x wd", "verdict"] == "hurt"
-
-
-def test_lower_is_better_metrics_flip_the_verdict():
-    data = constructed({"lr": 0.05})
-    data["val/loss"] = data.pop("val/dice_best")
-    effects, _ = effects_table(data, ["lr"], "val/loss")
-    assert effects.verdict.tolist() == ["hurt"]
-
-
-def test_no_replicates_gives_no_verdict():
-    effects, _ = effects_table(constructed({"lr": -0.05}, seeds=1), ["lr"], "val/dice_best")
-    assert effects.verdict.tolist() == ["no replicates"]
-
-
-def test_marginal_means_on_known_answers():
-    table = marginal_means(
-        constructed({"lr": -0.05, "wd": 0.0}), ["lr", "wd"], "val/dice_best"
-    ).set_index(["factor", "level"])
-    assert table.loc[("lr", 1), "mean"] - table.loc[("lr", 0), "mean"] == pytest.approx(
-        -0.05, abs=0.003
+    assert (cells[(1, 0)].optimizer._target_, cells[(1, 0)].optimizer.lr) == (
+        "torch.optim.SGD",
+        1e-2,
     )
-    assert table.loc[("lr", 1), "ci_high"] < table.loc[("lr", 0), "ci_low"]
-    assert table.loc[("wd", 0), "runs"] == 8
-
-
-def test_designs():
-    assert len(make_design(3).cells) == 8 and make_design(3).name.startswith("full")
-    oat = make_design(5)
-    assert len(oat.cells) == 12 and (0,) * 5 in oat.cells and (1,) * 5 in oat.cells
-    assert (1, 0, 0, 0, 0) in oat.cells and (0, 1, 1, 1, 1) in oat.cells
-    with pytest.raises(ValueError, match="--design"):
-        make_design(2, "latin")
-
-
-def test_factors_ignore_bookkeeping_and_cells_apply_them(tmp_path):
-    a = tracking.redacted(make_cfg(tmp_path / "a", "experiment=lgg_buda_1"))
-    b = tracking.redacted(
-        make_cfg(tmp_path / "b", "experiment=lgg_buda_2", "run_name=other", "seed=7")
+    assert (cells[(0, 1)].optimizer._target_, cells[(0, 1)].optimizer.lr) == (
+        "torch.optim.Adam",
+        100,
     )
-    factors = factors_between(a, b)
-    assert set(factors) == {
-        "dataset.batch_size",
-        "optimizer.lr",
-        "optimizer.weight_decay",
-        "trainer.max_epochs",
+    assert cells[(1, 1)].optimizer.momentum == 0.9 and cells[(1, 1)].optimizer.lr == 100
+    # the cell at A's levels is A itself: same config, same hash
+    tags_a, config_a = recorded(tmp_path, "optimizer=adam")
+    assert config.config_hash(config.redacted(cells[(0, 0)])) == config.config_hash(config_a)
+
+
+def test_a_model_switch_is_one_factor_not_its_leaves(tmp_path):
+    change = change_between(tmp_path, [], ["model=smp"])
+    assert [f.label() for f in change.factors] == ["model: unet_small -> smp"]
+
+
+def test_experiments_are_split_into_the_changes_they_bundle(tmp_path):
+    root = ["dataset.root=/data/lgg"]
+    change = change_between(
+        tmp_path, ["experiment=lgg_buda_1", *root], ["experiment=lgg_buda_2", *root]
+    )
+    assert {f.name: f.levels for f in change.factors} == {
+        "dataset.batch_size": (16, 32),
+        "optimizer.lr": (3e-4, 1e-3),
+        "optimizer.weight_decay": (0.0, 1e-4),
+        "trainer.max_epochs": (7, 10),
     }
-    assert factors["optimizer.lr"] == ("0.0003", "0.001")
-    assert (
-        parse_value("1e-06") == 1e-6
-        and parse_value("[16, 32]") == [16, 32]
-        and parse_value("None") is None
+    cfg = change.cell_config((1, 0, 1, 0), ["seed=3", "trainer.max_epochs=1"])
+    assert (cfg.dataset.batch_size, cfg.optimizer.lr, cfg.optimizer.weight_decay) == (
+        32,
+        3e-4,
+        1e-4,
     )
-    cfg = cell_config(a, factors, (1, 0, 1, 0), seed=3, overrides=["trainer.max_epochs=1"])
-    assert (
-        cfg.dataset.batch_size,
-        cfg.optimizer.lr,
-        cfg.optimizer.weight_decay,
-        cfg.trainer.max_epochs,
-        cfg.seed,
-    ) == (32, 3e-4, 1e-4, 1, 3)
-    assert tracking.config_hash(a) != tracking.config_hash(b)
-    assert tracking.config_hash(a) == tracking.config_hash(
-        {**a, "seed": 99, "work_dir": "/elsewhere"}
+    assert (cfg.trainer.max_epochs, cfg.seed, cfg.dataset.root) == (1, 3, "/data/lgg")
+
+
+def test_a_cell_that_cannot_exist_is_named_not_built(tmp_path):
+    change = change_between(
+        tmp_path, ["optimizer=adam"], ["optimizer=sgd", "optimizer.momentum=0.5"]
     )
+    with pytest.raises(
+        ConfigError, match="optimizer=adam, optimizer.momentum=0.5.*cannot be composed"
+    ):
+        change.cell_config((0, 1), [])
+    assert change.cell_config((1, 1), []).optimizer.momentum == 0.5
+
+
+def test_runs_without_choices_fall_back_to_leaves_grouped_per_config_group(tmp_path):
+    a = config.redacted(make_cfg(tmp_path, "optimizer=adam", "dataset.batch_size=8"))
+    b = config.redacted(make_cfg(tmp_path, "optimizer=sgd", "dataset.batch_size=16"))
+    change = factors.from_leaves(a, b)
+    assert [f.name for f in change.factors] == ["optimizer", "dataset.batch_size"]
+    cfg = change.cell_config((1, 0), [])
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and "betas" not in cfg.optimizer
+    assert cfg.dataset.batch_size == 8
+
+
+def test_options_and_overrides_mix_in_any_order():
+    _, commands = cli.build_parser()
+    args = commands["blame"].parse_intermixed_args(
+        [
+            "A",
+            "B",
+            "--seeds",
+            "2",
+            "trainer.max_epochs=3",
+            "--design",
+            "path",
+            "hydra/launcher=joblib",
+        ]
+    )
+    assert args.runs_and_overrides == ["A", "B", "trainer.max_epochs=3", "hydra/launcher=joblib"]
+    assert (args.seeds, args.design) == (2, "path")
+    assert commands["blame"].parse_intermixed_args(["A", "B", "--seeds", "auto"]).seeds == "auto"
+
+
+def test_from_table_reanalyses_without_training(tmp_path, capsys):
+    rows = [
+        {
+            "lr": lr,
+            "wd": wd,
+            "seed": s,
+            "val/dice_best": 0.8 - 0.05 * lr + 0.001 * s * (-1) ** (lr + wd),
+        }
+        for lr in (0, 1)
+        for wd in (0, 1)
+        for s in range(3)
+    ]
+    rows[0]["val/dice_best"] = None  # a failed cell
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    code = cli.main(
+        [
+            "blame",
+            "--from-table",
+            str(tmp_path / "runs.csv"),
+            "--metric",
+            "val/dice_best",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0
+    effects = pd.read_csv(tmp_path / "out" / "effects.csv").set_index("term")
+    assert {"effect", "ci_low", "ci_high", "p_holm", "verdict"} <= set(effects.columns)
+    assert effects.loc["lr", "verdict"] == "hurt" and effects.loc["lr", "effect"] == pytest.approx(
+        -0.05, abs=0.005
+    )
+    assert effects.loc["wd", "verdict"] == "within noise"
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "lr hurt val/dice_best by 0.05" in report and "within noise" in report
+    assert "lr hurt val/dice_best by 0.05" in capsys.readouterr().out
 
 
 BLAME_BASE = [
@@ -159,6 +171,7 @@ BLAME_BASE = [
 ]
 
 
+@pytest.mark.slow
 def test_blame_flags_the_harmful_change_and_not_the_harmless_one(
     work_dir, client, hc18_root, capsys
 ):
@@ -181,7 +194,9 @@ def test_blame_flags_the_harmful_change_and_not_the_harmless_one(
     result = blame(client, artifacts, run_a, run_b, seeds=3, out_dir=work_dir / "blame")
     effects = result["effects"].set_index("term")
     assert effects.loc["optimizer.lr", "verdict"] == "hurt"
-    assert effects.loc["optimizer.lr", "ci_high"] < 0
+    assert (
+        effects.loc["optimizer.lr", "ci_high"] < 0 and effects.loc["optimizer.lr", "p_holm"] < 0.05
+    )
     assert effects.loc["optimizer.weight_decay", "verdict"] == "within noise"
     assert result["trained"] == 10  # 4 cells x 3 seeds, A and B reused
     assert set(result["results"].run_id) >= {run_a, run_b}
@@ -198,18 +213,52 @@ def test_blame_flags_the_harmful_change_and_not_the_harmless_one(
     )
     # a second blame retrains nothing
     assert blame(client, artifacts, run_a, run_b, seeds=3)["trained"] == 0
-    # effects over the existing children: per-level means agree with the blame's main effect
-    table = sweep_effects(client, result["parent_run_id"]).set_index(["factor", "level"])
-    lr_effect = (
-        table.loc[("optimizer.lr", "100"), "mean"] - table.loc[("optimizer.lr", "0.01"), "mean"]
+
+
+@pytest.mark.slow
+def test_blame_through_the_joblib_launcher_splits_a_group_switch_from_a_harmful_leaf(
+    work_dir, client, hc18_root, capsys
+):
+    base = [*BLAME_BASE, f"dataset.root={hc18_root}", "trainer.max_epochs=4", "seed=1"]
+    env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
+
+    def segexp_train(*overrides: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "segexp.cli", "train", *base, *overrides],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout.split("\nrun ", 1)[1].split()[0]
+
+    run_a = segexp_train("optimizer=adam", "optimizer.lr=1e-2")
+    run_b = segexp_train("optimizer=sgd", "optimizer.lr=100")
+    artifacts = (work_dir / "artifacts").as_uri()
+    result = blame(
+        client,
+        artifacts,
+        run_a,
+        run_b,
+        seeds=2,
+        work_dir=work_dir,
+        overrides=["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
     )
-    children_only = result["results"][
-        result["results"].run_id.isin({c.info.run_id for c in children})
+    assert [f.label() for f in result["factors"]] == [
+        "optimizer: adam -> sgd",
+        "optimizer.lr: 0.01 -> 100",
     ]
-    expected = children_only.groupby("optimizer.lr")["val/dice_best"].mean()
-    assert lr_effect == pytest.approx(expected[1] - expected[0])
-    assert (
-        table.loc[("optimizer.lr", "100"), "ci_high"]
-        < table.loc[("optimizer.lr", "0.01"), "ci_low"]
-        or lr_effect < 0
+    table = result["results"]
+    assert len(table) == 8 and table["val/dice_best"].notna().all(), table  # every cell FINISHED
+    effects = result["effects"].set_index("term")
+    assert effects.loc["optimizer.lr", "verdict"] == "hurt", effects
+    out = capsys.readouterr().out
+    assert "cell 6/8 done" in out or "cell 8/8 done" in out
+    parent = client.get_run(result["parent_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == result["trained"] == 6 and all(
+        c.info.status == "FINISHED" for c in children
     )

@@ -344,11 +344,8 @@ def test_cache_hit_and_invalidation(hc18_root, tmp_path):
 
 @pytest.mark.parametrize("augment", ["none", "buda", "strong"])
 def test_augment_presets_keep_masks_binary(augment, hc18_root, tmp_path):
-    import albumentations as A
-
     cfg = make_cfg(tmp_path, f"augment={augment}")
-    transforms = instantiate(cfg.augment.transforms)
-    dm = datamodule(hc18_root, train_transform=A.Compose(transforms) if transforms else None)
+    dm = datamodule(hc18_root, train_transform=instantiate(cfg.augment) if cfg.augment else None)
     dm.setup()
     for batch in dm.train_dataloader():
         assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}

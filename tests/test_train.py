@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -23,13 +24,14 @@ from conftest import (
     wait_for,
 )
 from hydra.utils import instantiate
-from mlflow import MlflowClient
 from PIL import Image
 
-from segexp import synthetic, tracking
+from segexp import store, synthetic, tracking
 from segexp.cases import DataError
+from segexp.config import ConfigError
 from segexp.metrics import case_table
-from segexp.train import ConfigError, build_module, resolve_precision, train
+from segexp.models import build_net
+from segexp.train import build_datamodule, build_module, train
 
 EXPERIMENTS = sorted(
     p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")
@@ -44,16 +46,20 @@ def test_every_experiment_composes_and_builds(experiment, tmp_path, hc18_root, l
         else [f"dataset.root={hc18_root}"]
     )
     cfg = make_cfg(tmp_path, f"experiment={experiment}", *data, "dataset.image_size=32")
-    datamodule = instantiate(cfg.dataset)
+    datamodule = build_datamodule(cfg)
     datamodule.setup()
     module = build_module(cfg, datamodule)
     batch = next(iter(datamodule.train_dataloader()))
     assert module(batch["image"]).shape == batch["mask"].shape
     assert module.volumetric == experiment.startswith("lgg")
-    trainer = instantiate(
-        cfg.trainer, precision=resolve_precision(cfg.trainer.precision), logger=False
-    )
-    assert trainer.max_epochs == cfg.trainer.max_epochs
+    # the built module trains: its optimizer is the configured class and one step moves weights
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    assert type(optimizer).__name__ == cfg.optimizer._target_.rsplit(".", 1)[-1]
+    before = [p.detach().clone() for p in module.parameters()]
+    module.loss(module(batch["image"]), batch["mask"]).backward()
+    optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, module.parameters(), strict=True))
 
 
 def test_lgg_experiments_state_the_reference_configs(tmp_path):
@@ -66,7 +72,8 @@ def test_lgg_experiments_state_the_reference_configs(tmp_path):
         two.optimizer.weight_decay,
         two.trainer.max_epochs,
     ) == (32, 1e-3, 1e-4, 10)
-    assert one.loss._target_.endswith("DiceLoss") and one.augment.aug_angle == 15
+    assert one.loss._target_.endswith("DiceLoss")
+    assert list(one.augment.transforms[0].rotate) == [-15, 15]
     seed = make_cfg(tmp_path, "experiment=hc18_seed")
     assert (seed.dataset.image_size, seed.dataset.batch_size, seed.early_stopping.patience) == (
         128,
@@ -80,10 +87,7 @@ def test_lgg_experiments_state_the_reference_configs(tmp_path):
 @pytest.mark.parametrize("loss", ["bce", "dice", "bce_dice"])
 def test_models_and_losses_give_finite_gradients(model, loss, tmp_path):
     cfg = make_cfg(tmp_path, f"model={model}", f"loss={loss}")
-    net, criterion = (
-        instantiate({k: v for k, v in cfg.model.items() if k != "channels_last"}),
-        instantiate(cfg.loss),
-    )
+    net, criterion = build_net(cfg.model), instantiate(cfg.loss)
     logits = net(torch.randn(2, 1, 32, 32))
     assert logits.shape == (2, 1, 32, 32)
     # extreme logits: numerically stable losses stay finite
@@ -317,15 +321,23 @@ def test_sigterm_marks_the_run_killed_and_resume_finishes_it(work_dir, client, h
 
 
 def test_client_of_a_fresh_store_has_an_explicit_artifact_root(tmp_path):
-    uri, artifacts = tracking.store_locations(make_cfg(tmp_path).tracking, tmp_path)
-    assert (
-        uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
-        and artifacts == (tmp_path / "artifacts").as_uri()
-    )
-    client = tracking.prepare_store(uri, artifacts)
-    assert isinstance(client, MlflowClient) and (tmp_path / "mlflow.db").is_file()
+    client, artifacts = store.open_store(make_cfg(tmp_path).tracking, tmp_path)
+    assert client.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert artifacts == (tmp_path / "artifacts").as_uri() and (tmp_path / "mlflow.db").is_file()
     explicit = make_cfg(tmp_path, "tracking.uri=http://127.0.0.1:5999")
-    assert tracking.store_locations(explicit.tracking, tmp_path)[0] == "http://127.0.0.1:5999"
+    assert store.store_locations(explicit.tracking, tmp_path)[0] == "http://127.0.0.1:5999"
+
+
+def test_an_unreachable_tracking_server_fails_fast_naming_its_uri(tmp_path, hc18_root):
+    start = time.monotonic()
+    with pytest.raises(store.StoreError, match="http://127.0.0.1:9"):
+        store.open_store({"uri": "http://127.0.0.1:9"}, tmp_path)
+    assert time.monotonic() - start < 10
+    proc = segexp_train(tmp_path, f"dataset.root={hc18_root}", "tracking.uri=http://127.0.0.1:9")
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in output
+    assert "segexp train: tracking server http://127.0.0.1:9 is unreachable" in output
+    assert not (tmp_path / "cache").exists(), "no data work before the store answers"
 
 
 def test_predict_writes_the_hc18_submission_and_plots_are_logged(
@@ -388,12 +400,18 @@ def test_bf16_mixed_and_channels_last_train_on_cpu(work_dir, client, hc18_root):
         *TINY,
         f"dataset.root={hc18_root}",
         "trainer.precision=bf16-mixed",
-        "model.channels_last=true",
+        "performance.channels_last=true",
         "trainer.max_epochs=1",
     )
+    datamodule = build_datamodule(cfg)
+    net = build_module(cfg, datamodule).net
+    convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)  # really NHWC, not just 1x1 kernels
     final = train(cfg)
     run = only_run(client, "hc18_synthetic")
     assert run.info.status == "FINISHED" and run.data.params["trainer.precision"] == "bf16-mixed"
+    assert run.data.tags["segexp.channels_last"] == "True"
     assert math.isfinite(final["val/dice_best"]) and steps(client, run.info.run_id, "val/dice") == [
         0
     ]
@@ -407,13 +425,29 @@ def test_schedulers_step_during_training(scheduler, work_dir, client, hc18_root)
             *TINY,
             f"dataset.root={hc18_root}",
             f"scheduler={scheduler}",
-            "scheduler.patience=0" if scheduler == "plateau" else "trainer.max_epochs=2",
+            "trainer.max_epochs=4",
+            # plateau: no epoch counts as an improvement, so the lr halves after every epoch
+            *(
+                ["scheduler.patience=0", "+scheduler.threshold=10"]
+                if scheduler == "plateau"
+                else []
+            ),
         )
     )
     run = only_run(client, "hc18_synthetic")
-    assert run.info.status == "FINISHED" and run.data.params["scheduler._target_"].endswith(
-        ("CosineAnnealingLR", "ReduceLROnPlateau")
-    )
+    assert run.info.status == "FINISHED"
+    lrs = [
+        m.value
+        for m in sorted(
+            client.get_metric_history(run.info.run_id, "train/lr"), key=lambda m: m.step
+        )
+    ]
+    assert len(lrs) == 4 and lrs[0] == pytest.approx(1e-3), lrs
+    if scheduler == "cosine":
+        assert lrs[0] > lrs[1] > lrs[2] > lrs[3], lrs
+    else:  # the first epoch sets the best; every later one halves the lr
+        assert lrs[1] == lrs[0] and lrs[2] == pytest.approx(lrs[0] / 2), lrs
+        assert lrs[3] == pytest.approx(lrs[0] / 4), lrs
 
 
 def test_ctrl_c_marks_the_run_killed(work_dir, client, hc18_root):
@@ -441,7 +475,7 @@ def test_bf16_dice_matches_fp32_after_the_same_epochs(work_dir, client, tmp_path
         "optimizer.lr=3e-3",
         "scheduler=cosine",
         "trainer.max_epochs=25",
-        "model.channels_last=true",
+        "performance.channels_last=true",
     ]
     fp32 = train(make_cfg(work_dir, *common, "trainer.precision=32-true", "run_name=fp32"))
     bf16 = train(make_cfg(work_dir, *common, "trainer.precision=bf16-mixed", "run_name=bf16"))
@@ -459,7 +493,7 @@ def test_precision_and_channels_last_auto_are_resolved_and_recorded(work_dir, cl
     if not torch.cuda.is_available():
         assert resolve_channels_last("auto", "32-true") is False
     overrides = [*TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1"]
-    train(make_cfg(work_dir, *overrides, "model.channels_last=auto"))
+    train(make_cfg(work_dir, *overrides, "performance.channels_last=auto"))
     run = only_run(client, "hc18_synthetic")
     assert run.data.params["trainer.precision"] == "auto"
     assert run.data.tags["segexp.precision"] == resolve_precision("auto")

@@ -1,0 +1,204 @@
+"""What a person changed between two runs, as two-level factors, and the configs of mixed cells.
+
+Runs record the config-group options Hydra chose (`segexp.choices`) and the command-line
+overrides (`hydra.overrides`). A changed group option is ONE factor (`optimizer: adam -> sgd`);
+a leaf the user overrode on top is a factor of its own; leaves that only changed because their
+group changed are not factors. Every cell is composed by Hydra from group options plus overrides,
+exactly as `segexp train` would compose it, so no impossible mix (Adam with momentum) is built.
+
+Runs logged without recorded choices fall back to leaf differences of the stored configs,
+grouped per config group: a group whose `_target_` differs is one factor whose levels are A's
+and B's whole nodes, applied to A's stored config.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from segexp import config
+
+ABSENT = "<default>"  # a leaf the run did not override: the group's own default
+PLAIN = re.compile(r"[A-Za-z_][\w./:-]*")
+
+
+@dataclass
+class Factor:
+    """One change from A to B: a group switch, an overridden leaf, or (fallback) a whole node."""
+
+    name: str
+    kind: str  # "group" | "leaf" | "node"
+    levels: tuple[Any, Any]  # A's and B's option / value / node; None: not overridden
+
+    def label(self) -> str:
+        a, b = (ABSENT if v is None else short(v) for v in self.levels)
+        return f"{self.name}: {a} -> {b}"
+
+    def overrides(self, level: int) -> list[str]:
+        """The Hydra overrides that put a cell at this level."""
+        value = self.levels[level]
+        if value is None:
+            return []
+        return [f"{self.name}={override_value(value)}"]
+
+
+@dataclass
+class Change:
+    """The factors between two runs and how to compose any cell of them."""
+
+    factors: list[Factor]
+    base: list[str] = field(default_factory=list)  # A's choices and leaf overrides
+    stored: dict | None = None  # fallback: A's stored config, cells are merged into it
+
+    def cell_overrides(self, levels: tuple[int, ...], extra: list[str]) -> list[str]:
+        factor_overrides = [
+            o for f, lv in zip(self.factors, levels, strict=True) for o in f.overrides(lv)
+        ]
+        return [*self.base, *factor_overrides, *extra]
+
+    def cell_config(self, levels: tuple[int, ...], extra: list[str]) -> DictConfig:
+        """The composed config of one cell (ConfigError naming the cell when it cannot exist)."""
+        try:
+            if self.stored is None:
+                return config.compose(self.cell_overrides(levels, extra))
+            cfg = OmegaConf.create(self.stored)
+            for factor, level in zip(self.factors, levels, strict=True):
+                OmegaConf.update(
+                    cfg, factor.name, factor.levels[level], merge=False, force_add=True
+                )
+            return OmegaConf.merge(cfg, OmegaConf.from_dotlist(extra))
+        except Exception as err:  # Hydra and OmegaConf raise many types for a bad composition
+            names = ", ".join(
+                f"{f.name}={short(f.levels[lv])}"
+                for f, lv in zip(self.factors, levels, strict=True)
+            )
+            raise config.ConfigError(f"cell ({names}) cannot be composed: {err}") from err
+
+
+def short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def override_value(value: Any) -> str:
+    """A value in Hydra's override grammar (quoted where it would parse otherwise)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if PLAIN.fullmatch(text) and text.lower() not in ("null", "true", "false"):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """`hydra.overrides` tag -> {key: value}, group options and leaves alike (`+`/`++` dropped)."""
+    parsed = {}
+    for item in text.split():
+        if "=" in item and not item.startswith("~"):
+            key, value = item.split("=", 1)
+            parsed[key.lstrip("+")] = value
+    return parsed
+
+
+def select(node: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def between(run_a, run_b, config_a: dict, config_b: dict) -> Change:
+    """The factors that turn run A into run B (see the module docstring)."""
+    tags_a, tags_b = run_a.data.tags, run_b.data.tags
+    if "segexp.choices" in tags_a and "segexp.choices" in tags_b:
+        return from_choices(tags_a, tags_b, config_a, config_b)
+    return from_leaves(config_a, config_b)
+
+
+def from_choices(tags_a: dict, tags_b: dict, config_a: dict, config_b: dict) -> Change:
+    choices_a, choices_b = (
+        json.loads(tags_a["segexp.choices"]),
+        json.loads(tags_b["segexp.choices"]),
+    )
+    over_a = parse_overrides(tags_a.get("hydra.overrides", ""))
+    over_b = parse_overrides(tags_b.get("hydra.overrides", ""))
+    groups = set(choices_a) | set(choices_b)
+    # the experiment bundles leaf and group changes: those are the factors, not its name
+    changed = sorted(
+        g for g in groups if g != "experiment" and choices_a.get(g) != choices_b.get(g)
+    )
+    factors = [Factor(g, "group", (choices_a.get(g), choices_b.get(g))) for g in changed]
+    leaf_keys = {
+        k for k in set(over_a) | set(over_b) if k not in groups and not config.is_bookkeeping(k)
+    }
+    for key in sorted(leaf_keys):
+        if over_a.get(key) != over_b.get(key):
+            factors.append(Factor(key, "leaf", (typed(over_a.get(key)), typed(over_b.get(key)))))
+    base = [f"{g}={v}" for g, v in sorted(choices_a.items()) if g not in changed and v is not None]
+    base += [f"{k}={v}" for k, v in over_a.items() if k not in groups and k not in leaf_keys]
+    base += [
+        f"{k}={v}" for k, v in over_a.items() if k in leaf_keys and over_a.get(k) == over_b.get(k)
+    ]
+    change = Change(factors, base)
+    # leaves the experiments (or edited config files) changed that no group switch explains
+    switched = config.compose([*base, *(o for f in factors for o in f.overrides(1))])
+    explained = OmegaConf.to_container(switched, resolve=True)
+    flat_switched, flat_b = config.flatten(explained), config.flatten(config_b)
+    names = {f.name for f in factors}
+    for key in sorted(set(flat_switched) | set(flat_b)):
+        if (
+            config.is_bookkeeping(key)
+            or key in names
+            or any(key.startswith(f"{n}.") for n in names)
+        ):
+            continue
+        if flat_switched.get(key) != flat_b.get(key):
+            factors.append(Factor(key, "leaf", (select(config_a, key), select(config_b, key))))
+    return change
+
+
+def typed(text: str | None) -> Any:
+    """An override's value as Hydra would type it (`3e-4` a float, `[1,2]` a list)."""
+    if text is None:
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(f"k={text}").value()
+
+
+def from_leaves(config_a: dict, config_b: dict) -> Change:
+    flat_a, flat_b = config.flatten(config_a), config.flatten(config_b)
+    keys = sorted(
+        k
+        for k in set(flat_a) | set(flat_b)
+        if not config.is_bookkeeping(k) and flat_a.get(k) != flat_b.get(k)
+    )
+    nodes = sorted(
+        {
+            k.split(".", 1)[0]
+            for k in keys
+            if "." in k
+            and select(config_a, k.split(".", 1)[0] + "._target_")
+            != select(config_b, k.split(".", 1)[0] + "._target_")
+        }
+    )
+    factors = [Factor(n, "node", (select(config_a, n), select(config_b, n))) for n in nodes]
+    factors += [
+        Factor(k, "leaf", (select(config_a, k), select(config_b, k)))
+        for k in keys
+        if k.split(".", 1)[0] not in nodes
+    ]
+    return Change(factors, stored=config_a)

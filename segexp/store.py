@@ -1,0 +1,134 @@
+"""The MLflow store: where it is, opening it once (schema, reachability), experiments, stale runs.
+
+The embedded default is `sqlite:///<work_dir>/mlflow.db` with artifacts in `<work_dir>/artifacts`
+(`work_dir` defaults to `./mlruns`, see conf/train.yaml); `tracking.uri` or `MLFLOW_TRACKING_URI`
+points at a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+# MLflow 3's UI opens experiments of this kind on the model-training view, not the GenAI one.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# A server that goes away mid-run is retried for about a minute (MLflow's default is minutes).
+HTTP_RETRY_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+class StoreError(RuntimeError):
+    """The tracking store cannot be used; the message names its URI."""
+
+
+def store_locations(tracking_cfg, work_dir: Path) -> tuple[str, str]:
+    """(tracking URI, artifact root URI): explicit config, then MLFLOW_TRACKING_URI, then default."""
+    uri = tracking_cfg.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = uri or f"sqlite:///{(Path(work_dir) / 'mlflow.db').resolve()}"
+    artifacts = tracking_cfg.get("artifact_location") or (
+        (Path(work_dir) / "artifacts").resolve().as_uri()
+    )
+    return uri, artifacts
+
+
+def open_store(tracking_cfg, work_dir: Path) -> tuple[MlflowClient, str]:
+    """(client, artifact root) of the configured store, checked before any data work.
+
+    A fresh SQLite store is created and migrated once, under a file lock: several processes
+    opening it at once race in MLflow's schema setup. A server must answer its health check
+    within seconds, so a wrong URI fails fast with one line instead of minutes of retries.
+    """
+    uri, artifact_root = store_locations(tracking_cfg, work_dir)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(Path(f"{db}.lock")):
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            SqlAlchemyStore(uri, artifact_root)  # creates or migrates the schema, then closes
+    elif uri.startswith(("http://", "https://")):
+        for key, value in HTTP_RETRY_ENV.items():
+            os.environ.setdefault(key, value)
+        check_server(uri)
+    return MlflowClient(tracking_uri=uri), artifact_root
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise StoreError unless the tracking server at `uri` answers `/health`."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            return  # an authenticating server is up; MLflow's client brings the credentials
+        raise StoreError(f"tracking server {uri} answered HTTP {err.code} to /health") from err
+    except (OSError, ValueError) as err:
+        raise StoreError(f"tracking server {uri} is unreachable ({err})") from err
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_root: str) -> str:
+    """Get or create the experiment, with its artifacts under `artifact_root/<name>`."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(
+            name, artifact_location=f"{artifact_root.rstrip('/')}/{name}", tags=EXPERIMENT_KIND
+        )
+    except MlflowException:  # created by a concurrent job in between
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` is a live (not zombie) process on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def cleanup_stale_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+    """Mark KILLED the RUNNING runs whose recorded process (pid on this host) is gone.
+
+    A run killed by SIGKILL or the OOM killer cannot end itself; its `segexp.pid` and
+    `segexp.host` tags tell whether anything is still writing to it. Runs of other hosts are
+    left alone. Returns the ids marked.
+    """
+    host, marked = socket.gethostname(), []
+    for run in client.search_runs(
+        experiment_ids, "attributes.status = 'RUNNING'", max_results=5000
+    ):
+        tags = run.data.tags
+        pid = tags.get("segexp.pid", "")
+        if tags.get("segexp.host") != host or not pid.isdigit() or process_alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "stop_reason", f"process {pid} on {host} is gone")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        marked.append(run.info.run_id)
+    return marked
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock held for the duration of the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
