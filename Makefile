@@ -63,18 +63,15 @@ demo-hc18: install
 
 define DEMO_HC18
 import sys, time
-from hydra import compose, initialize_config_dir
-from mlflow import MlflowClient
 from pathlib import Path
-from segexp import tracking
-from segexp.train import CONFIG_DIR, train
-with initialize_config_dir(str(CONFIG_DIR), version_base='1.3'):
-    cfg = compose('train', ['experiment=hc18_best', 'dataset=hc18', f'dataset.root={sys.argv[1]}',
-                            'trainer.enable_progress_bar=false'])
+from segexp import config, store
+from segexp.train import train
+cfg = config.compose(['experiment=hc18_best', 'dataset=hc18', f'dataset.root={sys.argv[1]}',
+                      'trainer.enable_progress_bar=false'])
 start = time.time()
 final = train(cfg)
 minutes = (time.time() - start) / 60
-client = MlflowClient(tracking.store_locations(cfg.tracking, Path(cfg.work_dir))[0])
+client, _ = store.open_store(cfg.tracking, Path(cfg.work_dir))
 run = client.get_run(final['run_id'])
 keys = ['val/dice', 'val/hc_mae_mm', 'val/hc_bias_mm', 'val/hd95_mm', 'val/hc_outliers_10mm', 'val/hc_flagged']
 epochs = len(client.get_metric_history(run.info.run_id, 'val/dice'))
