@@ -39,7 +39,7 @@ def test_ellipse_fit_hc_within_half_a_percent(method, ratio, theta, defects):
     a, b = 170.0, 170.0 * ratio
     mask = filled_ellipse(270, 400, b, a, theta)
     if defects:
-        mask[265:275, 380:420] = False  # a hole inside the head
+        mask[250:290, 380:420] = False  # a hole inside the head (unfilled: +2% HC)
         mask[10:40, 10:60] = True  # a spurious blob elsewhere
     truth = ramanujan_perimeter(a, b) * 0.1
     assert hc_from_mask(mask, 0.1, OFFSETS[method], method) == pytest.approx(truth, rel=0.005)
@@ -93,6 +93,9 @@ def test_non_square_size_flows_through_data_and_metrics(hc18_root):
     table = clinical_table(np.stack([shifted, masks], 1), sizes, pixel, masks, hc, 0.95)
     spacing_x = sizes[:, 1] / 48 * pixel  # mm per model pixel along x, not along y
     assert np.allclose(table.hd95_mm, spacing_x, rtol=1e-6)
+    down = np.roll(masks, 1, axis=1)  # one model pixel down
+    below = clinical_table(np.stack([down, masks], 1), sizes, pixel)
+    assert np.allclose(below.hd95_mm, sizes[:, 0] / 32 * pixel, rtol=1e-6)
     # the truth at 32x48, measured back at 800x540: within the resolution's few mm
     assert table.hc_abs_error_mm.median() < 0.03 * np.median(hc)
     metrics = summarize(table.assign(dice=1.0, iou=1.0, accuracy=1.0), volumetric=False)
