@@ -1,31 +1,26 @@
-"""Statistics of `segexp blame` v2: OLS effects for any two-level design, Holm verdicts, the report.
+"""Statistics of `segexp blame` v2: effects for any two-level design, Holm verdicts, the report.
 
-Each changed key is a factor coded -1/2 (A's value) and +1/2 (B's value), so a main effect's
-coefficient is "B's level minus A's level" averaged over the other factors' levels, and a
-two-way interaction's is how much more f's effect is at g's B level than at its A level. Least
-squares on the runs that finished is unbiased for any set of observed cells; terms the observed
-cells cannot separate are reported as `inestimable` or `aliased`, never dropped.
+Effects come from least squares on -1/2 / +1/2 coded factors (segexp.ols), so a main effect is
+"B's level minus A's level" averaged over the other factors' levels, unbiased for any set of
+finished cells; terms those cells cannot separate are reported `inestimable` or `aliased`, never
+dropped. Also the ablation path's analysis, the `--seeds auto` stopping rule and from_table.
 """
 
 from __future__ import annotations
 
-import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-LOWER_IS_BETTER = ("loss", "hd95", "mae", "error")
-MIN_DOF = 4  # residual dof needed before two-way interactions are worth fitting
+from segexp.designs import path_steps
+from segexp.ols import estimate, lower_is_better, model, seed_blocks, t_tests, verdicts
+from segexp.plots import figure, save
+
 SIGNIFICANT = ("hurt", "helped")
 COLORS = {"hurt": "tab:red", "helped": "tab:green"}
-
-
-def lower_is_better(metric: str) -> bool:
-    """v1's rule: a metric named like a loss or an error is better when lower."""
-    return any(word in metric for word in LOWER_IS_BETTER)
 
 
 @dataclass
@@ -39,149 +34,6 @@ class Analysis:
     failed: pd.DataFrame  # rows of the input whose metric is missing
     alpha: float = 0.05
     notes: list[str] = field(default_factory=list)
-
-
-def holm(p: np.ndarray) -> np.ndarray:
-    """Holm-adjusted p-values down axis 0 (terms), each column (replication) on its own."""
-    m = p.shape[0]
-    order = np.argsort(p, axis=0)
-    ranked = np.take_along_axis(p, order, axis=0) * (m - np.arange(m))[:, None]
-    ranked = np.minimum(np.maximum.accumulate(ranked, axis=0), 1.0)
-    adjusted = np.empty_like(ranked)
-    np.put_along_axis(adjusted, order, ranked, axis=0)
-    return adjusted
-
-
-def verdicts(effect: np.ndarray, p_holm: np.ndarray, metric: str, alpha: float) -> np.ndarray:
-    """hurt / helped where the Holm p is below alpha (direction from the metric's name)."""
-    good = effect < 0 if lower_is_better(metric) else effect > 0
-    return np.where(p_holm < alpha, np.where(good, "helped", "hurt"), "within noise")
-
-
-def t_tests(effect, se, dof: int, alpha: float, scale: float) -> dict[str, np.ndarray]:
-    """CIs, p and Holm p from the t distribution, arrays (terms, reps); zero noise gives p 0 or 1."""
-    tol = 1e-9 * max(1.0, scale)  # below this an effect or SE is rounding error
-    effect = np.where(np.abs(effect) < tol, 0.0, effect)
-    if dof <= 0:
-        nan = np.full_like(effect, np.nan)
-        return {"effect": effect, "se": nan, "ci_low": nan, "ci_high": nan, "p": nan, "p_holm": nan}
-    se = np.where(se < tol, 0.0, se)
-    half = stats.t.ppf(1 - alpha / 2, dof) * se
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = 2 * stats.t.sf(np.abs(effect) / se, dof)
-    p = np.where(se == 0, (effect == 0).astype(float), p)
-    return {
-        "effect": effect,
-        "se": se,
-        "ci_low": effect - half,
-        "ci_high": effect + half,
-        "p": p,
-        "p_holm": holm(p) if len(p) else p,
-    }
-
-
-def estimable(x: np.ndarray, columns) -> np.ndarray:
-    """Per column: is its coefficient estimable (unit vector in the row space of x)?"""
-    projector = np.linalg.pinv(x) @ x
-    eye = np.eye(x.shape[1])
-    return np.array([np.abs(projector[:, j] - eye[:, j]).max() < 1e-8 for j in columns])
-
-
-def seed_blocks(results: pd.DataFrame, factors: list[str], observed: pd.DataFrame) -> np.ndarray:
-    """Seed dummies (one per seed past the first) when every cell was run with the same seeds."""
-    if "seed" not in results or results.seed.nunique() < 2:
-        return np.zeros((len(observed), 0))
-    if results.groupby(factors).seed.agg(frozenset).nunique() > 1:
-        return np.zeros((len(observed), 0))
-    seeds = sorted(results.seed.unique())
-    return np.stack([(observed.seed == s).to_numpy(float) for s in seeds[1:]], axis=1)
-
-
-@dataclass
-class Model:
-    x: np.ndarray  # (runs with a value, coefficients)
-    terms: pd.DataFrame  # term, kind, column (of x; -1 when not estimable), verdict, aliased_with
-    dof: int
-    notes: list[str]
-
-
-def model(results: pd.DataFrame, factors: list[str], metric: str, interactions: bool = True):
-    """The OLS model of the runs with a value: +-1/2 coded factors, seed blocks, estimable terms.
-
-    Two-way interactions are fitted when that loses no main effect and leaves MIN_DOF residual
-    dof (decided from the observed cells only, never from the metric values).
-    """
-    observed = results[results[metric].notna()]
-    z = observed[factors].to_numpy(float) - 0.5  # (n, k): -1/2 = A's level, +1/2 = B's
-    n, k = z.shape
-    pairs = list(itertools.combinations(range(k), 2))
-    base = np.column_stack([np.ones(n), seed_blocks(results, factors, observed)])
-    mains = list(range(base.shape[1], base.shape[1] + k))
-    x = np.column_stack([base, z])
-    notes = []
-    replicated = n > 0 and observed.groupby(factors).size().max() > 1
-    columns = np.array(mains + [-1] * len(pairs))
-    if interactions and pairs:
-        # add interactions one by one, skipping any that would make a main effect inestimable
-        main_ok, with_pairs = estimable(x, mains), x
-        for p, (i, j) in enumerate(pairs):
-            trial = np.column_stack([with_pairs, z[:, i] * z[:, j]])
-            if (estimable(trial, mains) == main_ok).all():
-                with_pairs, columns[k + p] = trial, trial.shape[1] - 1
-        if n - np.linalg.matrix_rank(with_pairs) >= MIN_DOF or not replicated:
-            x = with_pairs
-            if (columns[k:] < 0).any():
-                notes.append(
-                    f"{(columns[k:] < 0).sum()} two-way interactions not fitted: with the observed"
-                    " cells they would alias main effects, which assume them zero"
-                )
-        else:  # no verdicts without dof for the noise
-            columns[k:] = -1
-            notes.append("two-way interactions not fitted: too few residual dof")
-    names = list(factors) + [f"{factors[i]} x {factors[j]}" for i, j in pairs]
-    fitted = columns >= 0
-    fitted[fitted] = estimable(x, columns[fitted])
-    terms = pd.DataFrame({"term": names, "kind": ["main"] * k + ["interaction"] * len(pairs)})
-    terms["column"] = np.where(fitted, columns, -1)
-    terms["verdict"] = np.where(fitted, "", "inestimable")
-    terms["aliased_with"] = ""
-    # interactions whose columns are equal up to sign on the observed rows: only their sum is known
-    cols = {names[k + p]: z[:, i] * z[:, j] for p, (i, j) in enumerate(pairs)}
-    for row in terms[(terms.kind == "interaction") & ~fitted].itertuples():
-        col = cols[row.term]
-        twins = [
-            t
-            for t, c in cols.items()
-            if t != row.term and (np.allclose(c, col) or np.allclose(c, -col))
-        ]
-        if twins:
-            terms.loc[row.Index, ["verdict", "aliased_with"]] = ["aliased", ", ".join(twins)]
-    dof = n - np.linalg.matrix_rank(x)
-    if not replicated:
-        dof = 0
-        notes.append("no replicates: no cell has two finished seeds, so no verdicts")
-    return Model(x, terms, int(dof), notes)
-
-
-def estimate(fit: Model, y: np.ndarray, metric: str, alpha: float = 0.05) -> dict[str, np.ndarray]:
-    """Effects, CIs, p, Holm p and verdicts of the estimable terms for many responses at once.
-
-    Args:
-        y: (runs with a value,) or (runs, replications), in the order of the model's rows.
-    Returns arrays (estimable terms, replications), terms in fit.terms order.
-    """
-    y = y.reshape(len(y), -1)
-    pinv = np.linalg.pinv(fit.x)
-    beta = pinv @ y  # (coefficients, reps); estimable coefficients do not depend on the g-inverse
-    s2 = ((y - fit.x @ beta) ** 2).sum(axis=0) / fit.dof if fit.dof > 0 else np.nan
-    cols = fit.terms.column[fit.terms.column >= 0].to_numpy()
-    var = np.diag(pinv @ pinv.T)[cols]  # = diag((x'x)^-) for these columns
-    se = np.sqrt(var[:, None] * s2)
-    out = t_tests(beta[cols], se, fit.dof, alpha, float(np.abs(y).max(initial=1.0)))
-    out["verdict"] = verdicts(out["effect"], out["p_holm"], metric, alpha)
-    if fit.dof <= 0:
-        out["verdict"] = np.full(out["effect"].shape, "no replicates")
-    return out
 
 
 def analyze(
@@ -219,6 +71,88 @@ def analyze(
     return Analysis(
         table, metric, list(factors), seed_sd, fit.dof, len(y), failed, alpha, fit.notes
     )
+
+
+def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha: float = 0.05):
+    """A finished ablation path as an Analysis: one row per step in path order.
+
+    A step's effect is its cell's mean minus the previous cell's, from OLS on cell means plus
+    seed blocks (when every cell ran the same seeds), t CI on the residual dof; Holm over the
+    steps. The order is picked on the same runs, so early steps lean towards B (winner's curse).
+    """
+    steps, missing = path_steps(results, factors, metric, lower_is_better(metric))
+    if missing:
+        raise ValueError(f"the ablation path is not finished: still needs cells {missing}")
+    observed = results[results[metric].notna()]
+    cells = [tuple(int(v) for v in c) for c in observed[factors].to_numpy()]
+    index = {c: i for i, c in enumerate(dict.fromkeys(cells))}
+    dummies = np.eye(len(index))[[index[c] for c in cells]]  # (runs, cells)
+    x = np.column_stack([dummies, seed_blocks(results, factors, observed)])
+    y = observed[metric].to_numpy(float)
+    pinv = np.linalg.pinv(x)
+    beta = pinv @ y
+    dof = len(y) - np.linalg.matrix_rank(x) if len(index) < len(y) else 0
+    s2 = float(((y - x @ beta) ** 2).sum() / dof) if dof > 0 else np.nan
+    previous, rows = (0,) * len(factors), []
+    for step, (j, cell) in enumerate(steps, start=1):
+        effect, se = np.nan, np.nan
+        if cell in index and previous in index:
+            contrast = np.zeros(x.shape[1])
+            contrast[[index[cell], index[previous]]] = 1.0, -1.0
+            effect, se = contrast @ beta, math.sqrt(s2 * contrast @ pinv @ pinv.T @ contrast)
+        rows.append({"term": factors[j], "kind": "step", "step": step, "effect": effect, "se": se})
+        previous = cell
+    table = pd.DataFrame(rows)
+    fitted = table.effect.notna().to_numpy()
+    effect, se = table.effect[fitted].to_numpy()[:, None], table.se[fitted].to_numpy()[:, None]
+    out = t_tests(effect, se, dof, alpha, float(np.abs(y).max()))
+    for key in ("effect", "se", "ci_low", "ci_high", "p", "p_holm"):
+        table.loc[fitted, key] = out[key][:, 0]
+    table["verdict"] = np.where(fitted, "no replicates", "inestimable")
+    if dof > 0:
+        table.loc[fitted, "verdict"] = verdicts(out["effect"], out["p_holm"], metric, alpha)[:, 0]
+    table["aliased_with"] = ""
+    failed = results[results[metric].isna()]
+    seed_sd = math.sqrt(s2) if dof > 0 else float("nan")
+    return Analysis(table, metric, list(factors), seed_sd, int(dof), len(y), failed, alpha)
+
+
+def seeds_decision(
+    results: pd.DataFrame,
+    factors: list[str],
+    metric: str,
+    max_rounds: int,
+    margin: float | None = None,
+    alpha: float = 0.05,
+) -> dict:
+    """`--seeds auto`: after a round of seeds, which terms are settled and whether to stop.
+
+    Each look (round) tests at alpha / max_rounds (Bonferroni over looks), so however the stopping
+    falls out the chance of any false hurt/helped verdict over all looks stays <= alpha; report
+    the final analysis at that same level (returned). A term is settled when its verdict is
+    hurt/helped, or when its (1 - alpha/max_rounds) CI lies inside +-margin (practically zero;
+    margin defaults to 0.5 x the current seed SD, itself an estimate), or when it is inestimable
+    or aliased (more seeds cannot help). Returns {stop, settled: {term: reason}, open: [terms],
+    alpha, analysis}.
+    """
+    level = alpha / max_rounds
+    result = analyze(results, factors, metric, alpha=level)
+    margin = 0.5 * result.seed_sd if margin is None else margin
+    settled, still_open = {}, []
+    for row in result.effects.itertuples():
+        if row.verdict in SIGNIFICANT or row.verdict in ("inestimable", "aliased"):
+            settled[row.term] = row.verdict
+        elif row.verdict == "within noise" and -margin < row.ci_low and row.ci_high < margin:
+            settled[row.term] = f"within +-{margin:.3g}"
+        else:
+            still_open.append(row.term)
+    return {
+        "stop": not still_open,
+        "settled": settled,
+        "open": still_open,
+        "alpha": level,
+        "analysis": result,
+    }
 
 
 def number(value: float) -> str:
@@ -281,33 +215,10 @@ def headline(
     return text
 
 
-def figure_api():
-    """(figure, save) from segexp.plots, or the same on bare matplotlib before plots.py lands."""
-    try:
-        from segexp.plots import figure, save
-    except ImportError:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        def figure(rows=1, cols=1, **kwargs):
-            return plt.subplots(rows, cols, **kwargs)
-
-        def save(fig, path):
-            fig.tight_layout()
-            fig.savefig(path, dpi=100, bbox_inches="tight")
-            plt.close(fig)
-            return Path(path)
-
-    return figure, save
-
-
 def plot_forest(
     analysis: Analysis, path: Path, factor_labels: dict[str, str] | None = None
 ) -> Path:
     """Forest plot: one row per term, point and CI coloured by verdict, zero line."""
-    figure, save = figure_api()
     table = analysis.effects
     table = table[(table.kind != "interaction") | table.effect.notna()]  # no rows of NaN pairs
     fig, ax = figure(figsize=(8, 1.2 + 0.35 * len(table)))

@@ -146,7 +146,8 @@ def compare(args) -> int:
     from segexp.compare import compare as run_compare
 
     client, _, _ = open_store(args)
-    run_compare(client, args.ids, by=args.by, out=Path(args.out))
+    html = args.html and Path(args.html)
+    run_compare(client, args.ids, by=args.by, out=Path(args.out), metric=args.metric, html=html)
     return 0
 
 
@@ -302,6 +303,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     command.add_argument("ids", nargs="+", help="run ids; a sweep (parent) id means its runs")
     command.add_argument("--by", default=None, help="group replicates by this param (seed)")
     command.add_argument("--out", default="compare.png", help="PNG of the curves")
+    command.add_argument("--metric", default="val/dice_best", help="rank by this metric")
+    command.add_argument("--html", default=None, help="also write a self-contained HTML report")
 
     command = add("runs", runs, "housekeeping: mark KILLED the runs whose process is gone")
     command.add_argument("action", choices=["cleanup"])

@@ -11,8 +11,6 @@ from mlflow.entities import Run
 from segexp import config
 from segexp.plots import epoch_axis, figure, run_styles, save
 
-RESULT_KEYS = ["val/dice_best", "best_epoch"]
-
 
 def children(client: MlflowClient, parent: Run) -> list[Run]:
     """Child runs of `parent` (a sweep or a blame), oldest first."""
@@ -48,44 +46,80 @@ def differing_params(runs: list[Run]) -> list[str]:
     ]
 
 
-def runs_table(runs: list[Run]) -> pd.DataFrame:
-    """One row per run: differing params, seed, val/dice_best, best_epoch, status, seconds."""
+def runs_table(runs: list[Run], metric: str = "val/dice_best") -> pd.DataFrame:
+    """One row per run: name, differing params, seed, metric, best_epoch, status, seconds."""
     params = differing_params(runs)
+    seeds = {r.data.params.get("seed") for r in runs}
     rows = []
     for run in runs:
         info = run.info
         seconds = (info.end_time - info.start_time) / 1000 if info.end_time else float("nan")
         rows.append(
             {
+                "run": info.run_name or info.run_id[:8],
                 "run_id": info.run_id,
-                **{k: run.data.params.get(k) for k in params},
-                "seed": run.data.params.get("seed"),
+                **{k: typed(run.data.params.get(k)) for k in params},
+                **({"seed": typed(run.data.params.get("seed"))} if len(seeds) > 1 else {}),
                 "overrides": run.data.tags.get("hydra.overrides", ""),
-                **{k: run.data.metrics.get(k) for k in RESULT_KEYS},
+                metric: run.data.metrics.get(metric),
+                "best_epoch": run.data.metrics.get("best_epoch"),
                 "status": info.status,
                 "seconds": round(seconds, 1),
             }
         )
     table = pd.DataFrame(rows)
-    table.attrs["params"] = params
+    table["best_epoch"] = table["best_epoch"].astype("Int64")  # an epoch is a whole number
+    table.attrs["params"], table.attrs["metric"] = params, metric
     return table
 
 
+def typed(value: str | None):
+    """A param string back to an int or float where it is one (so ints print as ints)."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    return value
+
+
+def ranked(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows best first (direction from the metric's name), a `best` mark and the gap to it."""
+    from segexp.analysis import lower_is_better
+
+    metric = table.attrs["metric"]
+    low = lower_is_better(metric)
+    out = table.sort_values(metric, ascending=low, na_position="last").reset_index(drop=True)
+    best = out[metric].min() if low else out[metric].max()
+    out.insert(0, "best", ["*" if v == best else "" for v in out[metric]])
+    out["vs_best"] = out[metric] - best
+    out.attrs = table.attrs
+    return out
+
+
 def by_replicates(table: pd.DataFrame, by: str = "seed") -> pd.DataFrame:
-    """Mean and std of the results of each config over its replicates (`by`, default seed)."""
+    """Mean, sd, count and a 95% t CI of the metric per config over its replicates (`by`)."""
+    from scipy import stats
+
+    metric = table.attrs.get("metric", "val/dice_best")
     params = [p for p in table.attrs.get("params", []) if p != by]
     finished = table[table.status == "FINISHED"]
     keys = params or (lambda _: "all")
     grouped = finished.groupby(keys, dropna=False)
-    out = grouped[RESULT_KEYS[0]].agg(["mean", "std", "count"]).add_prefix(f"{RESULT_KEYS[0]}_")
+    out = grouped[metric].agg(["mean", "std", "count"])
+    half = stats.t.ppf(0.975, (out["count"] - 1).clip(lower=1)) * out["std"] / out["count"] ** 0.5
+    out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
+    out = out.add_prefix(f"{metric}_")
     out["best_epoch_mean"] = grouped["best_epoch"].mean()
     out["seconds_mean"] = grouped["seconds"].mean()
-    return out.reset_index()
+    out = out.reset_index()
+    out.attrs = {**table.attrs, "params": params, "metric": f"{metric}_mean"}
+    return out
 
 
 def show(table: pd.DataFrame) -> None:
-    """Print a runs table (overrides left out: the differing params already say it)."""
-    shown = table.drop(columns=["overrides"], errors="ignore")
+    """Print a runs table best first (run ids and overrides left out: names and params say it)."""
+    shown = ranked(table).drop(columns=["overrides", "run_id"], errors="ignore")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
@@ -115,24 +149,49 @@ def plot_runs(
 
 
 def compare(
-    client: MlflowClient, ids: list[str], by: str | None = None, out: Path | None = None
+    client: MlflowClient,
+    ids: list[str],
+    by: str | None = None,
+    out: Path | None = None,
+    metric: str = "val/dice_best",
+    html: Path | None = None,
 ) -> dict:
-    """Print the comparison table (and its replicate grouping); write the curves PNG to `out`."""
+    """Print the ranked table (and its replicate grouping); write the curves PNG to `out`."""
     runs, parents = expand(client, ids)
-    table = runs_table(runs)
+    table = runs_table(runs, metric)
     show(table)
     grouped = None
     if by:
         grouped = by_replicates(table, by)
-        print(f"\nby {by}:")
+        print(f"\nby {by} (mean, sd and 95% CI over {by}s):")
         show(grouped)
     out = Path(out or "compare.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_runs(client, runs, table.attrs["params"], out, keys=("val/dice", "val/loss"))
     print(f"\ncurves: {out}")
+    if html:
+        write_html(table, grouped, out, Path(html))
+        print(f"report: {html}")
     for parent in parents:
         client.log_artifact(parent.info.run_id, str(out), "compare")
     return {"table": table, "grouped": grouped, "plot": out}
+
+
+def write_html(table: pd.DataFrame, grouped: pd.DataFrame | None, plot: Path, path: Path) -> None:
+    """One self-contained page: the ranked table(s) and the curves, inlined."""
+    import base64
+
+    image = base64.b64encode(plot.read_bytes()).decode()
+    parts = [ranked(table).drop(columns=["overrides"], errors="ignore").to_html(index=False)]
+    if grouped is not None:
+        parts.append(ranked(grouped).to_html(index=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "<!doctype html><meta charset='utf-8'><title>segexp compare</title>"
+        "<style>body{font-family:sans-serif}td,th{padding:2px 8px}</style>"
+        + "".join(parts)
+        + f"<img alt='curves' src='data:image/png;base64,{image}'>"
+    )
 
 
 def effects(client: MlflowClient, parent_run_id: str, metric: str, out: Path) -> dict:

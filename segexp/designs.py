@@ -2,22 +2,18 @@
 
 A cell is a tuple of 0/1 levels, one per changed key (0 = A's value, 1 = B's). Full factorials for
 few changes, regular fractional factorials of resolution IV or higher for 5 to 8, the adaptive
-ablation path (Fawcett & Hoos 2016) and v1's one-at-a-time design on request. Also what to
-train next: the path's next cells, when to stop adding seeds (`seeds_decision`), and the
-finished path's own analysis.
+ablation path (Fawcett & Hoos 2016) and v1's one-at-a-time design on request. The path is
+adaptive: `path_next` says which cells to train next; analysis.path_analysis reads it.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import string
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-
-from segexp.analysis import SIGNIFICANT, Analysis, analyze, lower_is_better, t_tests, verdicts
 
 KINDS = ("auto", "full", "fractional", "path", "oat")
 
@@ -169,7 +165,9 @@ def cell_means(
     }
 
 
-def path_steps(results: pd.DataFrame, factors: list[str], metric: str):
+def path_steps(
+    results: pd.DataFrame, factors: list[str], metric: str, lower_is_better: bool = False
+):
     """Walk the ablation path through the finished cells: (chosen path, cells still missing).
 
     The path starts at A; each step flips the remaining change that moves the metric most in
@@ -182,7 +180,7 @@ def path_steps(results: pd.DataFrame, factors: list[str], metric: str):
     if a not in means or b not in means:
         return [], [c for c in (a, b) if c not in means]
     gap = means[b] - means[a]
-    harm = 1.0 if lower_is_better(metric) else -1.0  # the sign of a change for the worse
+    harm = 1.0 if lower_is_better else -1.0  # the sign of a change for the worse
     toward = np.sign(gap) if np.isfinite(gap) and gap != 0 else harm
     current, path = a, []
     while current != b:
@@ -201,65 +199,19 @@ def path_steps(results: pd.DataFrame, factors: list[str], metric: str):
     return path, []
 
 
-def path_next(results: pd.DataFrame, factors: list[str], metric: str) -> list[tuple[int, ...]]:
+def path_next(
+    results: pd.DataFrame, factors: list[str], metric: str, lower_is_better: bool = False
+) -> list[tuple[int, ...]]:
     """Cells the ablation path needs next given the runs so far ([] when complete).
 
     `results`: one row per finished or failed run, 0/1 factor columns and the metric (NaN =
     failed). The first call (empty table) asks for A and B; each later call asks for the
     candidates of the next step. Run every returned cell with all seeds, then call again.
+    lower_is_better (analysis.lower_is_better(metric)) only breaks a tie between A and B.
     """
     if not len(results):
         return [(0,) * len(factors), (1,) * len(factors)]
-    return path_steps(results, factors, metric)[1]
-
-
-def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha: float = 0.05):
-    """A finished ablation path as an Analysis: one row per step in path order.
-
-    A step's effect is the mean over seeds of its cell minus that of the previous cell, with a t
-    CI from the seed variance pooled over all path cells; Holm over the steps. The order is
-    chosen on the same data, so the first steps' effects lean towards B (winner's curse).
-    """
-    steps, missing = path_steps(results, factors, metric)
-    if missing:
-        raise ValueError(f"the ablation path is not finished: still needs cells {missing}")
-    observed = results[results[metric].notna()]
-    cells = observed.groupby(factors)[metric]
-    dof = int(len(observed) - cells.ngroups)
-    s2 = float(((observed[metric] - cells.transform("mean")) ** 2).sum() / dof) if dof else np.nan
-    means, counts = (
-        cell_means(results, factors, metric),
-        cell_means(observed, factors, metric, "size"),
-    )
-    previous, rows = (0,) * len(factors), []
-    for step, (j, cell) in enumerate(steps, start=1):
-        effect = means[cell] - means[previous]
-        se = (
-            math.sqrt(s2 * (1 / counts[cell] + 1 / counts[previous]))
-            if np.isfinite(effect)
-            else np.nan
-        )
-        rows.append({"term": factors[j], "kind": "step", "step": step, "effect": effect, "se": se})
-        previous = cell
-    table = pd.DataFrame(rows)
-    fitted = table.effect.notna().to_numpy()
-    scale = float(np.abs(observed[metric]).max())
-    out = t_tests(
-        table.effect[fitted].to_numpy()[:, None],
-        table.se[fitted].to_numpy()[:, None],
-        dof,
-        alpha,
-        scale,
-    )
-    for key in ("effect", "se", "ci_low", "ci_high", "p", "p_holm"):
-        table.loc[fitted, key] = out[key][:, 0]
-    table["verdict"] = np.where(fitted, "no replicates", "inestimable")
-    if dof > 0:
-        table.loc[fitted, "verdict"] = verdicts(out["effect"], out["p_holm"], metric, alpha)[:, 0]
-    table["aliased_with"] = ""
-    failed = results[results[metric].isna()]
-    seed_sd = math.sqrt(s2) if dof > 0 else float("nan")
-    return Analysis(table, metric, list(factors), seed_sd, dof, len(observed), failed, alpha)
+    return path_steps(results, factors, metric, lower_is_better)[1]
 
 
 def seed_rounds(budget: int, cells: int, first: int = 2, per_round: int = 1) -> int:
@@ -268,41 +220,3 @@ def seed_rounds(budget: int, cells: int, first: int = 2, per_round: int = 1) -> 
     if budget < first * cells:
         raise ValueError(f"a budget of {budget} trainings cannot give {cells} cells {first} seeds")
     return 1 + (budget - first * cells) // (per_round * cells)
-
-
-def seeds_decision(
-    results: pd.DataFrame,
-    factors: list[str],
-    metric: str,
-    max_rounds: int,
-    margin: float | None = None,
-    alpha: float = 0.05,
-) -> dict:
-    """`--seeds auto`: after a round of seeds, which terms are settled and whether to stop.
-
-    Each look (round) tests at alpha / max_rounds (Bonferroni over looks), so however the stopping
-    falls out the chance of any false hurt/helped verdict over all looks stays <= alpha; report
-    the final analysis at that same level (returned). A term is settled when its verdict is
-    hurt/helped, or when its (1 - alpha/max_rounds) CI lies inside +-margin (practically zero;
-    margin defaults to 0.5 x the current seed SD, itself an estimate), or when it is inestimable
-    or aliased (more seeds cannot help). Returns {stop, settled: {term: reason}, open: [terms],
-    alpha, analysis}.
-    """
-    level = alpha / max_rounds
-    result = analyze(results, factors, metric, alpha=level)
-    margin = 0.5 * result.seed_sd if margin is None else margin
-    settled, still_open = {}, []
-    for row in result.effects.itertuples():
-        if row.verdict in SIGNIFICANT or row.verdict in ("inestimable", "aliased"):
-            settled[row.term] = row.verdict
-        elif row.verdict == "within noise" and -margin < row.ci_low and row.ci_high < margin:
-            settled[row.term] = f"within +-{margin:.3g}"
-        else:
-            still_open.append(row.term)
-    return {
-        "stop": not still_open,
-        "settled": settled,
-        "open": still_open,
-        "alpha": level,
-        "analysis": result,
-    }

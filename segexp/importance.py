@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from segexp.analysis import figure_api
+from segexp.plots import figure, save
 
 
 def sorted_levels(values) -> list:
@@ -35,6 +35,7 @@ def importance_table(df: pd.DataFrame, params: list[str], metric: str) -> pd.Dat
     from statsmodels.stats.anova import anova_lm
 
     data = df.dropna(subset=[metric])
+    params = [p for p in params if data[p].nunique() > 1]  # a constant has no importance
     safe = {p: f"x{i}" for i, p in enumerate(params)}  # formula-safe names for `optimizer.lr`
     frame = pd.DataFrame({safe[p]: data[p].astype(str).to_numpy() for p in params})
     frame["y"] = data[metric].to_numpy(float)
@@ -112,7 +113,6 @@ def marginal_means(df: pd.DataFrame, params: list[str], metric: str) -> pd.DataF
 
 def plot_marginal_means(table: pd.DataFrame, metric: str, path: Path) -> Path:
     """One panel per parameter: marginal mean per level with its 95% CI."""
-    figure, save = figure_api()
     params = list(pd.unique(table.param))
     fig, axes = figure(1, len(params), figsize=(3.2 * len(params), 3.2), squeeze=False)
     for ax, param in zip(axes[0], params, strict=True):

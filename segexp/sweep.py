@@ -31,6 +31,7 @@ from segexp.config import config_hash, redact, redacted
 
 PARENT_ENV = "SEGEXP_SWEEP_PARENT_RUN_ID"
 SWEPT_ENV = "SEGEXP_SWEPT_KEYS"  # keys with several values: they name the child runs
+JOBS_ENV, START_ENV = "SEGEXP_SWEEP_JOBS", "SEGEXP_SWEEP_START"  # for the progress lines
 ROLE_TAG = "segexp.role"
 
 
@@ -39,18 +40,55 @@ def grid(overrides: list[str]) -> str:
     return " ".join(sorted(o for o in overrides if not o.startswith("sweep.resume=")))
 
 
-def swept_keys(overrides: list[str]) -> list[str]:
-    """Keys that the sweep varies (`optimizer.lr=1e-3,3e-4`, `range(...)`, `choice(...)`)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+SHORT_KEYS = {"batch_size": "bs", "seed": "s", "weight_decay": "wd", "max_epochs": "epochs"}
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return [o.get_key_element() for o in parsed if o.is_sweep_override()]
+
+def short_key(key: str) -> str:
+    """`optimizer.lr` -> `lr`, `dataset.batch_size` -> `bs`: names that fit a table column."""
+    last = key.lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+    return SHORT_KEYS.get(last, last)
+
+
+def compact(value: str) -> str:
+    """`0.0003` -> `3e-4`; other values as written."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if number != 0 and abs(number) < 0.01 and "e" not in value:
+        mantissa, exponent = f"{number:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return value
 
 
 def child_run_name(overrides: list[str]) -> str:
-    """A sweep job's run name: its values of the swept keys, e.g. `optimizer.lr=0.001 seed=1`."""
+    """A sweep job's run name: its swept values, short and distinct, e.g. `lr=3e-4 bs=16 s=2`."""
     keys = set(os.environ.get(SWEPT_ENV, "").split())
-    return " ".join(o for o in overrides if o.split("=", 1)[0] in keys)
+    picked = [o.split("=", 1) for o in overrides if o.split("=", 1)[0] in keys]
+    return " ".join(f"{short_key(k)}={compact(v)}" for k, v in picked)
+
+
+def sweep_shape(overrides: list[str]) -> tuple[list[str], int]:
+    """(swept keys, number of jobs) of a grid sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = [o for o in parsed if o.is_sweep_override()]
+    jobs = 1
+    for o in swept:
+        jobs *= len(list(o.sweep_string_iterator()))
+    return [o.get_key_element() for o in swept], jobs
+
+
+def progress_line(client: MlflowClient, parent_run_id: str, name: str, value: float | None) -> str:
+    """`job 3/8 done (lr=3e-4 bs=16): val/dice_best 0.812, ETA 14 min` after a sweep job."""
+    parent = client.get_run(parent_run_id)
+    done = sum(r.info.status != "RUNNING" for r in compare.children(client, parent))
+    total = int(os.environ.get(JOBS_ENV) or done)
+    elapsed = time.time() - float(os.environ.get(START_ENV) or time.time())
+    eta = elapsed / max(done, 1) * max(total - done, 0) / 60
+    result = "no val/dice_best" if value is None else f"val/dice_best {value:.3f}"
+    return f"job {done}/{total} done ({name}): {result}, ETA {eta:.0f} min"
 
 
 def in_multirun() -> bool:
@@ -118,9 +156,11 @@ class SweepCallback(Callback):
             self.client.update_run(self.parent_run_id, status="RUNNING")
         else:
             sweep_id = uuid.uuid4().hex[:8]
+            keys, jobs = sweep_shape(list(config.hydra.overrides.task))
+            name = " x ".join(short_key(k) for k in keys) or "1 config"
             run = self.client.create_run(
                 experiment_id,
-                run_name=f"sweep {sweep_grid}"[:250],
+                run_name=f"sweep {name} ({jobs} runs)"[:250],
                 tags={
                     ROLE_TAG: "sweep",
                     "segexp.sweep_id": sweep_id,
@@ -135,7 +175,9 @@ class SweepCallback(Callback):
         self.client.set_tag(self.parent_run_id, "segexp.host", socket.gethostname())
         os.environ[PARENT_ENV] = self.parent_run_id
         os.environ[tracking.LAUNCHER_PID_ENV] = str(os.getpid())
-        os.environ[SWEPT_ENV] = " ".join(swept_keys(list(config.hydra.overrides.task)))
+        keys, jobs = sweep_shape(list(config.hydra.overrides.task))
+        os.environ[SWEPT_ENV] = " ".join(keys)
+        os.environ[JOBS_ENV], os.environ[START_ENV] = str(jobs), str(time.time())
         print(f"sweep parent run {self.parent_run_id} (experiment '{config.tracking.experiment}')")
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         atexit.register(self.finish)  # a failed job makes Hydra exit before on_multirun_end

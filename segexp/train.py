@@ -262,11 +262,16 @@ def main(cfg: DictConfig) -> float:
         if cfg.sweep.resume and (reused := skip_finished(cfg)) is not None:
             return reused
     try:
-        return train(cfg, overrides)["val/dice_best"]
+        final = train(cfg, overrides)
     except (ConfigError, DataError, store.StoreError) as err:
         if sweep.in_multirun():
             raise  # Hydra records the failed job; the sweep's summary counts it
         raise SystemExit(f"segexp train: {err}") from None
+    if cfg.tracking.parent_run_id and os.environ.get(sweep.JOBS_ENV):
+        client, _ = store.open_store(cfg.tracking, Path(cfg.work_dir))
+        name = cfg.run_name or final["run_id"][:8]
+        print(sweep.progress_line(client, cfg.tracking.parent_run_id, name, final["val/dice_best"]))
+    return final["val/dice_best"]
 
 
 def skip_finished(cfg: DictConfig) -> float | None:

@@ -15,13 +15,14 @@ import pytest
 
 from segexp.analysis import (
     analyze,
-    estimate,
     from_table,
     headline,
-    model,
+    path_analysis,
+    seeds_decision,
     write_report,
 )
-from segexp.designs import make_design, path_analysis, path_next, seeds_decision
+from segexp.designs import make_design, path_next
+from segexp.ols import estimate, model
 
 METRIC = "val/dice_best"
 SD = 0.01  # seed-to-seed SD of the planted metric
@@ -277,14 +278,14 @@ def test_seeds_decision_settles_clear_terms_and_keeps_unclear_ones_open():
     assert seeds_decision(many, factors, METRIC, max_rounds=4, margin=2 * SD)["stop"]
 
 
-def path_correct(k: int, reps: int, rng) -> tuple[float, float]:
-    """Shares of ablation paths (2 seeds) calling f0 (2 SD harm) hurt, and also the rest noise."""
+def path_correct(k: int, seeds: int, reps: int, rng) -> tuple[float, float]:
+    """Shares of ablation paths calling f0 (2 SD harm) hurt, and also every other step noise."""
     factors, main = [f"f{i}" for i in range(k)], np.array([-2 * SD] + [0.0] * (k - 1))
     right, power = 0, 0
     for _ in range(reps):
         table = pd.DataFrame(columns=[*factors, "seed", METRIC])
         while cells := path_next(table, factors, METRIC):
-            new = runs_table(cells, 2, factors)
+            new = runs_table(cells, seeds, factors)
             new[METRIC] = planted(new, factors, main, {}, 1, rng)[:, 0]
             table = pd.concat([table, new], ignore_index=True) if len(table) else new
         verdicts = path_analysis(table, factors, METRIC).effects.set_index("term").verdict
@@ -293,22 +294,24 @@ def path_correct(k: int, reps: int, rng) -> tuple[float, float]:
     return power / reps, right / reps
 
 
-def design_figures(reps: int = 1000) -> pd.DataFrame:
-    """Trainings and share of all-correct verdicts per design: one change of -2 SD, 2 seeds."""
+def design_figures(reps: int = 1000, seed_counts=(2, 3, 4)) -> pd.DataFrame:
+    """Trainings and shares of right verdicts per design: one change of -2 SD, the rest zero."""
     rows, rng = [], np.random.default_rng(11)
-    for k in (3, 6):
+    for k, seeds in itertools.product((3, 6), seed_counts):
         main = [-2 * SD] + [0.0] * (k - 1)
         kinds = ["full", "fractional", "oat"] if k > 4 else ["full", "oat"]
         for kind in kinds:
             cells = make_design(k, kind).cells
-            records, _, all_right = simulate(cells, main, reps=reps, rng_seed=k)
+            records, _, all_right = simulate(cells, main, seeds=seeds, reps=reps, rng_seed=k)
             mains_right = np.all([records[f"f{i}"]["right"] for i in range(k)], axis=0)
             power = records["f0"]["right"].mean()
-            rows.append((k, kind, 2 * len(cells), power, mains_right.mean(), all_right.mean()))
-        power, right = path_correct(k, reps // 4, rng)
-        rows.append((k, "path", 2 * (1 + k * (k + 1) // 2), power, right, right))
-    columns = ["k", "design", "trainings", "f0 hurt", "main verdicts right", "all verdicts right"]
-    return pd.DataFrame(rows, columns=columns)
+            rows.append(
+                (k, kind, seeds, seeds * len(cells), power, mains_right.mean(), all_right.mean())
+            )
+        power, right = path_correct(k, seeds, reps // 4, rng)
+        rows.append((k, "path", seeds, seeds * (1 + k * (k + 1) // 2), power, right, right))
+    columns = ["k", "design", "seeds", "trainings", "f0 hurt", "mains right", "all right"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["k", "design", "seeds"])
 
 
 if __name__ == "__main__":

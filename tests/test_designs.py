@@ -86,14 +86,14 @@ def test_path_visits_k_k_plus_1_over_2_configurations_in_order(effects, order):
     rows, calls = drive_path(np.array(effects), 0.001, np.random.default_rng(0))
     assert calls == [2, 4, 3, 2]  # A and B, then the candidates of steps 1-3 (step 4 is B)
     assert rows.groupby(["f0", "f1", "f2", "f3"]).ngroups == 1 + 4 * 5 // 2
-    steps, missing = path_steps(rows, ["f0", "f1", "f2", "f3"], "val/dice")
+    steps, missing = path_steps(rows, ["f0", "f1", "f2", "f3"], "val/dice", False)
     assert [j for j, _ in steps] == order and missing == []
 
 
 def test_path_on_a_loss_goes_most_harm_first_and_steps_around_failed_cells():
     factors, rows = ["f0", "f1", "f2"], pd.DataFrame(columns=["f0", "f1", "f2", "seed", "val/loss"])
     effects = np.array([0.1, 0.3, 0.2])  # every change raises the loss; f1 most
-    while cells := path_next(rows, factors, "val/loss"):
+    while cells := path_next(rows, factors, "val/loss", True):
         new = pd.DataFrame(
             [
                 {**dict(zip(factors, c, strict=True)), "seed": 0, "val/loss": effects @ c}
@@ -102,7 +102,7 @@ def test_path_on_a_loss_goes_most_harm_first_and_steps_around_failed_cells():
         )
         new.loc[new[factors].apply(tuple, axis=1) == (0, 1, 0), "val/loss"] = np.nan  # failed
         rows = new if rows.empty else pd.concat([rows, new], ignore_index=True)
-    steps, _ = path_steps(rows, factors, "val/loss")
+    steps, _ = path_steps(rows, factors, "val/loss", True)
     assert [j for j, _ in steps] == [2, 1, 0]  # f1 alone failed, so f2 (+0.2) first, then f1
 
 

@@ -70,13 +70,15 @@ def test_parallel_sweep_is_one_parent_with_a_child_per_job(swept):
     assert {"optimizer.lr=1e-3,-1", "seed=1,2"} <= set(
         parent.data.tags["segexp.sweep_grid"].split()
     )
+    assert parent.info.run_name == "sweep lr x s (4 runs)"  # no paths, no full overrides
+    assert "job 2/4 done (lr=1e-3 s=" in log or "job 4/4 done (lr=1e-3 s=" in log
     kids = compare.children(client, parent)
     assert len(kids) == 4, log[-3000:]
     by_lr = {}
     for kid in kids:
         by_lr.setdefault(kid.data.params["optimizer.lr"], []).append(kid)
         lr, seed = kid.data.params["optimizer.lr"], kid.data.params["seed"]
-        assert kid.info.run_name == f"optimizer.lr={lr} seed={seed}"
+        assert kid.info.run_name == f"lr={'1e-3' if lr == '0.001' else lr} s={seed}"
     assert {k.info.status for k in by_lr["0.001"]} == {"FINISHED"}
     assert {k.info.status for k in by_lr["-1"]} == {"FAILED"}
     for kid in by_lr["0.001"]:
@@ -134,6 +136,16 @@ def test_compare_shows_only_differing_params_and_logs_the_plot(swept, capsys, tm
     printed = capsys.readouterr().out
     assert "optimizer.lr" in printed and "dataset.image_size" not in printed
     assert "by seed" in printed and out.stat().st_size > 10_000
+    lines = printed.splitlines()
+    header, first = lines[0].split(), lines[1].split()
+    assert header[:2] == ["best", "run"] and "vs_best" in header and "run_id" not in header
+    assert first[0] == "*" and first[1] == "lr=1e-3"  # best first, marked, named
+    ranked = compare.ranked(compare.runs_table(compare.expand(client, [parent.info.run_id])[0]))
+    assert list(ranked.status) == ["FINISHED", "FINISHED", "FAILED", "FAILED"]
+    assert ranked["val/dice_best"][0] >= ranked["val/dice_best"][1] and ranked.vs_best[0] == 0
+    assert ranked.vs_best[1] == ranked["val/dice_best"][1] - ranked["val/dice_best"][0]
+    assert str(ranked.best_epoch.dtype) == "Int64"  # printed as 1, not 1.0000
+    assert "optimizer.lr" in ranked and ranked["optimizer.lr"].dtype.kind == "f"
     assert "compare/cmp.png" in {
         a.path for a in client.list_artifacts(parent.info.run_id, "compare")
     }
@@ -323,3 +335,38 @@ def test_submitit_local_executor_runs_the_sweep(work_dir, client, hc18_root):
     assert parent.info.status == "FINISHED" and len(kids) == 2
     assert {k.info.status for k in kids} == {"FINISHED"}
     assert {k.data.tags["segexp.pid"] for k in kids}.isdisjoint({str(os.getpid())})
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_joblib_sweep_ends_its_workers_and_their_runs(work_dir, client, hc18_root):
+    from segexp.store import process_alive
+
+    env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "segexp.cli",
+            *sweep_args(hc18_root, "trainer.max_epochs=500", "hydra/launcher=joblib")[:-2],
+            "hydra.launcher.n_jobs=2", "seed=1,2",
+        ],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 180
+    kids = []
+    while time.time() < deadline:
+        found = client.get_experiment_by_name("hc18_synthetic")
+        kids = found and client.search_runs(
+            [found.experiment_id], "tags.`mlflow.parentRunId` != ''"
+        )
+        if kids and len(kids) == 2 and all(steps(client, k.info.run_id, "val/dice") for k in kids):
+            break
+        time.sleep(0.5)
+    workers = [int(k.data.tags["segexp.pid"]) for k in kids]
+    assert len(workers) == 2 and proc.pid not in workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 120  # the workers end their runs within seconds, then exit
+    while time.time() < deadline and any(process_alive(pid) for pid in workers):
+        time.sleep(0.5)
+    assert not any(process_alive(pid) for pid in workers), "orphaned sweep workers"
+    statuses = {client.get_run(k.info.run_id).info.status for k in kids}
+    assert statuses == {"KILLED"}, statuses
