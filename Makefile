@@ -61,10 +61,11 @@ bench: install
 # Benchmark, not a test: the full `experiment=hc18_best` training on the real HC18 data (issue #13),
 # then wall time and the best-epoch and last-epoch figures. HC18_ROOT=... points elsewhere.
 HC18_ROOT ?= ../shared/data/hc18
-demo-hc18: install
+demo-hc18:
 	@if [ ! -f "$(HC18_ROOT)/training_set_pixel_size_and_HC.csv" ]; then \
 		echo "demo-hc18: no HC18 data at $(HC18_ROOT) (official layout; set HC18_ROOT=/path/to/hc18)"; \
 		exit 1; fi
+	$(MAKE) install
 	PYTHONUNBUFFERED=1 $(BIN)/python -c "$$DEMO_HC18" $(abspath $(HC18_ROOT))
 
 define DEMO_HC18
