@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-slow test-all lint format demo ui browser bench data clean
+.PHONY: install test test-slow test-all lint format demo demo-hc18 ui browser bench data clean
 
 install: $(STAMP)
 
@@ -58,3 +58,33 @@ clean:
 # blame cost (prints; not a test). BENCH_ARGS, e.g. `--batches 3 --no-compile`.
 bench: install
 	PYTHONUNBUFFERED=1 $(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
+
+# Benchmark, not a test: the full `experiment=hc18_best` training on the real HC18 data (issue #13),
+# then wall time and the best-epoch and last-epoch figures. HC18_ROOT=... points elsewhere.
+HC18_ROOT ?= ../shared/data/hc18
+demo-hc18:
+	@if [ ! -f "$(HC18_ROOT)/training_set_pixel_size_and_HC.csv" ]; then \
+		echo "demo-hc18: no HC18 data at $(HC18_ROOT) (official layout; set HC18_ROOT=/path/to/hc18)"; \
+		exit 1; fi
+	$(MAKE) install
+	PYTHONUNBUFFERED=1 $(BIN)/python -c "$$DEMO_HC18" $(abspath $(HC18_ROOT))
+
+define DEMO_HC18
+import sys, time
+from pathlib import Path
+from segexp import config, store
+from segexp.train import train
+cfg = config.compose(['experiment=hc18_best', 'dataset=hc18', f'dataset.root={sys.argv[1]}',
+                      'trainer.enable_progress_bar=false'])
+start = time.time()
+final = train(cfg)
+minutes = (time.time() - start) / 60
+client, _ = store.open_store(cfg.tracking, Path(cfg.work_dir))
+run = client.get_run(final['run_id'])
+keys = ['val/dice', 'val/hc_mae_mm', 'val/hc_bias_mm', 'val/hd95_mm', 'val/hc_outliers_10mm', 'val/hc_flagged']
+epochs = len(client.get_metric_history(run.info.run_id, 'val/dice'))
+print(f'\nhc18_best: {minutes:.1f} min, {epochs} epochs, {60 * minutes / epochs:.0f} s/epoch (incl. loading and final evaluation), precision {run.data.tags.get("segexp.precision")}')
+print(f'best epoch {final["best_epoch"]}: ' + ', '.join(f'{k}={final[k + "_best"]:.3f}' for k in keys))
+print(f'last epoch {epochs - 1}:  ' + ', '.join(f'{k}={run.data.metrics[k]:.3f}' for k in keys))
+endef
+export DEMO_HC18

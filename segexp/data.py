@@ -33,8 +33,19 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from segexp import speed
 from segexp.cases import SCANNERS, Case, DataError, fingerprint, split_groups
+from segexp.metrics import shape_ranges
 
 CACHE_VERSION = 1  # bump when decoding or resizing changes
+
+
+def size_hw(image_size) -> tuple[int, int]:
+    """`dataset.image_size` as (H, W): an int is a square, `[H, W]` keeps e.g. HC18's 540:800."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    values = tuple(int(v) for v in image_size)
+    if len(values) != 2:
+        raise ValueError(f"dataset.image_size must be an int or [H, W], got {list(image_size)}")
+    return values
 
 
 def filled_mask(annotation: np.ndarray) -> np.ndarray:
@@ -105,13 +116,17 @@ def read_image(path: str, mode: str | None = None) -> np.ndarray:
 
 
 def decode_case(
-    case: Case, image_size: int, channels: int
+    case: Case, image_size, channels: int
 ) -> tuple[np.ndarray, np.ndarray | None, tuple]:
-    """Decode, check and resize one case: image (S, S, C) uint8, mask (S, S) uint8 {0,1}, (H, W)."""
+    """Decode, check and resize one case: image (h, w, C) uint8, mask (h, w) uint8 {0,1}, (H, W).
+
+    `image_size` is an int (square) or (h, w); H, W are the sizes on disk.
+    """
+    h, w = size_hw(image_size)
     image = read_image(case.image, "L" if channels == 1 else "RGB")
     original = image.shape[:2]
-    image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_AREA)
-    image = image.reshape(image_size, image_size, channels)
+    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)  # cv2 sizes are (W, H)
+    image = image.reshape(h, w, channels)
     if case.mask is None:
         return image, None, original
     annotation = read_image(case.mask, "L")  # gray, RGB or RGBA annotations alike
@@ -122,28 +137,31 @@ def decode_case(
     if len(levels) > 2:
         raise FileProblem(case.mask, f"non-binary mask ({len(levels)} distinct values)")
     mask = filled_mask(annotation).astype(np.float32)
-    mask = cv2.resize(mask, (image_size, image_size), interpolation=cv2.INTER_AREA) >= 0.5
+    mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_AREA) >= 0.5
     return image, mask.astype(np.uint8), original
 
 
 def cache_entry(
-    cases: list[Case], image_size: int, channels: int, cache_dir: Path | None
+    cases: list[Case], image_size, channels: int, cache_dir: Path | None
 ) -> Path | None:
     """The cache folder of these files at this preprocessing (None: caching is off)."""
     if not cache_dir:
         return None
-    key = fingerprint(cases, {"size": image_size, "channels": channels, "v": CACHE_VERSION})
+    h, w = size_hw(image_size)
+    size = h if h == w else [h, w]  # squares keep the key they always had
+    key = fingerprint(cases, {"size": size, "channels": channels, "v": CACHE_VERSION})
     return Path(cache_dir) / key
 
 
 def load_arrays(
-    cases: list[Case], image_size: int, channels: int, entry: Path | None
+    cases: list[Case], image_size, channels: int, entry: Path | None
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Decoded, resized arrays for `cases`, from the cache folder `entry` when it is complete.
 
-    `entry` comes from `cache_entry` (None: no caching). Returns images (N, S, S, C) uint8,
-    masks (N, S, S) uint8 or None, original sizes (N, 2).
+    `entry` comes from `cache_entry` (None: no caching). Returns images (N, h, w, C) uint8,
+    masks (N, h, w) uint8 or None, original sizes (N, 2).
     """
+    h, w = size_hw(image_size)
     key = entry.name if entry else None
     if entry is not None and (entry / "meta.json").is_file():
         meta = json.loads((entry / "meta.json").read_text())
@@ -151,8 +169,8 @@ def load_arrays(
         masks = np.load(entry / "masks.npy", mmap_mode="r") if meta["masks"] else None
         return images, masks, np.asarray(meta["original_sizes"])
 
-    images = np.zeros((len(cases), image_size, image_size, channels), np.uint8)
-    masks = np.zeros((len(cases), image_size, image_size), np.uint8)
+    images = np.zeros((len(cases), h, w, channels), np.uint8)
+    masks = np.zeros((len(cases), h, w), np.uint8)
     originals, problems = [], []
 
     def decode(case: Case):
@@ -296,6 +314,12 @@ class SegDataModule(pl.LightningDataModule):
         hc_boundary_offset_px: how far this dataset's filled masks extend beyond the ellipse its
             reference HC measures (see `segexp.metrics.ellipse_from_mask`); HC18 layout only.
         train_transform: an albumentations transform applied to training items only.
+        flip_tta: evaluate (and `segexp predict`) on the mean of the image's and its left-right
+            mirror's logits: valid where anatomy has no preferred side (HC18 heads).
+        single_object: one object per image (HC18: one head): predicted masks keep their
+            largest component, holes filled, before Dice and HD95 (HC always measures that one).
+        hc_ellipse_fit: `moment` or `contour` (see `segexp.metrics.ellipse_from_mask`); each has
+            its own `hc_boundary_offset_px` calibration.
     """
 
     def __init__(
@@ -314,15 +338,19 @@ class SegDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         hc_boundary_offset_px: float = 0.0,
         train_transform: A.BasicTransform | A.Compose | None = None,
+        flip_tta: bool = False,
+        single_object: bool = False,
+        hc_ellipse_fit: str = "moment",
     ):
         super().__init__()
         if layout not in SCANNERS:
             raise ValueError(f"dataset.layout must be one of {sorted(SCANNERS)}, got {layout!r}")
         if normalize not in ("minmax", "volume"):
             raise ValueError(f"dataset.normalize must be 'minmax' or 'volume', got {normalize!r}")
-        if image_size < 16 or image_size % 16:
+        image_size = size_hw(image_size)
+        if any(s < 16 or s % 16 for s in image_size):
             raise ValueError(
-                f"dataset.image_size must be a positive multiple of 16, got {image_size}"
+                f"dataset.image_size must be positive multiples of 16, got {list(image_size)}"
             )
         if batch_size < 1:
             raise ValueError(f"dataset.batch_size must be >= 1, got {batch_size}")
@@ -334,6 +362,9 @@ class SegDataModule(pl.LightningDataModule):
         self.train_transform = train_transform
         self.hc_boundary_offset_px = hc_boundary_offset_px if layout == "hc18" else None
         self.volumetric = layout == "lgg"  # LGG slices form per-patient volumes
+        self.flip_tta, self.single_object = flip_tta, single_object
+        self.hc_ellipse_fit = hc_ellipse_fit
+        self.hc_plausible: dict | None = None  # set by setup from the training split (HC18)
         self.cases: list[Case] = []
         self.load_seconds = 0.0
 
@@ -374,6 +405,17 @@ class SegDataModule(pl.LightningDataModule):
         extra = {"stats": self.stats, "original_sizes": self.original_sizes}
         self.train_set = SegDataset(*arrays, self.train_idx, self.train_transform, **extra)
         self.val_set = SegDataset(*arrays, self.val_idx, None, **extra)
+        if self.layout == "hc18" and self.masks is not None and self.train_idx:
+            self.hc_plausible = shape_ranges(
+                np.asarray(self.masks[self.train_idx]),
+                self.spacings(self.train_idx),
+                [self.cases[i].hc_mm for i in self.train_idx],
+            )
+
+    def spacings(self, indices) -> np.ndarray:
+        """(len(indices), 2) mm per model pixel along (y, x): original size / image_size * pixel."""
+        pixel = np.array([self.cases[i].pixel_size_mm for i in indices], float)
+        return self.original_sizes[list(indices)] / np.asarray(self.image_size) * pixel[:, None]
 
     @property
     def fingerprint(self) -> str:
@@ -438,17 +480,20 @@ class SegDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
-        """Neither layout ships a labelled test set: testing evaluates the validation split."""
-        return self._loader(self.val_set, shuffle=False)
-
     def predict_dataloader(self) -> DataLoader:
         """HC18: the unannotated `test_set/`; LGG: the validation split."""
         if self.layout != "hc18":
             return self._loader(self.val_set, shuffle=False)
-        cases = SCANNERS["hc18"](self.root, "test")
-        entry = cache_entry(cases, self.image_size, self.channels, self.cache_dir)
-        images, _, sizes = load_arrays(cases, self.image_size, self.channels, entry)
-        return self._loader(
-            SegDataset(images, None, cases, range(len(cases)), original_sizes=sizes), shuffle=False
+        return self.loader_of(SCANNERS["hc18"](self.root, "test"))
+
+    def loader_of(self, cases: list[Case], cache: bool = True) -> DataLoader:
+        """Unaugmented batches of other `cases`, preprocessed as this dataset's (size, normalize)."""
+        entry = cache_entry(cases, self.image_size, self.channels, cache and self.cache_dir)
+        images, masks, sizes = load_arrays(cases, self.image_size, self.channels, entry)
+        stats = (
+            volume_stats(images, [c.group for c in cases]) if self.normalize == "volume" else None
         )
+        dataset = SegDataset(
+            images, masks, cases, range(len(cases)), stats=stats, original_sizes=sizes
+        )
+        return self._loader(dataset, shuffle=False)

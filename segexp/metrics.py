@@ -77,6 +77,10 @@ def summarize(cases: pd.DataFrame, volumetric: bool) -> dict[str, float]:
     if "hc_error_mm" in cases:
         metrics["val/hc_mae_mm"] = float(cases.hc_abs_error_mm.mean())
         metrics["val/hc_bias_mm"] = float(cases.hc_error_mm.mean())
+        # a count of images, not a share: "3 of 148 images are off by more than 10 mm"
+        metrics["val/hc_outliers_10mm"] = float((cases.hc_abs_error_mm > 10).sum())
+    if "hc_flag" in cases:
+        metrics["val/hc_flagged"] = float(cases.hc_flag.sum())
     return metrics
 
 
@@ -106,17 +110,31 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(largest)
 
 
-def ellipse_from_mask(mask: np.ndarray, boundary_offset_px: float = 0.0) -> Ellipse | None:
-    """The ellipse of the largest component, from its second moments; None for an empty mask.
+def ellipse_from_mask(
+    mask: np.ndarray, boundary_offset_px: float = 0.0, method: str = "moment"
+) -> Ellipse | None:
+    """The ellipse of the largest component (holes filled); None for an empty mask.
 
-    A filled region's second moments give its semi-axes exactly (a = 2 sqrt(eigenvalue)), with
-    no contour-tracing bias. `boundary_offset_px` is how far the masks extend beyond the ellipse
-    the reference measures (the annotation stroke): it is subtracted from both semi-axes.
+    `moment`: from the filled region's second moments (a = 2 sqrt(eigenvalue)), exact for a whole
+    ellipse with no contour-tracing bias. `contour`: least-squares fit (`skimage.measure.
+    EllipseModel`) of the region's outer contour without the points that lie on the image border,
+    so a head cut by the border is still measured whole. `boundary_offset_px` is how far the masks
+    extend beyond the ellipse the reference measures (the annotation stroke): it is subtracted
+    from both semi-axes.
     """
+    if method not in ("moment", "contour"):
+        raise ValueError(f"ellipse fit method must be 'moment' or 'contour', got {method!r}")
     region = largest_component(np.asarray(mask) > 0)
     ys, xs = np.nonzero(region)
     if len(xs) < 5:
         return None
+    if method == "contour":
+        fitted = _contour_ellipse(region)
+        if fitted is not None:
+            cx, cy, a, b, angle = fitted
+            return Ellipse(
+                cx, cy, max(a - boundary_offset_px, 0.0), max(b - boundary_offset_px, 0.0), angle
+            )
     cx, cy = xs.mean(), ys.mean()
     cov = np.cov(np.stack([xs - cx, ys - cy]), bias=True)
     eigenvalues, eigenvectors = np.linalg.eigh(cov)  # ascending
@@ -127,13 +145,43 @@ def ellipse_from_mask(mask: np.ndarray, boundary_offset_px: float = 0.0) -> Elli
     return Ellipse(float(cx), float(cy), max(a, 0.0), max(b, 0.0), angle)
 
 
-def hc_from_mask(mask: np.ndarray, pixel_size_mm: float, boundary_offset_px: float = 0.0) -> float:
+def _contour_ellipse(region: np.ndarray) -> tuple[float, ...] | None:
+    """(cx, cy, a, b, angle) fitted to the outer contour of a filled region, or None."""
+    from skimage import measure
+
+    h, w = region.shape
+    # padded: a region touching the border still has a closed contour; (row, col) + 1 offset
+    contour = max(measure.find_contours(np.pad(region, 1).astype(np.float32), 0.5), key=len) - 1
+    rows, cols = contour[:, 0], contour[:, 1]
+    inside = (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)  # not the image's edge
+    if inside.sum() < 10:
+        return None
+    model = measure.EllipseModel.from_estimate(np.column_stack([cols[inside], rows[inside]]))
+    if not model:  # falsy when the fit failed
+        return None
+    (cx, cy), axes = model.center, model.axis_lengths
+    a, b = max(axes), min(axes)
+    angle = model.theta if axes[0] >= axes[1] else model.theta + math.pi / 2
+    angle = (angle + math.pi / 2) % math.pi - math.pi / 2
+    if not all(math.isfinite(v) for v in (cx, cy, a, b)) or a > 4 * max(h, w):
+        return None
+    return float(cx), float(cy), float(a), float(b), float(angle)
+
+
+def eccentricity(ellipse: Ellipse) -> float:
+    """sqrt(1 - b^2 / a^2): 0 for a circle, towards 1 for a flat ellipse."""
+    return math.sqrt(max(0.0, 1 - (ellipse.b / ellipse.a) ** 2)) if ellipse.a > 0 else 1.0
+
+
+def hc_from_mask(
+    mask: np.ndarray, pixel_size_mm: float, boundary_offset_px: float = 0.0, method: str = "moment"
+) -> float:
     """Head circumference in mm of a binary mask at the image's original resolution.
 
-    Largest component, holes filled, moment ellipse, Ramanujan perimeter, times the pixel size.
-    An empty mask (no head found) measures 0 mm.
+    Largest component, holes filled, ellipse fit (`method`), Ramanujan perimeter, times the pixel
+    size. An empty mask (no head found) measures 0 mm.
     """
-    ellipse = ellipse_from_mask(mask, boundary_offset_px)
+    ellipse = ellipse_from_mask(mask, boundary_offset_px, method)
     return 0.0 if ellipse is None else ramanujan_perimeter(ellipse.a, ellipse.b) * pixel_size_mm
 
 
@@ -157,6 +205,26 @@ def hd95(pred: np.ndarray, true: np.ndarray, spacing: tuple[float, float] = (1.0
     return float(np.percentile(np.concatenate([to_true, to_pred]), 95))
 
 
+def shape_ranges(masks: np.ndarray, spacings: np.ndarray, hc_mm: np.ndarray) -> dict:
+    """Plausible ranges from reference masks: {"hc_mm": (lo, hi), "eccentricity": (lo, hi)}.
+
+    masks (N, h, w) at the model's resolution, spacings (N, 2) mm per pixel along (y, x): the
+    eccentricity is measured in mm, so a squeezed (square) input does not distort it.
+    """
+    eccentricities = []
+    for mask, (sy, sx) in zip(masks, spacings, strict=True):
+        ys, xs = np.nonzero(mask)
+        if len(xs) < 5:
+            continue
+        low, high = np.linalg.eigvalsh(np.cov(np.stack([xs * sx, ys * sy]), bias=True))
+        eccentricities.append(math.sqrt(max(0.0, 1 - low / high)) if high > 0 else 1.0)
+    hc = np.asarray(hc_mm, float)
+    return {
+        "hc_mm": (float(hc.min()), float(hc.max())),
+        "eccentricity": (float(min(eccentricities)), float(max(eccentricities))),
+    }
+
+
 def clinical_table(
     masks: np.ndarray,
     original_sizes: np.ndarray | None = None,
@@ -164,16 +232,22 @@ def clinical_table(
     probabilities: np.ndarray | None = None,
     hc_true: np.ndarray | None = None,
     boundary_offset_px: float = 0.0,
+    method: str = "moment",
+    plausible: dict | None = None,
 ) -> pd.DataFrame:
-    """Per-case HD95 and, with probabilities and reference HC, head circumference columns.
+    """Per-case HD95 and, with probabilities, head circumference columns.
 
     Args:
-        masks: (N, 2, S, S) bool, predicted and true masks at the model's resolution.
-        original_sizes: (N, 2) (H, W) on disk; with pixel_sizes, HD95 is in mm, else in pixels.
-        probabilities: (N, S, S) foreground probabilities, resized to the original size and
-            thresholded at 0.5 before HC is measured there.
+        masks: (N, 2, h, w) bool, predicted and true masks at the model's resolution.
+        original_sizes: (N, 2) (H, W) on disk; with pixel_sizes, HD95 is in mm (spacing per
+            axis: H / h and W / w differ for a squeezed input), else in pixels.
+        probabilities: (N, h, w) foreground probabilities, resized to the original size and
+            thresholded at 0.5 before HC is measured there (`method`: see `ellipse_from_mask`).
+        hc_true: (N,) reference HC; without it only the predicted HC and its flag are written.
+        plausible: `shape_ranges` of the training masks; `hc_flag` marks predictions whose HC or
+            eccentricity falls outside them, or with no head at all (check those by hand).
     """
-    size = masks.shape[-1]
+    size = np.asarray(masks.shape[-2:])  # (h, w)
     table = pd.DataFrame(index=range(len(masks)))
     in_mm = pixel_sizes is not None and original_sizes is not None
     spacings = (
@@ -184,21 +258,47 @@ def clinical_table(
     table["hd95_mm" if in_mm else "hd95_px"] = [
         hd95(m[0], m[1], tuple(sp)) for m, sp in zip(masks, spacings, strict=True)
     ]
-    if probabilities is not None and hc_true is not None:
-        import cv2
-
-        predicted = []
-        for prob, (h, w), pixel_mm in zip(probabilities, original_sizes, pixel_sizes, strict=True):
-            full = (
-                cv2.resize(
-                    np.asarray(prob, np.float32), (int(w), int(h)), interpolation=cv2.INTER_LINEAR
-                )
-                >= 0.5
-            )
-            predicted.append(hc_from_mask(full, float(pixel_mm), boundary_offset_px))
+    if probabilities is not None and pixel_sizes is not None and original_sizes is not None:
+        measured = [
+            measure_hc(prob, (int(h), int(w)), float(mm), boundary_offset_px, method, plausible)
+            for prob, (h, w), mm in zip(probabilities, original_sizes, pixel_sizes, strict=True)
+        ]
         table["pixel_size_mm"] = pixel_sizes
-        table["hc_true_mm"] = hc_true
-        table["hc_pred_mm"] = predicted
-        table["hc_error_mm"] = table.hc_pred_mm - table.hc_true_mm
-        table["hc_abs_error_mm"] = table.hc_error_mm.abs()
+        if hc_true is not None:
+            table["hc_true_mm"] = hc_true
+        table["hc_pred_mm"] = [m[0] for m in measured]
+        if hc_true is not None:
+            table["hc_error_mm"] = table.hc_pred_mm - table.hc_true_mm
+            table["hc_abs_error_mm"] = table.hc_error_mm.abs()
+        table["eccentricity"] = [m[1] for m in measured]
+        table["hc_flag"] = [m[2] for m in measured]
     return table
+
+
+def measure_hc(
+    probability: np.ndarray,
+    original_size: tuple[int, int],
+    pixel_size_mm: float,
+    boundary_offset_px: float = 0.0,
+    method: str = "moment",
+    plausible: dict | None = None,
+) -> tuple[float, float, bool, Ellipse | None]:
+    """(HC mm, eccentricity, flag, ellipse in original pixels) of a (h, w) probability map.
+
+    The map is resized to the original (H, W) and thresholded at 0.5 there. The flag is True when
+    no head is found or, with `plausible` ranges, when HC or eccentricity falls outside them.
+    """
+    import cv2
+
+    h, w = original_size
+    full = cv2.resize(np.asarray(probability, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    ellipse = ellipse_from_mask(full >= 0.5, boundary_offset_px, method)
+    if ellipse is None:
+        return 0.0, float("nan"), True, None
+    hc = ramanujan_perimeter(ellipse.a, ellipse.b) * pixel_size_mm
+    ecc = eccentricity(ellipse)
+    flag = False
+    if plausible:
+        (hc_lo, hc_hi), (ecc_lo, ecc_hi) = plausible["hc_mm"], plausible["eccentricity"]
+        flag = not (hc_lo <= hc <= hc_hi and ecc_lo <= ecc <= ecc_hi)
+    return hc, ecc, flag, ellipse

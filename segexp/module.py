@@ -15,8 +15,19 @@ import torch
 from torch import nn
 
 from segexp import speed
-from segexp.metrics import case_table, clinical_table, overlap_counts, summarize
+from segexp.metrics import (
+    case_table,
+    clinical_table,
+    largest_component,
+    overlap_counts,
+    summarize,
+)
 from segexp.tracking import NonFiniteMetricError
+
+
+def flip_tta_logits(net: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """Mean logits of the image and its left-right mirror, mirrored back: (N, 1, H, W)."""
+    return (net(image) + net(image.flip(-1)).flip(-1)) / 2
 
 
 class SegModule(pl.LightningModule):
@@ -33,6 +44,9 @@ class SegModule(pl.LightningModule):
             dict keys, hence checkpoints, stay those of the eager network).
         fold_bn_eval: on a CPU, validate with a copy of the network whose BatchNorms are folded
             into the convs (rebuilt each validation epoch; nets fx cannot trace stay eager).
+        flip_tta, single_object, hc_ellipse_fit: how validation predicts and measures (see
+            `SegDataModule`); `setup` takes the plausible HC/eccentricity range of the training masks
+            from the trainer's datamodule.
     """
 
     def __init__(
@@ -47,6 +61,9 @@ class SegModule(pl.LightningModule):
         hc_boundary_offset_px: float | None = None,
         compile: bool = False,
         fold_bn_eval: bool = True,
+        flip_tta: bool = False,
+        single_object: bool = False,
+        hc_ellipse_fit: str = "moment",
     ):
         super().__init__()
         self.net, self.loss = net, loss
@@ -54,6 +71,12 @@ class SegModule(pl.LightningModule):
         self.volumetric, self.channels_last, self.monitor = volumetric, channels_last, monitor
         self.hc_boundary_offset_px = hc_boundary_offset_px
         self.compile, self.fold_bn_eval = compile, fold_bn_eval
+        self.flip_tta, self.single_object, self.hc_ellipse_fit = (
+            flip_tta,
+            single_object,
+            hc_ellipse_fit,
+        )
+        self.hc_plausible: dict | None = None  # {"hc_mm": (lo, hi), "eccentricity": (lo, hi)}
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.val_cases: pd.DataFrame | None = None
@@ -63,6 +86,20 @@ class SegModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.compile:
             speed.compile_net(self.net)  # compiles on the first step: its time counts in epoch 0
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "hc_plausible", None) is not None:
+            self.hc_plausible = datamodule.hc_plausible  # from the training split's masks
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # `segexp predict` flags implausible ellipses with the range of this run's training masks
+        checkpoint["segexp_evaluation"] = {
+            "flip_tta": self.flip_tta,
+            "single_object": self.single_object,
+            "hc_ellipse_fit": self.hc_ellipse_fit,
+            "hc_plausible": self.hc_plausible,
+        }
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -78,6 +115,10 @@ class SegModule(pl.LightningModule):
             # a net torch.fx cannot trace validates eagerly
             with contextlib.suppress(Exception):
                 self.__dict__["_folded_net"] = speed.fuse_for_eval(self.net)
+
+    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 1, H, W) as evaluation sees them: with flip TTA when `flip_tta`."""
+        return flip_tta_logits(self, image) if self.flip_tta else self(image)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch["image"]), batch["mask"])
@@ -98,7 +139,7 @@ class SegModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch["image"])
+        logits = self.predict_logits(batch["image"])
         loss = self.loss(logits, batch["mask"])
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
         # kept on the device until the epoch ends: no per-batch host syncs
@@ -125,17 +166,25 @@ class SegModule(pl.LightningModule):
         def gather(key):  # one host transfer per key per epoch
             return torch.cat(val[key]).cpu().numpy() if key in val else None
 
-        cases = case_table(gather("counts"), sum(val["case_id"], []), sum(val["group"], []))
+        masks, counts = gather("masks"), gather("counts")  # (N, 2, H, W) predicted / true
+        if self.single_object:  # one head per image: its largest component, holes filled
+            masks[:, 0] = [largest_component(m) for m in masks[:, 0]]
+            counts = overlap_counts(
+                torch.from_numpy(masks[:, :1]).float() - 0.5, torch.from_numpy(masks[:, 1:]).float()
+            ).numpy()
+        cases = case_table(counts, sum(val["case_id"], []), sum(val["group"], []))
         clinical = clinical_table(
-            gather("masks"),
+            masks,
             gather("original_size"),
             gather("pixel_size_mm"),
             gather("probabilities"),
             gather("hc_mm"),
             self.hc_boundary_offset_px or 0.0,
+            method=self.hc_ellipse_fit,
+            plausible=self.hc_plausible,
         )
         self.val_cases = cases.join(clinical)
-        self.val_masks = gather("masks")  # (N, 2, H, W) predicted / true, in val_cases order
+        self.val_masks = masks  # (N, 2, H, W) predicted / true, in val_cases order
         self.log_dict(summarize(self.val_cases, self.volumetric), prog_bar=False)
 
     def configure_optimizers(self):

@@ -12,11 +12,12 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from segexp.cases import Case, DataError
-from segexp.data import SegDataset, load_arrays, volume_stats
-from segexp.metrics import ellipse_from_mask
+from segexp import config
+from segexp.cases import Case, DataError, number
+from segexp.data import SegDataModule
+from segexp.metrics import measure_hc
+from segexp.module import flip_tta_logits
 
 SUBMISSION_COLUMNS = [
     "filename",
@@ -42,18 +43,26 @@ def image_cases(images_dir: Path, pixel_csv: Path) -> list[Case]:
         if not path.is_file():
             problems.append((str(path), f"listed in {Path(pixel_csv).name} but no such image"))
             continue
-        cases.append(
-            Case(path.stem, path.stem, str(path), pixel_size_mm=float(row["pixel size(mm)"]))
-        )
+        pixel_mm = number(row["pixel size(mm)"])
+        if not pixel_mm > 0:  # NaN and non-numbers fail this too
+            problems.append(
+                (
+                    str(pixel_csv),
+                    f"{path.name}: pixel size {row['pixel size(mm)']!r} is not a positive number",
+                )
+            )
+            continue
+        cases.append(Case(path.stem, path.stem, str(path), pixel_size_mm=pixel_mm))
     if problems:
         raise DataError(images_dir, problems)
     return cases
 
 
-def load_run_model(client, run_id: str) -> tuple[torch.nn.Module, dict]:
-    """The network of a run with its best weights, and the run's resolved config."""
+def load_run_model(client, run_id: str) -> tuple[torch.nn.Module, dict, dict]:
+    """The network of a run with its best weights, its resolved config, its evaluation settings."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
+        config.check_targets(cfg)  # a stored config is data: nothing it names runs unchecked
         checkpoint = torch.load(
             client.download_artifacts(run_id, "checkpoints/best.ckpt", tmp),
             map_location="cpu",
@@ -69,44 +78,63 @@ def load_run_model(client, run_id: str) -> tuple[torch.nn.Module, dict]:
             if k.startswith("net.")
         }
     )
-    return net.eval(), cfg
+    # runs from before flip TTA and plausibility ranges: plain prediction, nothing flagged
+    evaluation = checkpoint.get("segexp_evaluation") or {}
+    return net.eval(), cfg, evaluation
+
+
+def flags_path(out: Path) -> Path:
+    """The side CSV next to the submission: `submission.csv` -> `submission_flags.csv`."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_flags.csv")
 
 
 @torch.no_grad()
 def predict(
     client, run_id: str, images_dir: Path, pixel_csv: Path, out: Path, masks_dir: Path | None = None
 ) -> pd.DataFrame:
-    """Write the submission CSV (one row per image; zeros where no head was found)."""
-    net, cfg = load_run_model(client, run_id)
+    """Write the submission CSV (the 6 official columns; zeros where no head was found).
+
+    Beside it, `flags_path(out)` lists per image the HC in mm, the eccentricity and `hc_flag`:
+    True where no plausible ellipse was found (no head, or HC or eccentricity outside the range
+    of the run's training masks), i.e. the predictions to check by hand.
+    """
+    net, cfg, evaluation = load_run_model(client, run_id)
     cases = image_cases(images_dir, pixel_csv)
-    size, channels = cfg.dataset.image_size, cfg.dataset.channels
-    images, _, original_sizes = load_arrays(cases, size, channels, entry=None)
-    stats = (
-        volume_stats(images, [c.group for c in cases])
-        if cfg.dataset.normalize == "volume"
-        else None
-    )
-    loader = DataLoader(
-        SegDataset(images, None, cases, range(len(cases)), stats=stats), batch_size=16
-    )
-    offset = cfg.dataset.get("hc_boundary_offset_px") or 0.0
+    # the run's own preprocessing (size, channels, normalisation), through its DataModule
+    args = OmegaConf.to_container(cfg.dataset, resolve=True)
+    args.pop("_target_", None)
+    datamodule = SegDataModule(**args)
+    loader = datamodule.loader_of(cases, cache=False)
+    flip = evaluation.get("flip_tta", False)
     probabilities = torch.cat(
-        [torch.sigmoid(net(batch["image"]))[:, 0] for batch in loader]
-    ).numpy()
+        [
+            torch.sigmoid(flip_tta_logits(net, b["image"]) if flip else net(b["image"]))[:, 0]
+            for b in loader
+        ]
+    ).numpy()  # (N, h, w)
+    offset = cfg.dataset.get("hc_boundary_offset_px") or 0.0
+    method = evaluation.get("hc_ellipse_fit", "moment")
+    plausible = evaluation.get("hc_plausible")
+    original_sizes = loader.dataset.original_sizes
     if masks_dir is not None:
         Path(masks_dir).mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, flags = [], []
     for case, prob, (h, w) in zip(cases, probabilities, original_sizes, strict=True):
-        mask = cv2.resize(prob, (int(w), int(h)), interpolation=cv2.INTER_LINEAR) >= 0.5
+        mm = case.pixel_size_mm
+        hc, ecc, flag, e = measure_hc(prob, (int(h), int(w)), mm, offset, method, plausible)
         if masks_dir is not None:
+            mask = cv2.resize(prob, (int(w), int(h)), interpolation=cv2.INTER_LINEAR) >= 0.5
             Image.fromarray(mask.astype(np.uint8) * 255).save(
                 Path(masks_dir) / f"{case.case_id}_mask.png"
             )
-        e = ellipse_from_mask(mask, offset)
-        mm = case.pixel_size_mm
         values = (0.0,) * 5 if e is None else (e.cx * mm, e.cy * mm, e.a * mm, e.b * mm, e.angle)
         rows.append([Path(case.image).name, *values])
+        flags.append([Path(case.image).name, hc, ecc, flag])
     table = pd.DataFrame(rows, columns=SUBMISSION_COLUMNS)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False, quoting=csv.QUOTE_MINIMAL)
+    pd.DataFrame(flags, columns=["filename", "hc_mm", "eccentricity", "hc_flag"]).to_csv(
+        flags_path(out), index=False
+    )
     return table

@@ -21,7 +21,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from segexp import config, report, speed, store, sweep, tracking
 from segexp.cases import DataError
 from segexp.config import ConfigError
-from segexp.data import SegDataModule
+from segexp.data import SegDataModule, size_hw
 from segexp.models import build_net
 from segexp.module import SegModule
 
@@ -133,12 +133,12 @@ def resolve_speed(cfg: DictConfig, datamodule: SegDataModule, net: torch.nn.Modu
     limit = cfg.trainer.get("limit_train_batches")
     if isinstance(limit, int) and not isinstance(limit, bool):
         per_epoch = min(per_epoch, limit * datamodule.batch_size)
-    size = datamodule.image_size
+    height, width = size_hw(datamodule.image_size)
     return speed.resolve(
         cfg.trainer.precision,
         cfg.get("performance") or {},
         net,
-        (datamodule.batch_size, datamodule.channels, size, size),
+        (datamodule.batch_size, datamodule.channels, height, width),
         datamodule.cache_dir or Path(cfg.work_dir) / "cache",
         device_of(cfg),
         run_images=cfg.trainer.max_epochs * per_epoch,
@@ -177,6 +177,9 @@ def build_module(
         compile=choice.compile,
         monitor=cfg.checkpoint.monitor,
         hc_boundary_offset_px=datamodule.hc_boundary_offset_px,
+        flip_tta=datamodule.flip_tta,
+        single_object=datamodule.single_object,
+        hc_ellipse_fit=datamodule.hc_ellipse_fit,
     )
 
 

@@ -1,0 +1,150 @@
+"""HC18 accuracy recipe: non-square sizes, ellipse fits, flip TTA, flags, `hc18_best` end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_cfg, only_run
+from skimage import draw
+
+from segexp.data import SegDataModule
+from segexp.metrics import clinical_table, hc_from_mask, ramanujan_perimeter, summarize
+from segexp.models import UNet
+from segexp.module import flip_tta_logits
+from segexp.predict import SUBMISSION_COLUMNS, flags_path, predict
+from segexp.train import train
+
+
+def filled_ellipse(cy, cx, b, a, theta, shape=(540, 800)) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    rr, cc = draw.ellipse(cy, cx, b, a, shape=shape, rotation=-theta)  # skimage turns the other way
+    mask[rr, cc] = True
+    return mask
+
+
+# drawn ellipses hold the pixels whose centres are inside: the moment fit sees the true axes, the
+# contour (traced half-way between inside and outside pixel centres) about half a pixel more
+OFFSETS = {"moment": 0.0, "contour": 0.5}
+
+
+@pytest.mark.parametrize("method", ["moment", "contour"])
+@pytest.mark.parametrize("ratio", [1.0, 0.75, 0.5])
+@pytest.mark.parametrize("theta", [0.0, 0.6, -1.2])
+@pytest.mark.parametrize("defects", [False, True])
+def test_ellipse_fit_hc_within_half_a_percent(method, ratio, theta, defects):
+    a, b = 170.0, 170.0 * ratio
+    mask = filled_ellipse(270, 400, b, a, theta)
+    if defects:
+        mask[250:290, 380:420] = False  # a hole inside the head (unfilled: +2% HC)
+        mask[10:40, 10:60] = True  # a spurious blob elsewhere
+    truth = ramanujan_perimeter(a, b) * 0.1
+    assert hc_from_mask(mask, 0.1, OFFSETS[method], method) == pytest.approx(truth, rel=0.005)
+
+
+def test_contour_fit_measures_a_head_cut_by_the_border_whole():
+    a, b = 200.0, 140.0
+    mask = filled_ellipse(80, 400, b, a, 0.2)  # the top ~65 rows of the head are off the image
+    truth = ramanujan_perimeter(a, b)
+    assert hc_from_mask(mask, 1.0, 0.5, "contour") == pytest.approx(truth, rel=0.005)
+    assert hc_from_mask(mask, 1.0, 0.0, "moment") < 0.99 * truth  # the moments see a cut head
+
+
+def symmetric_net() -> torch.nn.Module:
+    """A U-Net whose kernels are left-right symmetric: it commutes with the horizontal flip."""
+    net = UNet(1, 1, features=(4, 8)).eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+                module.weight.copy_((module.weight + module.weight.flip(-1)) / 2)
+    return net
+
+
+@torch.no_grad()
+def test_flip_tta_of_a_symmetric_input_equals_the_plain_prediction():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 32, 48)
+    symmetric = (x + x.flip(-1)) / 2
+    net = symmetric_net()
+    assert torch.allclose(flip_tta_logits(net, symmetric), net(symmetric), atol=1e-5)
+    # any net: TTA of the mirrored image is the mirrored TTA (mirrored back inside)
+    plain = UNet(1, 1, features=(4, 8)).eval()
+    assert torch.allclose(
+        flip_tta_logits(plain, x.flip(-1)), flip_tta_logits(plain, x).flip(-1), atol=1e-5
+    )
+    assert not torch.allclose(plain(x.flip(-1)), plain(x).flip(-1), atol=1e-3)
+
+
+def test_non_square_size_flows_through_data_and_metrics(hc18_root):
+    dm = SegDataModule(
+        "hc18_synthetic", "hc18", str(hc18_root), 1, image_size=[32, 48], batch_size=4
+    )
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape[1:] == (1, 32, 48) and batch["mask"].shape[1:] == (1, 32, 48)
+    masks = np.asarray(dm.masks[dm.val_idx]).astype(bool)  # (N, 32, 48)
+    sizes = dm.original_sizes[dm.val_idx]
+    pixel = np.array([dm.cases[i].pixel_size_mm for i in dm.val_idx])
+    hc = np.array([dm.cases[i].hc_mm for i in dm.val_idx])
+    shifted = np.roll(masks, 1, axis=2)  # one model pixel to the right
+    table = clinical_table(np.stack([shifted, masks], 1), sizes, pixel, masks, hc, 0.95)
+    spacing_x = sizes[:, 1] / 48 * pixel  # mm per model pixel along x, not along y
+    assert np.allclose(table.hd95_mm, spacing_x, rtol=1e-6)
+    down = np.roll(masks, 1, axis=1)  # one model pixel down
+    below = clinical_table(np.stack([down, masks], 1), sizes, pixel)
+    assert np.allclose(below.hd95_mm, sizes[:, 0] / 32 * pixel, rtol=1e-6)
+    # the truth at 32x48, measured back at 800x540: within the resolution's few mm
+    assert table.hc_abs_error_mm.median() < 0.03 * np.median(hc)
+    metrics = summarize(table.assign(dice=1.0, iou=1.0, accuracy=1.0), volumetric=False)
+    assert metrics["val/hc_outliers_10mm"] == (table.hc_abs_error_mm > 10).sum()
+    assert not table.hc_flag.any()  # validation heads within the training range (dm.hc_plausible)
+    assert dm.hc_plausible["hc_mm"][0] < dm.hc_plausible["hc_mm"][1]
+
+
+def test_hc_flag_marks_missing_and_implausible_heads():
+    probability = np.zeros((2, 32, 48), np.float32)
+    probability[0, 8:24, 12:36] = 1  # a plausible head
+    probability[1, 15:17, 2:46] = 1  # a long thin streak: eccentricity near 1
+    sizes, pixel = np.array([[540, 800]] * 2), np.array([0.1, 0.1])
+    plausible = {"hc_mm": (50.0, 350.0), "eccentricity": (0.0, 0.9)}
+    masks = np.stack([probability > 0.5] * 2, 1)
+    table = clinical_table(masks, sizes, pixel, probability, None, 0.0, plausible=plausible)
+    assert table.hc_flag.tolist() == [False, True] and "hc_error_mm" not in table
+    empty = clinical_table(masks[:1] * False, sizes[:1], pixel[:1], probability[:1] * 0)
+    assert empty.hc_flag.tolist() == [True] and empty.hc_pred_mm.tolist() == [0.0]
+
+
+def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir, client):
+    cfg = make_cfg(
+        work_dir,
+        "experiment=hc18_best",
+        "dataset=hc18_synthetic",
+        f"dataset.root={hc18_root}",
+        "dataset.image_size=[32,64]",
+        "dataset.batch_size=4",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+    )
+    assert cfg.dataset.flip_tta and cfg.dataset.single_object
+    final = train(cfg)
+    run = only_run(client, "hc18_synthetic")
+    for key in ("val/hc_mae_mm", "val/hc_bias_mm", "val/hc_outliers_10mm", "val/hc_flagged"):
+        assert key in run.data.metrics
+    cases = pd.read_csv(
+        client.download_artifacts(run.info.run_id, "evaluation/val_cases.csv", str(work_dir))
+    )
+    assert {"hc_error_mm", "eccentricity", "hc_flag"} <= set(cases.columns)
+    assert final["val/hc_outliers_10mm_best"] == (cases.hc_abs_error_mm > 10).sum()
+
+    out = work_dir / "submission.csv"
+    table = predict(
+        client, run.info.run_id, hc18_root / "test_set", hc18_root / "test_set_pixel_size.csv", out
+    )
+    assert list(pd.read_csv(out).columns) == SUBMISSION_COLUMNS and len(table) == 3
+    flags = pd.read_csv(flags_path(out))
+    assert list(flags.columns) == ["filename", "hc_mm", "eccentricity", "hc_flag"]
+    assert flags.filename.tolist() == table.filename.tolist()
+    assert all(math.isfinite(v) for v in flags.hc_mm)
