@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -174,34 +175,57 @@ Pass --allow-remote to bind {host} anyway."""
 
 
 def ui(args) -> int:
+    from segexp.server import mlflow_command
+
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(REMOTE_ADVICE.format(host=args.host), file=sys.stderr)
         if not args.allow_remote:
             return 2
     client, artifacts, _ = open_store(args)
-    uri = client.tracking_uri
-    # one worker per 2 cores: MLflow's default 4 make a small machine slow to answer
-    workers = max(1, (os.cpu_count() or 1) // 2)
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--default-artifact-root",
-        artifacts,
-        "--host",
+    if artifacts is None:
+        raise ValueError(f"{client.tracking_uri} is a server already: open it in a browser")
+    command = mlflow_command(
+        client.tracking_uri,
+        ("--default-artifact-root", artifacts),
         args.host,
-        "--port",
-        str(args.port),
-        "--workers",
-        str(workers),
-        *args.extra,
-    ]
+        args.port,
+        args.extra,
+    )
     print(" ".join(command))
     if args.print_command:
         return 0
     os.execv(command[0], command)
     return 0  # not reached
+
+
+def server(args) -> int:
+    from segexp import config
+    from segexp import server as team
+
+    work_dir = Path(args.work_dir or config.compose([]).work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    backend = team.start_postgres(work_dir / "postgres", args.postgres_port or team.free_port())
+    # SIGTERM ends both servers as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    proc = None
+    try:
+        proc = team.start_mlflow(
+            backend, work_dir / "artifacts", args.port, work_dir / "mlflow-server.log"
+        )
+        print(
+            f"tracking.uri=http://{team.HOST}:{args.port}\n"
+            f"  (PostgreSQL in {work_dir / 'postgres'}, artifacts in {work_dir / 'artifacts'}, "
+            f"log {work_dir / 'mlflow-server.log'}; Ctrl-C stops both)",
+            flush=True,
+        )
+        proc.wait()
+        return 1  # the MLflow server ended by itself: see its log
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if proc is not None:
+            team.stop(proc)
+        team.stop_postgres(work_dir / "postgres")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -316,6 +340,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     command.add_argument("--allow-remote", action="store_true", help="allow a non-local host")
     command.add_argument("--print-command", action="store_true", help="print, start nothing")
     command.add_argument("extra", nargs="*", help="passed to `mlflow server` after --")
+
+    command = add(
+        "server",
+        server,
+        "team tracking server: PostgreSQL and `mlflow server` on 127.0.0.1, data in the work dir",
+        store=False,
+    )
+    command.add_argument("--work-dir", default=None, help="holds postgres/ and artifacts/")
+    command.add_argument("--port", type=int, default=5000, help="the MLflow server's port")
+    command.add_argument("--postgres-port", type=int, default=None, help="default: a free one")
     return parser, commands
 
 
@@ -341,11 +375,17 @@ def run_reporting_errors(name: str, args) -> int:
     """Run a subcommand; bad input (data, config, store, unknown run) is one line and exit 2."""
     from mlflow.exceptions import MlflowException
 
+    from segexp.server import ServerError
     from segexp.store import StoreError
 
     try:
         return args.handler(args)
-    except (ValueError, StoreError, MlflowException) as err:  # DataError, ConfigError too
+    except (
+        ValueError,
+        StoreError,
+        ServerError,
+        MlflowException,
+    ) as err:  # DataError, ConfigError too
         message = err.message if isinstance(err, MlflowException) else str(err)
         print(f"segexp {name}: {message}", file=sys.stderr)
         return 2

@@ -32,17 +32,21 @@ class StoreError(RuntimeError):
     """The tracking store cannot be used; the message names its URI."""
 
 
-def store_locations(tracking_cfg, work_dir: Path) -> tuple[str, str]:
-    """(tracking URI, artifact root URI): explicit config, then MLFLOW_TRACKING_URI, then default."""
+def store_locations(tracking_cfg, work_dir: Path) -> tuple[str, str | None]:
+    """(tracking URI, artifact root URI): explicit config, then MLFLOW_TRACKING_URI, then default.
+
+    A server's artifact root is its own (None): a path in this client's work dir would send the
+    artifacts of every experiment it creates there, out of the server's reach and the team's.
+    """
     uri = tracking_cfg.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
     uri = uri or f"sqlite:///{(Path(work_dir) / 'mlflow.db').resolve()}"
-    artifacts = tracking_cfg.get("artifact_location") or (
-        (Path(work_dir) / "artifacts").resolve().as_uri()
-    )
+    artifacts = tracking_cfg.get("artifact_location")
+    if not artifacts and not uri.startswith(("http://", "https://")):
+        artifacts = (Path(work_dir) / "artifacts").resolve().as_uri()
     return uri, artifacts
 
 
-def open_store(tracking_cfg, work_dir: Path) -> tuple[MlflowClient, str]:
+def open_store(tracking_cfg, work_dir: Path) -> tuple[MlflowClient, str | None]:
     """(client, artifact root) of the configured store, checked before any data work.
 
     A fresh SQLite store is created and migrated once, under a file lock: several processes
@@ -77,15 +81,17 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         raise StoreError(f"tracking server {uri} is unreachable ({err})") from err
 
 
-def experiment_id(client: MlflowClient, name: str, artifact_root: str) -> str:
-    """Get or create the experiment, with its artifacts under `artifact_root/<name>`."""
+def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    """Get or create the experiment, with its artifacts under `artifact_root/<name>`.
+
+    No `artifact_root` (a server's store): where the server puts them.
+    """
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
     try:
-        return client.create_experiment(
-            name, artifact_location=f"{artifact_root.rstrip('/')}/{name}", tags=EXPERIMENT_KIND
-        )
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:  # created by a concurrent job in between
         return client.get_experiment_by_name(name).experiment_id
 
