@@ -201,6 +201,7 @@ def ui(args) -> int:
 def server(args) -> int:
     from segexp import config
     from segexp import server as team
+    from segexp.store import experiment_url
 
     work_dir = Path(args.work_dir or config.compose([]).work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -212,10 +213,12 @@ def server(args) -> int:
         proc = team.start_mlflow(
             backend, work_dir / "artifacts", args.port, work_dir / "mlflow-server.log"
         )
+        url = f"http://{team.HOST}:{args.port}"
         print(
-            f"tracking.uri=http://{team.HOST}:{args.port}\n"
-            f"  (PostgreSQL in {work_dir / 'postgres'}, artifacts in {work_dir / 'artifacts'}, "
-            f"log {work_dir / 'mlflow-server.log'}; Ctrl-C stops both)",
+            f"tracking.uri={url}\n"
+            f"  UI: {url}; an experiment's runs: {experiment_url(url, 'ID')}\n"
+            f"  PostgreSQL in {work_dir / 'postgres'}, artifacts in {work_dir / 'artifacts'}, "
+            f"log {work_dir / 'mlflow-server.log'}; Ctrl-C stops both",
             flush=True,
         )
         proc.wait()
