@@ -187,6 +187,7 @@ def loaded(team, hc18_root, tmp_path_factory):
 
 
 @pytest.mark.slow  # minutes of parallel trainings on 2 cores
+@pytest.mark.timeout(1800)
 def test_parallel_sweep_and_trainings_lose_nothing(team, loaded):
     client_dir, codes = loaded
     logs = client_dir / "logs"
@@ -209,6 +210,7 @@ def test_parallel_sweep_and_trainings_lose_nothing(team, loaded):
 
 
 @pytest.mark.slow  # minutes of parallel trainings on 2 cores
+@pytest.mark.timeout(1800)
 def test_server_gone_for_10_s_mid_training_loses_no_run(team, hc18_root, tmp_path):
     """Stop the MLflow server mid-training: runs finish or end resumable; none stays RUNNING."""
     epochs, client = 6, MlflowClient(team.url)
@@ -302,6 +304,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.slow  # minutes of parallel trainings on 2 cores
+@pytest.mark.timeout(1800)
 def test_mlflow_ui_opens_segexp_experiments_on_training_runs(team, loaded, tmp_path):
     """The experiment link segexp gives opens on the runs table; the sweep's children are distinct."""
     if CHROMIUM is None:
