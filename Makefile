@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-all lint format demo ui server postgres browser bench data clean
+.PHONY: install test test-slow test-all lint format demo ui server postgres browser bench data clean
 
 install: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" -q
+
+# The slow tests (end-to-end blame, concurrent writers, kills, bf16 vs fp32): CI runs them too.
+test-slow: install
+	$(BIN)/python -m pytest -m slow -q
 
 test-all: install
 	$(BIN)/python -m pytest -q
@@ -37,8 +41,10 @@ demo: install mlruns/data/hc18_synthetic
 	$(BIN)/segexp train experiment=hc18_seed dataset=hc18_synthetic trainer.max_epochs=15
 
 # Localhost only; `segexp ui --host 0.0.0.0 --allow-remote` is the explicit way out.
+# WORK_DIR: the work dir of the runs to browse (default ./mlruns).
+WORK_DIR ?= $(CURDIR)/mlruns
 ui: install
-	$(BIN)/segexp ui --work-dir $(CURDIR)/mlruns --port 5000
+	$(BIN)/segexp ui --work-dir $(WORK_DIR) --port 5000
 
 # A team tracking server on 127.0.0.1:5000: PostgreSQL (data in mlruns/postgres) + `mlflow server`
 # proxying artifacts to mlruns/artifacts; train with `segexp train tracking.uri=http://127.0.0.1:5000`.

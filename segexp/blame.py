@@ -45,16 +45,6 @@ def stored_config(client: MlflowClient, run_id: str) -> dict:
     return stored
 
 
-def cell_name(change: factors.Change, levels: tuple[int, ...], seed: int) -> str:
-    """A short, distinct run name: the factors at B's level, e.g. `optimizer=sgd lr=0.001 s=43`."""
-    parts = [
-        f"{f.name.rsplit('.', 1)[-1]}={factors.short(f.levels[1])}"
-        for f, level in zip(change.factors, levels, strict=True)
-        if level == 1
-    ]
-    return " ".join(parts or ["A"]) + f" s={seed}"
-
-
 def finished_runs(client: MlflowClient, experiment_id: str) -> dict[tuple[str, str], str]:
     """(config hash, seed) -> run id of the latest FINISHED run, for reuse."""
     found = {}
@@ -70,54 +60,6 @@ def finished_runs(client: MlflowClient, experiment_id: str) -> dict[tuple[str, s
     return found
 
 
-class Cells:
-    """Every (cell, seed) of the design: its composed config, hash, and run once known."""
-
-    def __init__(self, change: factors.Change, extra: list[str]):
-        self.change, self.extra = change, extra
-        self.rows: dict[tuple, dict] = {}  # (levels, seed) -> row
-        self.impossible: dict[tuple, str] = {}  # levels -> why it cannot be composed
-
-    def add(self, levels: tuple[int, ...], seed: int) -> dict | None:
-        key = (levels, seed)
-        if key in self.rows or levels in self.impossible:
-            return self.rows.get(key)
-        overrides = [*self.extra, f"seed={seed}"]
-        try:
-            cfg = self.change.cell_config(levels, overrides)
-        except ConfigError as err:
-            self.impossible[levels] = str(err)
-            return None
-        self.rows[key] = {
-            "levels": levels,
-            "seed": seed,
-            "name": cell_name(self.change, levels, seed),
-            "overrides": self.change.cell_overrides(levels, overrides),
-            "cfg": cfg,
-            "hash": config.config_hash(config.redacted(cfg)),
-            "run_id": None,
-        }
-        return self.rows[key]
-
-    def table(self, names: list[str], client: MlflowClient, metric: str) -> pd.DataFrame:
-        """runs.csv: a 0/1 column per factor, seed, run_id, the metric (empty = failed)."""
-        records = []
-        for row in self.rows.values():
-            value = None
-            if row["run_id"]:
-                run = client.get_run(row["run_id"])
-                value = run.data.metrics.get(metric) if run.info.status == "FINISHED" else None
-            records.append(
-                {
-                    **dict(zip(names, row["levels"], strict=True)),
-                    "seed": row["seed"],
-                    "run_id": row["run_id"],
-                    metric: value,
-                }
-            )
-        return pd.DataFrame(records)
-
-
 def launch(rows: list[dict], parent_run_id: str, launcher: list[str], work_dir: Path):
     """Train `rows` as the jobs of one `segexp train -m` through the chosen Hydra launcher."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=work_dir) as handle:
@@ -128,7 +70,7 @@ def launch(rows: list[dict], parent_run_id: str, launcher: list[str], work_dir: 
         "+blame.cell=" + ",".join(str(i) for i in range(len(rows))),
     ]  # fmt: skip
     env = {**os.environ, sweep.PARENT_ENV: parent_run_id}
-    return subprocess.Popen(command, env=env)
+    return subprocess.Popen(command, env=env), Path(handle.name)
 
 
 def train_cells(
@@ -142,10 +84,12 @@ def train_cells(
     done_before: int,
 ) -> None:
     """Run the jobs and print a progress line per finished cell with the ETA."""
-    if rows:
-        proc = launch(rows, parent.run_id, launcher, work_dir)
-        seen: set[str] = set()
-        by_name = {r["name"]: r for r in rows}
+    if not rows:
+        return
+    proc, cells_file = launch(rows, parent.run_id, launcher, work_dir)
+    seen: set[str] = set()
+    by_name = {r["name"]: r for r in rows}
+    try:
         while True:
             finished = proc.poll() is not None
             for run in compare.children(client, client.get_run(parent.run_id)):
@@ -165,8 +109,13 @@ def train_cells(
             if finished:
                 break
             time.sleep(2)
-        if proc.returncode not in (0, 1):  # 1: some job FAILED, which the analysis lists
-            raise SystemExit(proc.returncode)
+    finally:
+        if proc.poll() is None:  # interrupted here: the jobs end too, their runs KILLED
+            proc.terminate()
+            proc.wait(timeout=120)
+        cells_file.unlink(missing_ok=True)
+    if proc.returncode not in (0, 1):  # 1: some job FAILED, which the analysis lists
+        raise SystemExit(proc.returncode)
 
 
 def blame(
@@ -194,47 +143,42 @@ def blame(
         raise ConfigError(f"runs {run_a} and {run_b} trained the same config: nothing to blame")
     names = [f.name for f in change.factors]
     plan = designs.make_design(len(names), "full" if design == "factorial" else design)
-    auto_seeds = seeds == "auto"
-    rounds = 5 if auto_seeds else 1
-    per_round = 2 if auto_seeds else int(seeds)
-    first_seed = int(config_a["seed"])
-    cells = Cells(change, extra)
+    path = plan.name.startswith("ablation")
+    auto = seeds == "auto"
+    first_seed, per_cell = int(config_a["seed"]), 2 if auto else int(seeds)
+    rounds = designs.seed_rounds(budget, len(plan.cells)) if auto and budget else 4 if auto else 1
+    # where every cell logs: A's store (bookkeeping keys, so config hashes are unaffected)
+    work_dir = Path(work_dir or config_a["work_dir"]).resolve()
+    extra = [f"work_dir={work_dir}", *extra]
+    if client.tracking_uri != store.store_locations({}, work_dir)[0]:
+        extra.insert(1, f"tracking.uri='{client.tracking_uri}'")
+    cells = factors.Cells(change, extra)
     for levels in plan.cells:
-        for seed in range(first_seed, first_seed + per_round):
+        for seed in range(first_seed, first_seed + per_cell):
             cells.add(levels, seed)
-    trainings_max = len(plan.cells) * per_round * rounds
+    planned = len(cells.rows) + (per_cell * (len(names) * (len(names) + 1) // 2 - 1) if path else 0)
     lines = [
         f"factors ({len(names)}): " + ", ".join(f.label() for f in change.factors),
         f"design: {plan.name}; {plan.note}",
-        f"seeds: {'auto (rounds of 2, up to ' + str(rounds * 2) + ')' if auto_seeds else list(range(first_seed, first_seed + per_round))};"
-        f" trainings at most: {trainings_max if plan.name.startswith(('full', 'fractional', 'one')) else 'k(k+1)/2 x seeds'}",
+        f"seeds: {'auto: 2 per cell, then one more per round, at most ' + str(rounds) + ' rounds' if auto else list(range(first_seed, first_seed + per_cell))};"
+        f" trainings at most: {planned if not auto else planned + (rounds - 1) * len(plan.cells)}"
+        " (runs of the same config and seed already FINISHED, A and B among them, are reused)",
     ]
     if change.stored is not None:
         lines.append(
-            "runs carry no recorded config-group choices: cells merge into A's stored config and train in this process"
+            "runs carry no recorded config-group choices: cells merge into A's stored config "
+            "and train one after another in this process"
         )
-    for levels, reason in cells.impossible.items():
-        lines.append(f"cannot compose cell {levels}: {reason}")
-    print("\n".join(lines))
+    lines += [f"cannot compose cell {lv}: {why}" for lv, why in cells.impossible.items()]
+    print("\n".join(lines), flush=True)
     if dry_run:
-        return {
-            "factors": change.factors,
-            "design": plan,
-            "impossible": cells.impossible,
-            "lines": lines,
-        }
+        return {"factors": change.factors, "design": plan, "impossible": cells.impossible}
 
     experiment = config_a["tracking"]["experiment"]
-    work_dir = Path(work_dir or config_a["work_dir"]).resolve()
     reusable = finished_runs(client, store.experiment_id(client, experiment, artifact_root))
-    start = time.time()
-    parent = tracking.TrackedRun(
-        client,
-        experiment,
-        artifact_root,
-        f"blame {runs[run_a].info.run_name} -> {runs[run_b].info.run_name}"[:250],
-    )
-    trained = 0
+    start, trained, decision = time.time(), 0, None
+    name = f"blame {runs[run_a].info.run_name} -> {runs[run_b].info.run_name}"[:250]
+    parent = tracking.TrackedRun(client, experiment, artifact_root, name)
     with parent:
         parent.set_tags(
             {
@@ -243,16 +187,15 @@ def blame(
                 "segexp.design": plan.name,
             }
         )
-        for round_index in range(rounds):
+        for round_index in range(rounds * (len(names) + 1 if path else 1)):
             todo = []
             for row in cells.rows.values():
                 if row["run_id"] is None:
                     row["run_id"] = reusable.get((row["hash"], str(row["seed"])))
-                    if row["run_id"] is None:
-                        todo.append(row)
-            done_before = len(cells.rows) - len(todo)
-            if budget is not None and trained + len(todo) > budget:
+                    todo += [] if row["run_id"] else [row]
+            if budget is not None:
                 todo = todo[: max(budget - trained, 0)]
+            done_before = len(cells.rows) - len(todo)
             if change.stored is None:
                 train_cells(
                     client, todo, parent, launcher, work_dir, start, len(cells.rows), done_before
@@ -261,72 +204,68 @@ def blame(
                 train_in_process(todo, parent.run_id)
             trained += len(todo)
             table = cells.table(names, client, metric)
-            if plan.name.startswith("ablation"):
+            if path:
                 more = designs.path_next(table, names, metric, analysis.lower_is_better(metric))
-                if more:
-                    for levels in more:
-                        for seed in range(first_seed, first_seed + per_round):
-                            cells.add(levels, seed)
+                for levels in more:
+                    for seed in range(first_seed, first_seed + per_cell):
+                        cells.add(levels, seed)
+                if more and not (budget is not None and trained >= budget):
                     continue
-            if not auto_seeds:
+                break
+            if not auto:
                 break
             decision = analysis.seeds_decision(table, names, metric, max_rounds=rounds)
-            if (
-                decision["stop"]
-                or round_index == rounds - 1
-                or (budget is not None and trained >= budget)
-            ):
-                if decision["open"]:
-                    print(f"verdicts still open: {', '.join(decision['open'])}")
+            out_of_budget = budget is not None and trained >= budget
+            if decision["stop"] or round_index == rounds - 1 or out_of_budget:
                 break
+            next_seed = first_seed + per_cell + round_index
             for levels in {row["levels"] for row in cells.rows.values()}:
-                for seed in range(
-                    first_seed + (round_index + 1) * per_round,
-                    first_seed + (round_index + 2) * per_round,
-                ):
-                    cells.add(levels, seed)
+                cells.add(levels, next_seed)
         table = cells.table(names, client, metric)
         minutes = (time.time() - start) / 60
-        result = (
-            analysis.path_analysis(table, names, metric)
-            if plan.name.startswith("ablation")
-            else analysis.analyze(table, names, metric)
-        )
+        if path:
+            result = analysis.path_analysis(table, names, metric)
+        elif decision is not None:  # tested at the level the stopping rule spent
+            result = analysis.analyze(table, names, metric, alpha=decision["alpha"])
+        else:
+            result = analysis.analyze(table, names, metric)
+        context = [*lines, f"trainings: {trained} now, {len(table)} runs analysed"]
+        if decision is not None and decision["open"]:
+            context.append(
+                f"verdicts still open (more seeds or --budget): {', '.join(decision['open'])}"
+            )
+        for row in cells.rows.values():
+            if not row["run_id"] or client.get_run(row["run_id"]).info.status != "FINISHED":
+                context.append(f"failed cell {row['name']}: {failure(client, row['run_id'])}")
         out_dir = Path(out_dir or tempfile.mkdtemp(prefix="segexp-blame-"))
         out_dir.mkdir(parents=True, exist_ok=True)
         table.to_csv(out_dir / "runs.csv", index=False)
         labels = {f.name: f.label().split(": ", 1)[1] for f in change.factors}
-        failed = [
-            f"failed cell {dict(zip(names, r['levels'], strict=True))} seed {r['seed']}: {r['name']}"
-            for r in cells.rows.values()
-            if not r["run_id"] or client.get_run(r["run_id"]).info.status != "FINISHED"
-        ]
-        paired = paired_case_tests(client, table, names)
         report = analysis.write_report(
-            result,
-            out_dir,
-            title=f"blame {run_a} -> {run_b}",
-            factor_labels=labels,
-            trainings=len(table),
-            minutes=minutes,
-            context=[*lines, *failed],
-            paired=paired,
-        )
+            result, out_dir, title=f"blame {run_a} -> {run_b}", factor_labels=labels,
+            trainings=trained, minutes=minutes, context=context,
+            paired=paired_case_tests(client, table, names),
+        )  # fmt: skip
         print("\n" + Path(report).read_text())
-        for name in ("effects.csv", "runs.csv", "effects.png", "report.md"):
-            if (out_dir / name).is_file():
-                parent.log_artifact(out_dir / name)
+        for artifact in ("effects.csv", "runs.csv", "effects.png", "report.md"):
+            if (out_dir / artifact).is_file():
+                parent.log_artifact(out_dir / artifact)
         parent.log_metrics({"blame/trainings": trained, "blame/seed_sd": result.seed_sd}, step=0)
     return {
-        "analysis": result,
-        "effects": result.effects,
-        "results": table,
-        "trained": trained,
-        "minutes": minutes,
-        "parent_run_id": parent.run_id,
-        "factors": change.factors,
+        "analysis": result, "effects": result.effects, "results": table, "trained": trained,
+        "minutes": minutes, "parent_run_id": parent.run_id, "factors": change.factors,
         "out_dir": out_dir,
-    }
+    }  # fmt: skip
+
+
+def failure(client: MlflowClient, run_id: str | None) -> str:
+    """Why a cell has no result: its run's failure reason, or that no run was made."""
+    if not run_id:
+        return "no run (not trained: budget, or the job failed before its run existed)"
+    run = client.get_run(run_id)
+    return (
+        run.data.tags.get("failure_reason") or run.data.tags.get("stop_reason") or run.info.status
+    )
 
 
 def train_in_process(rows: list[dict], parent_run_id: str) -> None:

@@ -204,7 +204,12 @@ def check_targets(node, path: str = "") -> None:
 
 def instantiate(node, path: str, **kwargs):
     """`hydra.utils.instantiate` behind `check_targets`: the one door to building a config."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
     check_targets(node, path)
-    return hydra_instantiate(node, **kwargs)
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:  # a constructor refused its arguments: name the key
+        cause = err.__cause__ or err
+        raise ConfigError(f"{path}: {type(cause).__name__}: {cause}") from err

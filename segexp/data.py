@@ -71,28 +71,49 @@ class FileProblem(Exception):
         self.path, self.reason = path, reason
 
 
-def _read(path: str, mode: str | None = None) -> np.ndarray:
+MIN_SIDE = 16  # px: smaller files are thumbnails or broken exports, not scans
+
+
+def read_image(path: str, mode: str | None = None) -> np.ndarray:
+    """Decode an image as uint8 (mode `L` or `RGB`); 16-bit files are scaled by their bit depth.
+
+    PIL's own conversion of a 16-bit grayscale image clips it to 8 bits (most pixels become 255),
+    so integer modes are rescaled here: 0..65535 -> 0..255.
+    """
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so truncated files fail here with a reason
-            return np.asarray(im.convert(mode) if mode else im)
+            if im.mode.startswith("I"):  # I, I;16, I;16B, ...: 16- or 32-bit integers
+                values = np.asarray(im).astype(np.float64)
+                if values.max(initial=0) > 65535 or values.min(initial=0) < 0:
+                    raise FileProblem(path, f"{im.mode} image outside the 16-bit range")
+                gray = np.round(values * (255 / 65535)).astype(np.uint8)
+                image = np.stack([gray] * 3, axis=-1) if mode == "RGB" else gray
+            else:
+                image = np.asarray(im.convert(mode) if mode else im)
+    except FileProblem:
+        raise
     except Exception as err:  # PIL raises many types for corrupt files
         raise FileProblem(
             path, f"unreadable or corrupt image ({type(err).__name__}: {err})"
         ) from err
+    if min(image.shape[:2]) < MIN_SIDE:
+        h, w = image.shape[:2]
+        raise FileProblem(path, f"image is {w}x{h} px; at least {MIN_SIDE}x{MIN_SIDE} expected")
+    return image
 
 
 def decode_case(
     case: Case, image_size: int, channels: int
 ) -> tuple[np.ndarray, np.ndarray | None, tuple]:
     """Decode, check and resize one case: image (S, S, C) uint8, mask (S, S) uint8 {0,1}, (H, W)."""
-    image = _read(case.image, "L" if channels == 1 else "RGB")
+    image = read_image(case.image, "L" if channels == 1 else "RGB")
     original = image.shape[:2]
     image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_AREA)
     image = image.reshape(image_size, image_size, channels)
     if case.mask is None:
         return image, None, original
-    annotation = _read(case.mask, "L")  # gray, RGB or RGBA annotations alike
+    annotation = read_image(case.mask, "L")  # gray, RGB or RGBA annotations alike
     if annotation.shape != original:
         size, expected = annotation.shape[::-1], original[::-1]
         raise FileProblem(case.mask, f"mask size {size} != image size {expected} (W, H)")

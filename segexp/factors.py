@@ -18,9 +18,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from segexp import config
+from segexp.config import ConfigError
 
 ABSENT = "<default>"  # a leaf the run did not override: the group's own default
 PLAIN = re.compile(r"[A-Za-z_][\w./:-]*")
@@ -76,7 +78,7 @@ class Change:
                 f"{f.name}={short(f.levels[lv])}"
                 for f, lv in zip(self.factors, levels, strict=True)
             )
-            raise config.ConfigError(f"cell ({names}) cannot be composed: {err}") from err
+            raise ConfigError(f"cell ({names}) cannot be composed: {err}") from err
 
 
 def short(value: Any) -> str:
@@ -202,3 +204,61 @@ def from_leaves(config_a: dict, config_b: dict) -> Change:
         if k.split(".", 1)[0] not in nodes
     ]
     return Change(factors, stored=config_a)
+
+
+def cell_name(change: Change, levels: tuple[int, ...], seed: int) -> str:
+    """A short, distinct run name: the factors at B's level, e.g. `optimizer=sgd lr=0.001 s=43`."""
+    parts = [
+        f"{f.name.rsplit('.', 1)[-1]}={short(f.levels[1])}"
+        for f, level in zip(change.factors, levels, strict=True)
+        if level == 1
+    ]
+    return " ".join(parts or ["A"]) + f" s={seed}"
+
+
+class Cells:
+    """Every (cell, seed) of the design: its composed config, hash, and run once known."""
+
+    def __init__(self, change: Change, extra: list[str]):
+        self.change, self.extra = change, extra
+        self.rows: dict[tuple, dict] = {}  # (levels, seed) -> row
+        self.impossible: dict[tuple, str] = {}  # levels -> why it cannot be composed
+
+    def add(self, levels: tuple[int, ...], seed: int) -> dict | None:
+        key = (levels, seed)
+        if key in self.rows or levels in self.impossible:
+            return self.rows.get(key)
+        overrides = [*self.extra, f"seed={seed}"]
+        try:
+            cfg = self.change.cell_config(levels, overrides)
+        except ConfigError as err:
+            self.impossible[levels] = str(err)
+            return None
+        self.rows[key] = {
+            "levels": levels,
+            "seed": seed,
+            "name": cell_name(self.change, levels, seed),
+            "overrides": self.change.cell_overrides(levels, overrides),
+            "cfg": cfg,
+            "hash": config.config_hash(config.redacted(cfg)),
+            "run_id": None,
+        }
+        return self.rows[key]
+
+    def table(self, names: list[str], client, metric: str) -> pd.DataFrame:
+        """runs.csv: a 0/1 column per factor, seed, run_id, the metric (empty = failed)."""
+        records = []
+        for row in self.rows.values():
+            value = None
+            if row["run_id"]:
+                run = client.get_run(row["run_id"])
+                value = run.data.metrics.get(metric) if run.info.status == "FINISHED" else None
+            records.append(
+                {
+                    **dict(zip(names, row["levels"], strict=True)),
+                    "seed": row["seed"],
+                    "run_id": row["run_id"],
+                    metric: value,
+                }
+            )
+        return pd.DataFrame(records)

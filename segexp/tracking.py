@@ -269,11 +269,16 @@ class EpochMetricsToMLflow(pl.Callback):
 
 
 def watch_launcher(pid: int, interval: float = 2.0) -> None:
-    """SIGTERM this process once the sweep process `pid` is gone (kill -9 leaves orphan jobs)."""
+    """SIGTERM this process once the sweep process `pid` is gone (kill -9 leaves orphan jobs).
+
+    A joblib worker outlives the job it ran, so it exits a minute later if still there.
+    """
 
     def watch():
         while store.process_alive(pid):
             time.sleep(interval)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the run ends KILLED, its checkpoint saved
+        time.sleep(60)  # then leave: a pool worker would otherwise idle on with no sweep
+        os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True, name="segexp-launcher-watch").start()

@@ -104,3 +104,19 @@ def start_long_run(work_dir: Path, client: MlflowClient, hc18_root: Path) -> sub
     )
     wait_for(lambda: an_epoch_is_logged(client))
     return proc
+
+
+def predict_args(run_id: str, hc18_root: Path, work_dir: Path) -> list[str]:
+    """`segexp predict RUN` on the synthetic HC18 test set, writing work_dir/sub.csv."""
+    return [
+        "predict",
+        run_id,
+        "--images",
+        str(hc18_root / "test_set"),
+        "--pixel-csv",
+        str(hc18_root / "test_set_pixel_size.csv"),
+        "--out",
+        str(work_dir / "sub.csv"),
+        "--work-dir",
+        str(work_dir),
+    ]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import make_cfg, steps
 
 from segexp import cli, config, factors
@@ -172,6 +173,7 @@ BLAME_BASE = [
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_blame_flags_the_harmful_change_and_not_the_harmless_one(
     work_dir, client, hc18_root, capsys
 ):
@@ -216,10 +218,11 @@ def test_blame_flags_the_harmful_change_and_not_the_harmless_one(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_blame_through_the_joblib_launcher_splits_a_group_switch_from_a_harmful_leaf(
     work_dir, client, hc18_root, capsys
 ):
-    base = [*BLAME_BASE, f"dataset.root={hc18_root}", "trainer.max_epochs=4", "seed=1"]
+    base = [*BLAME_BASE, f"dataset.root={hc18_root}", "seed=1"]
     env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
 
     def segexp_train(*overrides: str) -> str:
@@ -234,7 +237,7 @@ def test_blame_through_the_joblib_launcher_splits_a_group_switch_from_a_harmful_
         return done.stdout.split("\nrun ", 1)[1].split()[0]
 
     run_a = segexp_train("optimizer=adam", "optimizer.lr=1e-2")
-    run_b = segexp_train("optimizer=sgd", "optimizer.lr=100")
+    run_b = segexp_train("optimizer=sgd", "optimizer.lr=0")  # planted: B never learns
     artifacts = (work_dir / "artifacts").as_uri()
     result = blame(
         client,
@@ -247,7 +250,7 @@ def test_blame_through_the_joblib_launcher_splits_a_group_switch_from_a_harmful_
     )
     assert [f.label() for f in result["factors"]] == [
         "optimizer: adam -> sgd",
-        "optimizer.lr: 0.01 -> 100",
+        "optimizer.lr: 0.01 -> 0",
     ]
     table = result["results"]
     assert len(table) == 8 and table["val/dice_best"].notna().all(), table  # every cell FINISHED
@@ -261,4 +264,38 @@ def test_blame_through_the_joblib_launcher_splits_a_group_switch_from_a_harmful_
     )
     assert len(children) == result["trained"] == 6 and all(
         c.info.status == "FINISHED" for c in children
+    )
+
+
+def logged_run(client, work_dir, *overrides: str) -> str:
+    """A run recorded as `segexp train OVERRIDES` records its inputs (no training needed)."""
+    tags, stored = recorded(work_dir, *overrides)
+    experiment = client.get_experiment_by_name("hc18_synthetic") or client.create_experiment(
+        "hc18_synthetic"
+    )
+    experiment_id = experiment if isinstance(experiment, str) else experiment.experiment_id
+    run = client.create_run(experiment_id, tags=tags, run_name=" ".join(overrides))
+    folder = work_dir / run.info.run_id
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(stored))
+    client.log_artifact(run.info.run_id, str(folder / "config.yaml"))
+    return run.info.run_id
+
+
+def test_dry_run_prints_factors_design_trainings_and_impossible_cells(work_dir, client, capsys):
+    a = logged_run(client, work_dir, "optimizer=adam")
+    b = logged_run(client, work_dir, "optimizer=sgd", "optimizer.momentum=0.5", "optimizer.lr=0.1")
+    artifacts = (work_dir / "artifacts").as_uri()
+    plan = blame(client, artifacts, a, b, seeds=2, dry_run=True, work_dir=work_dir)
+    out = capsys.readouterr().out
+    assert "factors (3): optimizer: adam -> sgd, optimizer.lr: <default> -> 0.1, " in out
+    assert "design: full factorial 2^3" in out and "trainings at most: 12 " in out  # 6 cells x 2
+    # Adam has no momentum: the two cells that give it one are named, not trained
+    assert len(plan["impossible"]) == 2 and "cannot compose cell (0, 0, 1)" in out
+    assert (
+        client.search_runs(
+            [client.get_experiment_by_name("hc18_synthetic").experiment_id],
+            "tags.`segexp.role` = 'blame'",
+        )
+        == []
     )

@@ -387,3 +387,26 @@ def test_volume_stats_from_histograms_equal_numpy_percentiles():
         expected = np.stack([low, high, clipped.mean(0), clipped.std(0) + 1e-6])
         assert np.allclose(stats[idx[0]], expected, atol=1e-4), group
         assert (stats[idx] == stats[idx[0]]).all()
+
+
+def test_16_bit_images_are_scaled_by_bit_depth_not_clipped(tmp_path):
+    from segexp.data import read_image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "16bit.png")
+    assert Image.open(tmp_path / "16bit.png").mode.startswith("I")  # really a 16-bit file
+    for mode in ("L", "RGB"):
+        image = read_image(str(tmp_path / "16bit.png"), mode)
+        assert image.dtype == np.uint8 and image.shape[:2] == (64, 64)
+        gray = image if mode == "L" else image[..., 0]
+        assert np.abs(gray.astype(float) - ramp / 257).max() <= 0.5
+        assert (gray == 255).mean() < 0.01  # clipping made 94% of such pixels 255
+
+
+def test_a_1x1_image_is_named(hc18_root, tmp_path):
+    root = tmp_path / "hc18"
+    shutil.copytree(hc18_root, root)
+    victim = sorted((root / "training_set").glob("*HC.png"))[0]
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(victim)
+    with pytest.raises(DataError, match=rf"{victim.name}: image is 1x1 px"):
+        SegDataModule("hc18", "hc18", str(root), channels=1, image_size=32).prepare_data()

@@ -11,7 +11,7 @@ from conftest import SHARED_HC18, make_cfg
 from skimage import draw
 
 from segexp.cases import scan_hc18
-from segexp.data import _read, filled_mask
+from segexp.data import filled_mask, read_image
 from segexp.metrics import ellipse_from_mask, hc_from_mask, hd95, ramanujan_perimeter
 
 
@@ -57,7 +57,7 @@ def calibration_errors(root, offset: float, every: int = 1) -> np.ndarray:
 
     def error(case):
         return (
-            hc_from_mask(filled_mask(_read(case.mask, "L")), case.pixel_size_mm, offset)
+            hc_from_mask(filled_mask(read_image(case.mask, "L")), case.pixel_size_mm, offset)
             - case.hc_mm
         )
 

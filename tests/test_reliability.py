@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -18,6 +19,7 @@ from conftest import (
     an_epoch_is_logged,
     make_cfg,
     only_run,
+    predict_args,
     segexp_train,
     start_long_run,
     steps,
@@ -143,20 +145,7 @@ def test_a_malicious_checkpoint_is_refused_and_never_runs(work_dir, client, hc18
     torch.save({"state_dict": Payload(marker)}, out / "checkpoints" / "best.ckpt")
     client.log_artifact(first["run_id"], str(out / "checkpoints" / "best.ckpt"), "checkpoints")
     with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
-        cli.main(
-            [
-                "predict",
-                first["run_id"],
-                "--images",
-                str(hc18_root / "test_set"),
-                "--pixel-csv",
-                str(hc18_root / "test_set_pixel_size.csv"),
-                "--out",
-                str(work_dir / "sub.csv"),
-                "--work-dir",
-                str(work_dir),
-            ]
-        )
+        cli.main(predict_args(first["run_id"], hc18_root, work_dir))
     assert not marker.exists()
 
 
@@ -376,3 +365,68 @@ def test_a_loss_that_turns_nan_at_epoch_2_keeps_the_earlier_best_checkpoint(
         assert all(abs(m.value) < 1e300 for m in client.get_metric_history(run.info.run_id, key))
     best = Path(run.data.tags["segexp.output_dir"]) / "checkpoints" / "best.ckpt"
     assert torch.load(best, weights_only=True)["epoch"] <= 1
+
+
+# ------------------------------------------------- bad input: one line, named, nothing logged
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("seed=abc", "seed='abc' must be an integer"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 must be >= 1"),
+        ("checkpoint.mode=best", "checkpoint.mode='best' must be 'min' or 'max'"),
+        ("dataset.batch_size=0", "dataset: ValueError: dataset.batch_size must be >= 1, got 0"),
+        ("model.features=[]", "model: IndexError"),  # a constructor that refuses its arguments
+    ],
+)
+def test_bad_run_values_are_refused_by_key_before_a_run_exists(
+    override, named, work_dir, client, hc18_root
+):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}", override))
+    assert client.search_experiments(filter_string="name = 'hc18_synthetic'") == []
+
+
+def test_a_bad_value_on_the_command_line_is_one_line_and_exit_nonzero(work_dir, hc18_root):
+    proc = segexp_train(work_dir, f"dataset.root={hc18_root}", "seed=abc")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in output
+    assert "segexp train: seed='abc' must be an integer" in output
+
+
+def test_a_required_dataset_root_is_named(work_dir):
+    with pytest.raises(
+        ConfigError, match=r"dataset.root is required .* dataset.root=/path/to/hc18"
+    ):
+        train(make_cfg(work_dir, "dataset=hc18"))
+
+
+@pytest.mark.parametrize("command", ["compare", "effects"])
+def test_an_unknown_run_id_is_one_line(command, work_dir, capsys):
+    code = cli.main([command, "0123456789abcdef", "--work-dir", str(work_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and "0123456789abcdef" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("n", ["0", "-5"])
+def test_make_data_refuses_a_non_positive_count(n, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["make-data", "hc18", str(tmp_path / "d"), "--n", n])
+    assert exit_info.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_non_numeric_pixel_size_names_the_file_and_row(hc18_root, tmp_path, capsys):
+    root = tmp_path / "hc18"
+    shutil.copytree(hc18_root, root)
+    csv = root / "training_set_pixel_size_and_HC.csv"
+    lines = csv.read_text().splitlines()
+    name = lines[1].split(",")[0]
+    lines[1] = ",".join([name, "abc", *lines[1].split(",")[2:]])
+    csv.write_text("\n".join(lines) + "\n")
+    code = cli.main(["check-data", "dataset=hc18", f"dataset.root={root}", f"work_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{name}: pixel size 'abc' is not a positive number" in err and str(csv) in err

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, make_cfg
+from conftest import TINY, make_cfg, predict_args
 from mlflow import MlflowClient
 
 from segexp import cli, config
@@ -51,20 +51,7 @@ def planted(tmp_path_factory, store_template, hc18_root):
 
 def test_predict_refuses_a_planted_target_and_nothing_runs(planted, capsys):
     work_dir, run_id, marker, hc18_root = planted
-    code = cli.main(
-        [
-            "predict",
-            run_id,
-            "--images",
-            str(hc18_root / "test_set"),
-            "--pixel-csv",
-            str(hc18_root / "test_set_pixel_size.csv"),
-            "--out",
-            str(work_dir / "sub.csv"),
-            "--work-dir",
-            str(work_dir),
-        ]
-    )
+    code = cli.main(predict_args(run_id, hc18_root, work_dir))
     err = capsys.readouterr().err
     assert code == 2 and not marker.exists()
     assert "model._target_='torch.hub.load' is refused" in err and "Traceback" not in err

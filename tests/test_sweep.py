@@ -335,3 +335,38 @@ def test_submitit_local_executor_runs_the_sweep(work_dir, client, hc18_root):
     assert parent.info.status == "FINISHED" and len(kids) == 2
     assert {k.info.status for k in kids} == {"FINISHED"}
     assert {k.data.tags["segexp.pid"] for k in kids}.isdisjoint({str(os.getpid())})
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_joblib_sweep_ends_its_workers_and_their_runs(work_dir, client, hc18_root):
+    from segexp.store import process_alive
+
+    env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "segexp.cli",
+            *sweep_args(hc18_root, "trainer.max_epochs=500", "hydra/launcher=joblib")[:-2],
+            "hydra.launcher.n_jobs=2", "seed=1,2",
+        ],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 180
+    kids = []
+    while time.time() < deadline:
+        found = client.get_experiment_by_name("hc18_synthetic")
+        kids = found and client.search_runs(
+            [found.experiment_id], "tags.`mlflow.parentRunId` != ''"
+        )
+        if kids and len(kids) == 2 and all(steps(client, k.info.run_id, "val/dice") for k in kids):
+            break
+        time.sleep(0.5)
+    workers = [int(k.data.tags["segexp.pid"]) for k in kids]
+    assert len(workers) == 2 and proc.pid not in workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 120  # the workers end their runs within seconds, then exit
+    while time.time() < deadline and any(process_alive(pid) for pid in workers):
+        time.sleep(0.5)
+    assert not any(process_alive(pid) for pid in workers), "orphaned sweep workers"
+    statuses = {client.get_run(k.info.run_id).info.status for k in kids}
+    assert statuses == {"KILLED"}, statuses
