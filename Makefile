@@ -25,12 +25,12 @@ test-all: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check segexp tests
-	$(BIN)/ruff format --check segexp tests
+	$(BIN)/ruff check segexp tests benchmarks
+	$(BIN)/ruff format --check segexp tests benchmarks
 
 format: install
-	$(BIN)/ruff format segexp tests
-	$(BIN)/ruff check --fix segexp tests
+	$(BIN)/ruff format segexp tests benchmarks
+	$(BIN)/ruff check --fix segexp tests benchmarks
 
 mlruns/data/hc18_synthetic: | install
 	$(BIN)/segexp make-data hc18 $@ --n 240 --seed 0
@@ -64,6 +64,7 @@ browser: install
 clean:
 	rm -rf mlruns/outputs mlruns/cache
 
-# Throughput of segexp vs a bare PyTorch loop, loaders, cache, FLOPs (prints; not a test).
+# segexp vs the reference LGG trainer head to head, every precision x layout x compile, RSS,
+# blame cost (prints; not a test). BENCH_ARGS, e.g. `--batches 3 --no-compile`.
 bench: install
-	PYTHONUNBUFFERED=1 $(BIN)/python -m segexp.bench
+	PYTHONUNBUFFERED=1 $(BIN)/python -m benchmarks.bench $(BENCH_ARGS)

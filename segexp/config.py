@@ -46,6 +46,7 @@ BOOKKEEPING = (
     "dataset.root",
     "dataset.cache_dir",
     "dataset.num_workers",
+    "performance.",  # memory layout and compilation change speed, not what is trained
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
     "sweep.",

@@ -31,6 +31,7 @@ from scipy import ndimage
 from skimage import draw, measure
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from segexp import speed
 from segexp.cases import SCANNERS, Case, DataError, fingerprint, split_groups
 
 CACHE_VERSION = 1  # bump when decoding or resizing changes
@@ -305,7 +306,7 @@ class SegDataModule(pl.LightningDataModule):
         channels: int,
         image_size: int = 128,
         batch_size: int = 16,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
         val_fraction: float | None = 0.2,
         val_count: int | None = None,
         split_seed: int = 0,
@@ -417,15 +418,18 @@ class SegDataModule(pl.LightningDataModule):
             sampler = DistributedSampler(
                 dataset, trainer.world_size, trainer.global_rank, shuffle=True, seed=self.split_seed
             )
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        settings = speed.loader_settings(device)  # workers, pinned memory for the device
+        if self.num_workers != "auto":
+            workers = int(self.num_workers)
+            settings.update(num_workers=workers, persistent_workers=workers > 0)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
             drop_last=shuffle and len(dataset) > self.batch_size,  # no 1-image BatchNorm batches
+            **settings,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -6,6 +6,7 @@ Batches follow the contract in `segexp.data` (`image` (N, C, H, W), `mask` (N, 1
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import pandas as pd
@@ -13,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from segexp import speed
 from segexp.metrics import case_table, clinical_table, overlap_counts, summarize
 from segexp.tracking import NonFiniteMetricError
 
@@ -27,6 +29,10 @@ class SegModule(pl.LightningModule):
         hc_boundary_offset_px: with it, batches that carry `hc_mm` also get head circumference
             metrics (see `segexp.metrics.hc_from_mask`); None turns HC off.
         channels_last: run the network in channels-last memory format (faster convs on CPU/GPU).
+        compile: torch.compile the network in place when the trainer sets up the model (state
+            dict keys, hence checkpoints, stay those of the eager network).
+        fold_bn_eval: on a CPU, validate with a copy of the network whose BatchNorms are folded
+            into the convs (rebuilt each validation epoch; nets fx cannot trace stay eager).
     """
 
     def __init__(
@@ -39,22 +45,39 @@ class SegModule(pl.LightningModule):
         channels_last: bool = False,
         monitor: str = "val/loss",
         hc_boundary_offset_px: float | None = None,
+        compile: bool = False,
+        fold_bn_eval: bool = True,
     ):
         super().__init__()
         self.net, self.loss = net, loss
         self.optimizer, self.scheduler = optimizer, scheduler
         self.volumetric, self.channels_last, self.monitor = volumetric, channels_last, monitor
         self.hc_boundary_offset_px = hc_boundary_offset_px
+        self.compile, self.fold_bn_eval = compile, fold_bn_eval
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.val_cases: pd.DataFrame | None = None
         self.val_masks = None
         self._val: dict[str, list] = {}
 
+    def configure_model(self) -> None:
+        if self.compile:
+            speed.compile_net(self.net)  # compiles on the first step: its time counts in epoch 0
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        return self.net(image)  # logits, (N, 1, H, W)
+        # not a registered submodule: the folded copy never enters state_dict or checkpoints
+        folded = None if self.training else self.__dict__.get("_folded_net")
+        return (self.net if folded is None else folded)(image)  # logits, (N, 1, H, W)
+
+    def on_validation_epoch_start(self) -> None:
+        self.__dict__.pop("_folded_net", None)
+        if self.fold_bn_eval and self.device.type == "cpu":
+            # `make bench`: 27% faster fp32 channels-last eval of unet_buda at 256 px;
+            # a net torch.fx cannot trace validates eagerly
+            with contextlib.suppress(Exception):
+                self.__dict__["_folded_net"] = speed.fuse_for_eval(self.net)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch["image"]), batch["mask"])
@@ -96,6 +119,7 @@ class SegModule(pl.LightningModule):
             self._val.setdefault(key, []).append(value)
 
     def on_validation_epoch_end(self) -> None:
+        self.__dict__.pop("_folded_net", None)  # stale once the weights train on
         val, self._val = self._val, {}
 
         def gather(key):  # one host transfer per key per epoch

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-from segexp import config, report, store, sweep, tracking
+from segexp import config, report, speed, store, sweep, tracking
 from segexp.cases import DataError
 from segexp.config import ConfigError
 from segexp.data import SegDataModule
@@ -119,21 +119,30 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.dataset.name} {model} lr={cfg.optimizer.lr:g} bs={cfg.dataset.batch_size}"
 
 
-def resolve_precision(precision: str) -> str:
-    """`auto`: bf16-mixed where the hardware has fast bf16, else 32-true."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
+def device_of(cfg: DictConfig) -> torch.device:
+    """The device Lightning will train on: CUDA where the accelerator allows it and one exists."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return torch.device("cuda" if cuda else "cpu")
 
 
-def resolve_channels_last(value: bool | str, precision: str) -> bool:
-    """`auto`: channels-last memory format on GPUs and with bf16 on CPUs."""
-    if value != "auto":
-        return bool(value)
-    return torch.cuda.is_available() or resolve_precision(precision).startswith("bf16")
+def resolve_speed(cfg: DictConfig, datamodule: SegDataModule, net: torch.nn.Module):
+    """Precision, channels-last and compile: explicit values as set, `auto` by measurement."""
+    datamodule.prepare_data()
+    per_epoch = len(datamodule.train_idx)
+    limit = cfg.trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        per_epoch = min(per_epoch, limit * datamodule.batch_size)
+    size = datamodule.image_size
+    return speed.resolve(
+        cfg.trainer.precision,
+        cfg.get("performance") or {},
+        net,
+        (datamodule.batch_size, datamodule.channels, size, size),
+        datamodule.cache_dir or Path(cfg.work_dir) / "cache",
+        device_of(cfg),
+        run_images=cfg.trainer.max_epochs * per_epoch,
+    )
 
 
 def build_datamodule(cfg: DictConfig) -> SegDataModule:
@@ -150,20 +159,30 @@ def build_datamodule(cfg: DictConfig) -> SegDataModule:
     return datamodule
 
 
-def build_module(cfg: DictConfig, datamodule: SegDataModule) -> SegModule:
+def build_module(
+    cfg: DictConfig,
+    datamodule: SegDataModule,
+    choice: speed.Choice | None = None,
+    net: torch.nn.Module | None = None,
+) -> SegModule:
+    net = net or build_net(cfg.model)
+    choice = choice or resolve_speed(cfg, datamodule, net)
     return SegModule(
-        net=build_net(cfg.model),
+        net=net,
         loss=config.instantiate(cfg.loss, "loss"),
         optimizer=config.instantiate(cfg.optimizer, "optimizer"),
         scheduler=config.instantiate(cfg.scheduler, "scheduler") if cfg.scheduler else None,
         volumetric=datamodule.volumetric,
-        channels_last=resolve_channels_last(cfg.performance.channels_last, cfg.trainer.precision),
+        channels_last=choice.channels_last,
+        compile=choice.compile,
         monitor=cfg.checkpoint.monitor,
         hc_boundary_offset_px=datamodule.hc_boundary_offset_px,
     )
 
 
-def build_trainer(cfg: DictConfig, run: tracking.TrackedRun, output_dir: Path) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig, run: tracking.TrackedRun, output_dir: Path, choice: speed.Choice
+) -> pl.Trainer:
     checkpoints = output_dir / "checkpoints"
     callbacks = [
         # saved when validation ends, so the epoch's last.ckpt (written at train epoch end)
@@ -183,12 +202,16 @@ def build_trainer(cfg: DictConfig, run: tracking.TrackedRun, output_dir: Path) -
             EarlyStopping(cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, **cfg.early_stopping)
         )
     progress_bar = cfg.trainer.get("enable_progress_bar")
+    extra = {}
+    if device_of(cfg).type == "cuda" and cfg.trainer.get("benchmark") is None:
+        extra["benchmark"] = True  # cuDNN autotuning: every batch has the same size
     return config.instantiate(
         cfg.trainer,
         "trainer",
         enable_progress_bar=sys.stderr.isatty() if progress_bar is None else progress_bar,
-        precision=resolve_precision(cfg.trainer.precision),
+        precision=choice.precision,
         default_root_dir=str(output_dir),
+        **extra,
         callbacks=callbacks,
         logger=False,
     )
@@ -211,7 +234,9 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         resume, cfg = resume_target(client, cfg.resume, overrides)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule)
+    net = build_net(cfg.model)
+    choice = resolve_speed(cfg, datamodule, net)  # probes only what is `auto` and not cached
+    module = build_module(cfg, datamodule, choice, net)
     output_dir = resume.output_dir if resume else default_output_dir(cfg)
     with tracking.TrackedRun(
         client,
@@ -225,9 +250,15 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             run.set_tags({"segexp.resumed_with": " ".join(overrides)})
         else:
             report.log_run_inputs(run, cfg, overrides, datamodule, output_dir)
-        precision = resolve_precision(cfg.trainer.precision)
-        run.set_tags({"segexp.precision": precision, "segexp.channels_last": module.channels_last})
-        trainer = build_trainer(cfg, run, output_dir)
+        run.set_tags(
+            {
+                "segexp.precision": choice.precision,
+                "segexp.channels_last": choice.channels_last,
+                "segexp.compile": choice.compile,
+                **choice.figures,  # speed.*: the probe's img/s per mode, source, compile figures
+            }
+        )
+        trainer = build_trainer(cfg, run, output_dir, choice)
         trainer.fit(
             module,
             datamodule=datamodule,
@@ -249,7 +280,7 @@ def main(cfg: DictConfig) -> float:
     """Hydra entry point (`segexp train`, `python -m segexp.train`); returns val/dice_best."""
     if tracking.received_signal:  # a sweep that was told to stop starts no further job
         raise SystemExit(128 + tracking.received_signal[0])
-    torch.set_num_threads(sweep.threads_per_job())
+    speed.configure_threads(sweep.threads_per_job())
     overrides = list(HydraConfig.get().overrides.task)
     if cfg.get("blame"):  # one cell of `segexp blame`, launched as a job of a multirun
         cell = json.loads(Path(cfg.blame.cells).read_text())[cfg.blame.cell]

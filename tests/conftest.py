@@ -20,6 +20,10 @@ TINY = [
     "dataset.batch_size=4",
     "trainer.max_epochs=2",
     "trainer.enable_progress_bar=false",
+    # explicit speed settings: no probe per test (auto is tested in test_speed and test_train)
+    "trainer.precision=32-true",
+    "performance.channels_last=false",
+    "performance.compile=false",
 ]
 
 

@@ -289,8 +289,8 @@ def test_mlflow_ui_in_headless_chromium_shows_children_and_val_dice(server, swep
         row = page.locator('[role="row"]', has_text=parent.info.run_name[:40])
         row.first.wait_for(timeout=60_000)
         row.first.locator('button[data-component-id*="runnamecellrenderer"]').click()  # expand
-        page.get_by_text("optimizer.lr=0.001 seed=1").first.wait_for(timeout=30_000)
-        assert "optimizer.lr=-1 seed=2" in page.inner_text("body")  # the FAILED children too
+        page.get_by_text("lr=1e-3 s=1").first.wait_for(timeout=30_000)
+        assert "lr=-1 s=2" in page.inner_text("body")  # the FAILED children too
         # chart view: the radio input is hidden behind its styled label; a click that lands
         # while the page is still re-rendering is lost, so try again
         search = page.get_by_placeholder("Search metric charts")
@@ -307,7 +307,7 @@ def test_mlflow_ui_in_headless_chromium_shows_children_and_val_dice(server, swep
         page.screenshot(path=str(artifacts / "mlflow_ui_sweep.png"))
         body = page.inner_text("body")
         browser.close()
-    assert "optimizer.lr=0.001 seed=2 (val/dice)" in body
+    assert "lr=1e-3 s=2 (val/dice)" in body
     assert (artifacts / "mlflow_ui_sweep.png").stat().st_size > 20_000
 
 

@@ -31,7 +31,7 @@ from segexp.cases import DataError
 from segexp.config import ConfigError
 from segexp.metrics import case_table
 from segexp.models import build_net
-from segexp.train import build_datamodule, build_module, train
+from segexp.train import build_datamodule, build_module, resolve_speed, train
 
 EXPERIMENTS = sorted(
     p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")
@@ -485,20 +485,20 @@ def test_bf16_dice_matches_fp32_after_the_same_epochs(work_dir, client, tmp_path
 
 
 def test_precision_and_channels_last_auto_are_resolved_and_recorded(work_dir, client, hc18_root):
-    from segexp.train import resolve_channels_last, resolve_precision
-
-    assert resolve_precision("16-mixed") == "16-mixed"  # explicit values pass through
-    assert resolve_channels_last("auto", "bf16-mixed") is True
-    assert resolve_channels_last(False, "bf16-mixed") is False
-    if not torch.cuda.is_available():
-        assert resolve_channels_last("auto", "32-true") is False
     overrides = [*TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1"]
-    train(make_cfg(work_dir, *overrides, "performance.channels_last=auto"))
+    auto = ["trainer.precision=auto", "performance.channels_last=auto"]  # TINY fixes them
+    cfg = make_cfg(work_dir, *overrides, *auto, "performance.compile=false")
+    choice = resolve_speed(cfg, build_datamodule(cfg), build_net(cfg.model))
+    train(cfg)
     run = only_run(client, "hc18_synthetic")
+    tags = run.data.tags
     assert run.data.params["trainer.precision"] == "auto"
-    assert run.data.tags["segexp.precision"] == resolve_precision("auto")
-    expected = resolve_channels_last("auto", "auto")
-    assert run.data.tags["segexp.channels_last"] == str(expected)
+    assert tags["speed.source"] == "cache"  # probed once above, per machine and model shape
+    # the run trains with what the probe measured fastest, and records the figures
+    assert tags["segexp.precision"] == choice.precision
+    assert tags["segexp.channels_last"] == str(choice.channels_last)
+    measured = {k: float(v) for k, v in tags.items() if k.startswith("speed.img_s.")}
+    assert max(measured, key=measured.get) == "speed.img_s." + tags["speed.choice"]
     assert steps(client, run.info.run_id, "time/train_images_per_second") == [0]
 
 

@@ -1,0 +1,177 @@
+"""segexp.speed's probe and cache, compile and BN folding, and the benchmark's own pieces."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from segexp import speed
+from segexp.models import UNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is not installed
+from benchmarks import bench, reference  # noqa: E402
+
+SHAPE = (2, 3, 32, 32)
+AUTO = {"channels_last": "auto", "compile": "false"}
+
+
+def tiny_net() -> UNet:
+    torch.manual_seed(0)
+    return UNet(3, 1, features=[4, 8], batch_norm=True)
+
+
+def cache_files(cache_dir: Path) -> list[Path]:
+    return sorted((cache_dir / "speed").glob("*.json"))
+
+
+def test_explicit_settings_probe_nothing(tmp_path):
+    start = time.perf_counter()
+    choice = speed.resolve(
+        "32-true", {"channels_last": True, "compile": False}, tiny_net(), SHAPE, tmp_path
+    )
+    assert (choice.precision, choice.channels_last, choice.compile) == ("32-true", True, False)
+    assert choice.figures == {"speed.source": "explicit"}
+    assert not (tmp_path / "speed").exists() and time.perf_counter() - start < 0.5
+
+
+def test_auto_probes_once_then_reads_the_cache(tmp_path):
+    net = tiny_net()
+    first = speed.resolve("auto", AUTO, net, SHAPE, tmp_path)
+    assert first.figures["speed.source"] == "probe"
+    assert len(cache_files(tmp_path)) == 1
+    measured = {
+        k.removeprefix("speed.img_s."): float(v)
+        for k, v in first.figures.items()
+        if k.startswith("speed.img_s.")
+    }
+    assert "32-true/contiguous" in measured and "32-true/channels_last" in measured
+    best = max(measured, key=measured.get)
+    assert speed.mode_name(first.precision, first.channels_last) == best
+    again = speed.resolve("auto", AUTO, net, SHAPE, tmp_path)
+    assert again.figures["speed.source"] == "cache"
+    assert (again.precision, again.channels_last) == (first.precision, first.channels_last)
+    # another input shape is another model shape: probed and cached on its own
+    speed.resolve("auto", AUTO, net, (2, 3, 64, 64), tmp_path)
+    assert len(cache_files(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("fastest", ["32-true/channels_last", "bf16-mixed/contiguous"])
+def test_auto_follows_the_measurement_not_the_cpu_flags(tmp_path, fastest):
+    net = tiny_net()
+    path = tmp_path / "speed" / f"{speed.cache_key(net, SHAPE, torch.device('cpu'))}.json"
+    modes = [speed.mode_name(p, cl) for p in speed.CPU_PRECISIONS for cl in (False, True)]
+    speed.save_cache(path, {"img_s": {m: 9.0 if m == fastest else 3.0 for m in modes}})
+    choice = speed.resolve("auto", AUTO, net, SHAPE, tmp_path)
+    assert speed.mode_name(choice.precision, choice.channels_last) == fastest
+    assert choice.figures["speed.source"] == "cache"
+    # an explicit precision narrows the choice to that precision's layouts
+    pinned = speed.resolve("32-true", AUTO, net, SHAPE, tmp_path)
+    assert pinned.precision == "32-true"
+    assert pinned.channels_last == (fastest == "32-true/channels_last")
+
+
+def test_probe_leaves_the_net_and_the_random_stream_alone(tmp_path):
+    net = tiny_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    speed.resolve("auto", AUTO, net, SHAPE, tmp_path)
+    assert torch.equal(torch.rand(3), expected)  # seeded training stays reproducible
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize(("speedup", "images", "on"), [(1.3, 10**6, True), (1.3, 50, False)])
+def test_compile_auto_weighs_speedup_against_compile_time(tmp_path, speedup, images, on):
+    if not speed.compiler_available():
+        pytest.skip("no C++ compiler: inductor cannot compile on this CPU")
+    net = tiny_net()
+    path = tmp_path / "speed" / f"{speed.cache_key(net, SHAPE, torch.device('cpu'))}.json"
+    mode = "32-true/contiguous"
+    entry = {"img_s": {mode: 100.0}, "compile": {mode: {"seconds": 60.0, "speedup": speedup}}}
+    speed.save_cache(path, entry)
+    performance = {"channels_last": False, "compile": "auto"}
+    choice = speed.resolve("32-true", performance, net, SHAPE, tmp_path, run_images=images)
+    assert choice.compile is on, choice.figures
+    assert choice.figures["speed.compile_speedup"] == f"{speedup:.2f}"
+
+
+def test_compiled_net_trains_to_the_same_loss_and_saves_plain_keys():
+    if not speed.compiler_available():
+        pytest.skip("no C++ compiler: inductor cannot compile on this CPU")
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for compiled in (False, True):
+        net = speed.compile_net(tiny_net()) if compiled else tiny_net()
+        optimizer = torch.optim.Adam(net.parameters(), 1e-2)
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss = net(x).sigmoid().mean()
+            loss.backward()
+            optimizer.step()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5)
+    # checkpoints of a compiled net load into an eager one: the same keys, no `_orig_mod.`
+    assert net.state_dict().keys() == tiny_net().state_dict().keys()
+    tiny_net().load_state_dict(net.state_dict())
+
+
+def test_bn_folded_eval_net_gives_the_same_logits():
+    net = tiny_net()
+    net.train()(torch.randn(SHAPE))  # running stats away from their initial 0 / 1
+    x = torch.randn(SHAPE)
+    folded = speed.fuse_for_eval(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net.eval()(x), atol=1e-5)
+
+
+def test_loader_settings_keep_small_cpus_in_process():
+    assert speed.loader_settings("cpu", cores=2) == {
+        "num_workers": 0,
+        "persistent_workers": False,
+        "pin_memory": False,
+    }
+    gpu = speed.loader_settings("cuda", cores=16)
+    assert gpu["pin_memory"] and gpu["persistent_workers"] and gpu["num_workers"] == 8
+
+
+def test_flags_reject_typos():
+    assert speed.parse_flag("True", "compile") is True and speed.parse_flag("auto", "x") == "auto"
+    with pytest.raises(ValueError, match="compile='fast'"):
+        speed.parse_flag("fast", "compile")
+
+
+def test_bench_parses_its_own_last_line():
+    summary = {"vs_reference": 3.14159, "auto_vs_best": 1.0, "compile_speedup": math.nan}
+    text = f"some row   1.0\nbench: stale=1\n{bench.format_summary(summary)}\n"
+    parsed = bench.parse_summary(text)
+    assert parsed["vs_reference"] == 3.14 and parsed["auto_vs_best"] == 1.0
+    assert math.isnan(parsed["compile_speedup"]) and "stale" not in parsed
+
+
+def test_reference_port_matches_the_reference_model_and_loss():
+    net = reference.ReferenceUNet()
+    assert sum(p.numel() for p in net.parameters()) == 7_763_041  # the reference U-Net's count
+    p = torch.tensor([[[[0.5, 1.0], [0.0, 0.25]]]])
+    t = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    # 1 - (2 * 1.5 + 1) / (1.75 + 2 + 1)
+    assert reference.ReferenceDiceLoss()(p, t).item() == pytest.approx(1 - 4 / 4.75)
+    assert json.dumps(reference.COMMIT)  # the commit the port was read from is recorded
+
+
+def test_probe_extrapolates_a_fixed_plus_per_pixel_step_time():
+    sample = (16, 3, 256, 256)
+    n0, n1 = speed.probe_batches(sample)
+    assert speed.probe_shape(sample)[2:] == (128, 128) and (n0, n1) == (1, speed.PROBE_BATCH)
+    fixed, per_image = 0.5, 0.1  # seconds per step, per 128 x 128 image
+    img_s = speed.extrapolate(fixed + per_image * n0, fixed + per_image * n1, (n0, n1), sample)
+    # the real step: the same fixed cost plus 16 images of 4x the pixels
+    assert img_s == pytest.approx(16 / (fixed + per_image * 16 * 4))
+    assert speed.probe_batches((2, 3, 32, 32)) == (2, 2)  # small enough to time as it is
