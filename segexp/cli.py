@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -200,35 +199,10 @@ def ui(args) -> int:
 
 def server(args) -> int:
     from segexp import config
-    from segexp import server as team
-    from segexp.store import experiment_url
+    from segexp.server import serve
 
     work_dir = Path(args.work_dir or config.compose([]).work_dir).resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    backend = team.start_postgres(work_dir / "postgres", args.postgres_port or team.free_port())
-    # SIGTERM ends both servers as Ctrl-C does
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    proc = None
-    try:
-        proc = team.start_mlflow(
-            backend, work_dir / "artifacts", args.port, work_dir / "mlflow-server.log"
-        )
-        url = f"http://{team.HOST}:{args.port}"
-        print(
-            f"tracking.uri={url}\n"
-            f"  UI: {url}; an experiment's runs: {experiment_url(url, 'ID')}\n"
-            f"  PostgreSQL in {work_dir / 'postgres'}, artifacts in {work_dir / 'artifacts'}, "
-            f"log {work_dir / 'mlflow-server.log'}; Ctrl-C stops both",
-            flush=True,
-        )
-        proc.wait()
-        return 1  # the MLflow server ended by itself: see its log
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if proc is not None:
-            team.stop(proc)
-        team.stop_postgres(work_dir / "postgres")
+    return serve(work_dir, args.port, args.postgres_port)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

@@ -224,3 +224,31 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
             proc.wait(timeout=timeout)
     with contextlib.suppress(ProcessLookupError):  # workers left behind by a server that died first
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def serve(work_dir: Path, port: int, postgres_port: int | None = None) -> int:
+    """`segexp server`: both servers until Ctrl-C or SIGTERM, which stop both."""
+    from segexp.store import experiment_url
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    backend = start_postgres(work_dir / "postgres", postgres_port or free_port())
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    proc = None
+    try:
+        proc = start_mlflow(backend, work_dir / "artifacts", port, work_dir / "mlflow-server.log")
+        url = f"http://{HOST}:{port}"
+        print(
+            f"tracking.uri={url}\n"
+            f"  UI: {url}; an experiment's runs: {experiment_url(url, 'ID')}\n"
+            f"  PostgreSQL in {work_dir / 'postgres'}, artifacts in {work_dir / 'artifacts'}, "
+            f"log {work_dir / 'mlflow-server.log'}; Ctrl-C stops both",
+            flush=True,
+        )
+        proc.wait()
+        return 1  # the MLflow server ended by itself: see its log
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if proc is not None:
+            stop(proc)
+        stop_postgres(work_dir / "postgres")
