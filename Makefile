@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-slow test-all lint format demo demo-hc18 ui browser bench data clean
+.PHONY: install test test-slow test-all lint format demo demo-hc18 ui server postgres browser bench data clean
 
 install: $(STAMP)
 
@@ -45,6 +45,16 @@ demo: install mlruns/data/hc18_synthetic
 WORK_DIR ?= $(CURDIR)/mlruns
 ui: install
 	$(BIN)/segexp ui --work-dir $(WORK_DIR) --port 5000
+
+# A team tracking server on 127.0.0.1:5000: PostgreSQL (data in mlruns/postgres) + `mlflow server`
+# proxying artifacts to mlruns/artifacts; train with `segexp train tracking.uri=http://127.0.0.1:5000`.
+server: install postgres
+	$(BIN)/segexp server --work-dir $(CURDIR)/mlruns --port 5000
+
+# Debian's PostgreSQL server programs (installing needs root); the team-server test skips without.
+postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq postgresql)
 
 # Debian's chromium + playwright for the MLflow UI browser test (skipped without them).
 browser: install

@@ -174,34 +174,35 @@ Pass --allow-remote to bind {host} anyway."""
 
 
 def ui(args) -> int:
+    from segexp.server import mlflow_command
+
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(REMOTE_ADVICE.format(host=args.host), file=sys.stderr)
         if not args.allow_remote:
             return 2
     client, artifacts, _ = open_store(args)
-    uri = client.tracking_uri
-    # one worker per 2 cores: MLflow's default 4 make a small machine slow to answer
-    workers = max(1, (os.cpu_count() or 1) // 2)
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--default-artifact-root",
-        artifacts,
-        "--host",
+    if artifacts is None:
+        raise ValueError(f"{client.tracking_uri} is a server already: open it in a browser")
+    command = mlflow_command(
+        client.tracking_uri,
+        ("--default-artifact-root", artifacts),
         args.host,
-        "--port",
-        str(args.port),
-        "--workers",
-        str(workers),
-        *args.extra,
-    ]
+        args.port,
+        args.extra,
+    )
     print(" ".join(command))
     if args.print_command:
         return 0
     os.execv(command[0], command)
     return 0  # not reached
+
+
+def server(args) -> int:
+    from segexp import config
+    from segexp.server import serve
+
+    work_dir = Path(args.work_dir or config.compose([]).work_dir).resolve()
+    return serve(work_dir, args.port, args.postgres_port)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -316,6 +317,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     command.add_argument("--allow-remote", action="store_true", help="allow a non-local host")
     command.add_argument("--print-command", action="store_true", help="print, start nothing")
     command.add_argument("extra", nargs="*", help="passed to `mlflow server` after --")
+
+    command = add(
+        "server",
+        server,
+        "team tracking server: PostgreSQL and `mlflow server` on 127.0.0.1, data in the work dir",
+        store=False,
+    )
+    command.add_argument("--work-dir", default=None, help="holds postgres/ and artifacts/")
+    command.add_argument("--port", type=int, default=5000, help="the MLflow server's port")
+    command.add_argument("--postgres-port", type=int, default=None, help="default: a free one")
     return parser, commands
 
 
@@ -341,11 +352,17 @@ def run_reporting_errors(name: str, args) -> int:
     """Run a subcommand; bad input (data, config, store, unknown run) is one line and exit 2."""
     from mlflow.exceptions import MlflowException
 
+    from segexp.server import ServerError
     from segexp.store import StoreError
 
     try:
         return args.handler(args)
-    except (ValueError, StoreError, MlflowException) as err:  # DataError, ConfigError too
+    except (
+        ValueError,
+        StoreError,
+        ServerError,
+        MlflowException,
+    ) as err:  # DataError, ConfigError too
         message = err.message if isinstance(err, MlflowException) else str(err)
         print(f"segexp {name}: {message}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,11 +19,14 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-# MLflow 3's UI opens experiments of this kind on the model-training view, not the GenAI one.
+# What these experiments are. MLflow 3.17's UI no longer picks its view by it: a browser-wide
+# "GenAI | Model training" switch does (GenAI by default), which `experiment_url` sets.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-# A server that goes away mid-run is retried for about a minute (MLflow's default is minutes).
+# A server that goes away mid-run is retried for about a minute (MLflow's default is minutes):
+# urllib3 sleeps 0, 4, 8, 16, 32 s between the 6 tries (4 retries gave up after 28 s, less than
+# an `mlflow server` takes to restart on a busy machine).
 HTTP_RETRY_ENV = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
@@ -32,17 +36,21 @@ class StoreError(RuntimeError):
     """The tracking store cannot be used; the message names its URI."""
 
 
-def store_locations(tracking_cfg, work_dir: Path) -> tuple[str, str]:
-    """(tracking URI, artifact root URI): explicit config, then MLFLOW_TRACKING_URI, then default."""
+def store_locations(tracking_cfg, work_dir: Path) -> tuple[str, str | None]:
+    """(tracking URI, artifact root URI): explicit config, then MLFLOW_TRACKING_URI, then default.
+
+    A server's artifact root is its own (None): a path in this client's work dir would send the
+    artifacts of every experiment it creates there, out of the server's reach and the team's.
+    """
     uri = tracking_cfg.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
     uri = uri or f"sqlite:///{(Path(work_dir) / 'mlflow.db').resolve()}"
-    artifacts = tracking_cfg.get("artifact_location") or (
-        (Path(work_dir) / "artifacts").resolve().as_uri()
-    )
+    artifacts = tracking_cfg.get("artifact_location")
+    if not artifacts and not uri.startswith(("http://", "https://")):
+        artifacts = (Path(work_dir) / "artifacts").resolve().as_uri()
     return uri, artifacts
 
 
-def open_store(tracking_cfg, work_dir: Path) -> tuple[MlflowClient, str]:
+def open_store(tracking_cfg, work_dir: Path) -> tuple[MlflowClient, str | None]:
     """(client, artifact root) of the configured store, checked before any data work.
 
     A fresh SQLite store is created and migrated once, under a file lock: several processes
@@ -60,34 +68,53 @@ def open_store(tracking_cfg, work_dir: Path) -> tuple[MlflowClient, str]:
     elif uri.startswith(("http://", "https://")):
         for key, value in HTTP_RETRY_ENV.items():
             os.environ.setdefault(key, value)
-        check_server(uri)
+        # a sweep's job: the server just answered for its parent run, so an outage now is a
+        # restart, not a wrong URI; wait as a request would, instead of losing the job
+        check_server(uri, patience=SERVER_PATIENCE if tracking_cfg.get("parent_run_id") else 0)
     return MlflowClient(tracking_uri=uri), artifact_root
 
 
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Raise StoreError unless the tracking server at `uri` answers `/health`."""
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-            response.read()
-    except urllib.error.HTTPError as err:
-        if err.code in (401, 403):
-            return  # an authenticating server is up; MLflow's client brings the credentials
-        raise StoreError(f"tracking server {uri} answered HTTP {err.code} to /health") from err
-    except (OSError, ValueError) as err:
-        raise StoreError(f"tracking server {uri} is unreachable ({err})") from err
+SERVER_PATIENCE = 60.0  # seconds: about what HTTP_RETRY_ENV's retries add up to
 
 
-def experiment_id(client: MlflowClient, name: str, artifact_root: str) -> str:
-    """Get or create the experiment, with its artifacts under `artifact_root/<name>`."""
+def check_server(uri: str, timeout: float = 5.0, patience: float = 0.0) -> None:
+    """Raise StoreError unless the tracking server at `uri` answers `/health`, within
+    `patience` seconds of retrying when it is unreachable."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+                response.read()
+            return
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):
+                return  # an authenticating server is up; MLflow's client brings the credentials
+            raise StoreError(f"tracking server {uri} answered HTTP {err.code} to /health") from err
+        except (OSError, ValueError) as err:
+            if isinstance(err, ValueError) or time.monotonic() >= deadline:
+                waited = f" for {patience:.0f} s" if patience else ""
+                raise StoreError(f"tracking server {uri} is unreachable{waited} ({err})") from err
+        time.sleep(2)
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    """Get or create the experiment, with its artifacts under `artifact_root/<name>`.
+
+    No `artifact_root` (a server's store): where the server puts them.
+    """
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
     try:
-        return client.create_experiment(
-            name, artifact_location=f"{artifact_root.rstrip('/')}/{name}", tags=EXPERIMENT_KIND
-        )
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:  # created by a concurrent job in between
         return client.get_experiment_by_name(name).experiment_id
+
+
+def experiment_url(server_url: str, experiment_id: str) -> str:
+    """The UI page of an experiment, opened on the model-training view (its runs)."""
+    return f"{server_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def process_alive(pid: int) -> bool:

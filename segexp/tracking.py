@@ -65,7 +65,7 @@ class TrackedRun:
         self,
         client: MlflowClient,
         experiment: str,
-        artifact_root: str,
+        artifact_root: str | None,
         run_name: str,
         resume_run_id: str | None = None,
         parent_run_id: str | None = None,
