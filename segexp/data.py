@@ -1,4 +1,4 @@
-"""Decoded-array cache, torch Dataset and the LightningDataModule for both layouts.
+"""The torch Dataset and the LightningDataModule for both layouts, over `segexp.arrays`.
 
 Batch contract (what every loader yields, collated):
     image    float32 (N, C, H, W)   normalised: [0, 1] (`minmax`) or per-volume z-score (`volume`)
@@ -12,250 +12,26 @@ Batch contract (what every loader yields, collated):
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import albumentations as A
-import cv2
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from PIL import Image
-from scipy import ndimage
-from skimage import draw, measure
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from segexp import speed
+from segexp.arrays import (
+    cache_entry,
+    cached_volume_stats,
+    load_arrays,
+    size_hw,
+    volume_stats,
+)
 from segexp.cases import SCANNERS, Case, DataError, fingerprint, split_groups
 from segexp.metrics import shape_ranges
-
-CACHE_VERSION = 1  # bump when decoding or resizing changes
-
-
-def size_hw(image_size) -> tuple[int, int]:
-    """`dataset.image_size` as (H, W): an int is a square, `[H, W]` keeps e.g. HC18's 540:800."""
-    if isinstance(image_size, int):
-        return image_size, image_size
-    values = tuple(int(v) for v in image_size)
-    if len(values) != 2:
-        raise ValueError(f"dataset.image_size must be an int or [H, W], got {list(image_size)}")
-    return values
-
-
-def filled_mask(annotation: np.ndarray) -> np.ndarray:
-    """Filled boolean mask from an annotation that is a filled region or an ellipse outline."""
-    outline = annotation > 0
-    rows, cols = np.nonzero(outline.any(axis=1))[0], np.nonzero(outline.any(axis=0))[0]
-    if len(rows) == 0:
-        return outline
-    # fill inside the bounding box (+1 px of background): same result, a fraction of the work
-    box = np.s_[max(rows[0] - 1, 0) : rows[-1] + 2, max(cols[0] - 1, 0) : cols[-1] + 2]
-    filled = np.zeros_like(outline)
-    filled[box] = ndimage.binary_fill_holes(outline[box])
-    if filled.sum() > 2 * outline.sum():
-        return filled  # a closed outline (official HC18 release)
-    eroded = ndimage.binary_erosion(outline).sum()
-    if outline.sum() > 20 and eroded < 0.2 * outline.sum():
-        # a thin outline that is open, e.g. cut by the image border: fit the ellipse and fill it
-        rows, cols = np.nonzero(outline)
-        model = measure.EllipseModel.from_estimate(np.column_stack([cols, rows]).astype(float))
-        if model:  # falsy when the fit failed
-            (xc, yc), (a, b) = model.center, model.axis_lengths
-            # skimage.draw.ellipse turns the other way round from the fitted theta
-            rr, cc = draw.ellipse(yc, xc, b, a, shape=outline.shape, rotation=-model.theta)
-            filled = np.zeros_like(outline)
-            filled[rr, cc] = True
-            return filled
-    return filled
-
-
-class FileProblem(Exception):
-    """One file that cannot be used, and why."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(reason)
-        self.path, self.reason = path, reason
-
-
-MIN_SIDE = 16  # px: smaller files are thumbnails or broken exports, not scans
-
-
-def read_image(path: str, mode: str | None = None) -> np.ndarray:
-    """Decode an image as uint8 (mode `L` or `RGB`); 16-bit files are scaled by their bit depth.
-
-    PIL's own conversion of a 16-bit grayscale image clips it to 8 bits (most pixels become 255),
-    so integer modes are rescaled here: 0..65535 -> 0..255.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now, so truncated files fail here with a reason
-            if im.mode.startswith("I"):  # I, I;16, I;16B, ...: 16- or 32-bit integers
-                values = np.asarray(im).astype(np.float64)
-                if values.max(initial=0) > 65535 or values.min(initial=0) < 0:
-                    raise FileProblem(path, f"{im.mode} image outside the 16-bit range")
-                gray = np.round(values * (255 / 65535)).astype(np.uint8)
-                image = np.stack([gray] * 3, axis=-1) if mode == "RGB" else gray
-            else:
-                image = np.asarray(im.convert(mode) if mode else im)
-    except FileProblem:
-        raise
-    except Exception as err:  # PIL raises many types for corrupt files
-        raise FileProblem(
-            path, f"unreadable or corrupt image ({type(err).__name__}: {err})"
-        ) from err
-    if min(image.shape[:2]) < MIN_SIDE:
-        h, w = image.shape[:2]
-        raise FileProblem(path, f"image is {w}x{h} px; at least {MIN_SIDE}x{MIN_SIDE} expected")
-    return image
-
-
-def decode_case(
-    case: Case, image_size, channels: int
-) -> tuple[np.ndarray, np.ndarray | None, tuple]:
-    """Decode, check and resize one case: image (h, w, C) uint8, mask (h, w) uint8 {0,1}, (H, W).
-
-    `image_size` is an int (square) or (h, w); H, W are the sizes on disk.
-    """
-    h, w = size_hw(image_size)
-    image = read_image(case.image, "L" if channels == 1 else "RGB")
-    original = image.shape[:2]
-    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)  # cv2 sizes are (W, H)
-    image = image.reshape(h, w, channels)
-    if case.mask is None:
-        return image, None, original
-    annotation = read_image(case.mask, "L")  # gray, RGB or RGBA annotations alike
-    if annotation.shape != original:
-        size, expected = annotation.shape[::-1], original[::-1]
-        raise FileProblem(case.mask, f"mask size {size} != image size {expected} (W, H)")
-    levels = np.unique(annotation)
-    if len(levels) > 2:
-        raise FileProblem(case.mask, f"non-binary mask ({len(levels)} distinct values)")
-    mask = filled_mask(annotation).astype(np.float32)
-    mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_AREA) >= 0.5
-    return image, mask.astype(np.uint8), original
-
-
-def cache_entry(
-    cases: list[Case], image_size, channels: int, cache_dir: Path | None
-) -> Path | None:
-    """The cache folder of these files at this preprocessing (None: caching is off)."""
-    if not cache_dir:
-        return None
-    h, w = size_hw(image_size)
-    size = h if h == w else [h, w]  # squares keep the key they always had
-    key = fingerprint(cases, {"size": size, "channels": channels, "v": CACHE_VERSION})
-    return Path(cache_dir) / key
-
-
-def load_arrays(
-    cases: list[Case], image_size, channels: int, entry: Path | None
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Decoded, resized arrays for `cases`, from the cache folder `entry` when it is complete.
-
-    `entry` comes from `cache_entry` (None: no caching). Returns images (N, h, w, C) uint8,
-    masks (N, h, w) uint8 or None, original sizes (N, 2).
-    """
-    h, w = size_hw(image_size)
-    key = entry.name if entry else None
-    if entry is not None and (entry / "meta.json").is_file():
-        meta = json.loads((entry / "meta.json").read_text())
-        images = np.load(entry / "images.npy", mmap_mode="r")
-        masks = np.load(entry / "masks.npy", mmap_mode="r") if meta["masks"] else None
-        return images, masks, np.asarray(meta["original_sizes"])
-
-    images = np.zeros((len(cases), h, w, channels), np.uint8)
-    masks = np.zeros((len(cases), h, w), np.uint8)
-    originals, problems = [], []
-
-    def decode(case: Case):
-        try:
-            return decode_case(case, image_size, channels)
-        except FileProblem as problem:
-            return problem
-
-    # PIL decoding, cv2 and most of ndimage release the GIL: threads use every core
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for i, result in enumerate(pool.map(decode, cases)):
-            if isinstance(result, FileProblem):
-                problems.append((result.path, result.reason))
-                originals.append((0, 0))
-                continue
-            images[i], mask, original = result
-            if mask is not None:
-                masks[i] = mask
-            originals.append(original)
-    if problems:
-        raise DataError(Path(cases[0].image).parent, problems)
-    has_masks = all(c.mask is not None for c in cases)
-    if entry is not None:
-        # write to a temporary folder and rename: concurrent jobs never read a half-written entry
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}."))
-        np.save(tmp / "images.npy", images)
-        if has_masks:
-            np.save(tmp / "masks.npy", masks)
-        meta = {"masks": has_masks, "original_sizes": originals, "files": len(cases)}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(tmp, entry)
-        except OSError:  # another process finished the same entry first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return images, (masks if has_masks else None), np.asarray(originals)
-
-
-def cached_volume_stats(images: np.ndarray, groups: list[str], entry: Path | None) -> np.ndarray:
-    """`volume_stats`, kept next to the cached arrays (percentiles of every volume cost seconds)."""
-    path = entry / "volume_stats.npy" if entry is not None and entry.is_dir() else None
-    if path is not None and path.is_file():
-        return np.load(path)
-    stats = volume_stats(images, groups)
-    if path is not None:
-        tmp = path.with_name(f".{os.getpid()}.volume_stats.npy")
-        np.save(tmp, stats)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees all of it or nothing
-    return stats
-
-
-def volume_stats(images: np.ndarray, groups: list[str]) -> np.ndarray:
-    """Per-case (low, high, mean, std) per channel, computed over each case's whole volume.
-
-    As in the LGG reference: clip each volume's channel to its 10th-99th percentile, then z-score.
-    The images are uint8, so everything comes from one 256-bin histogram per volume and channel
-    (same values as np.percentile's linear rule, without sorting millions of pixels).
-    Returns (N, 4, C) float32.
-    """
-    channels = images.shape[-1]
-    stats = np.zeros((len(groups), 4, channels), np.float32)
-    groups_arr = np.asarray(groups)
-    levels = np.arange(256, dtype=np.float64)
-    for group in np.unique(groups_arr):
-        idx = np.nonzero(groups_arr == group)[0]
-        volume = np.asarray(images[idx])
-        for c in range(channels):
-            counts = np.bincount(volume[..., c].ravel(), minlength=256).astype(np.float64)
-            low, high = (_percentile_from_counts(counts, q) for q in (10, 99))
-            clipped = np.clip(levels, low, high)
-            mean = (counts * clipped).sum() / counts.sum()
-            std = np.sqrt((counts * (clipped - mean) ** 2).sum() / counts.sum())
-            stats[idx, :, c] = (low, high, mean, std + 1e-6)
-    return stats
-
-
-def _percentile_from_counts(counts: np.ndarray, q: float) -> float:
-    """np.percentile(values, q) (linear interpolation) of uint8 values given their histogram."""
-    cdf = np.cumsum(counts)
-    position = q / 100 * (cdf[-1] - 1)
-    below, fraction = int(np.floor(position)), position - np.floor(position)
-    # the value of the k-th smallest element (0-based) is the first level whose cdf exceeds k
-    lower = np.searchsorted(cdf, below, side="right")
-    upper = np.searchsorted(cdf, below + 1, side="right") if fraction else lower
-    return float(lower + (upper - lower) * fraction)
 
 
 class SegDataset(Dataset):

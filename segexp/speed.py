@@ -386,12 +386,6 @@ def configure_threads(cores: int) -> None:
         torch.set_num_interop_threads(1)
 
 
-def configure_backends(device: str | torch.device) -> None:
-    """cuDNN benchmark on fixed input sizes (segexp resizes every image to one size)."""
-    if torch.device(device).type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
 def fuse_for_eval(net: nn.Module) -> nn.Module:
     """An eval-mode copy of `net` with each BatchNorm folded into the conv before it (fx)."""
     from torch.fx.experimental.optimization import fuse

@@ -19,9 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from segexp import config, report, speed, store, sweep, tracking
+from segexp.arrays import size_hw
 from segexp.cases import DataError
 from segexp.config import ConfigError
-from segexp.data import SegDataModule, size_hw
+from segexp.data import SegDataModule
 from segexp.models import build_net
 from segexp.module import SegModule
 
@@ -270,10 +271,15 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         )
         final = report.log_final_evaluation(run, trainer, module, datamodule, output_dir)
     final["run_id"] = run.run_id
+    server = client.tracking_uri.startswith(("http://", "https://"))
+    ui = "" if server else f"segexp ui --work-dir {Path(cfg.work_dir).resolve()}, then "
+    url = store.experiment_url(
+        client.tracking_uri if server else "http://127.0.0.1:5000", run.experiment_id
+    )
     print(
         f"\nrun {run.run_id} in experiment '{cfg.tracking.experiment}':"
         f" val/dice_best={final['val/dice_best']:.4f} (epoch {final['best_epoch']})"
-        f"\noutputs: {output_dir}\nbrowse: segexp ui --work-dir {Path(cfg.work_dir).resolve()}"
+        f"\noutputs: {output_dir}\nbrowse: {ui}{url}"
     )
     return final
 

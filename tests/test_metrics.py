@@ -10,8 +10,8 @@ import pytest
 from conftest import SHARED_HC18, make_cfg
 from skimage import draw
 
+from segexp.arrays import filled_mask, read_image
 from segexp.cases import scan_hc18
-from segexp.data import filled_mask, read_image
 from segexp.metrics import ellipse_from_mask, hc_from_mask, hd95, ramanujan_perimeter
 
 
