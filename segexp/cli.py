@@ -45,7 +45,7 @@ def store_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def open_store(args) -> tuple:
+def store_of(args) -> tuple:
     """(client, artifact root, work dir) from the same defaults `segexp train` composes."""
     from segexp import config, store
 
@@ -85,7 +85,7 @@ def check_data(args) -> int:
 def predict(args) -> int:
     from segexp.predict import predict as run_predict
 
-    client, _, _ = open_store(args)
+    client, _, _ = store_of(args)
     table = run_predict(
         client, args.run_id, Path(args.images), Path(args.pixel_csv), Path(args.out), args.masks
     )
@@ -113,7 +113,7 @@ def blame(args) -> int:
         raise SystemExit(f"segexp blame: expected two run ids (A B), got {runs}")
     from segexp.blame import blame as run_blame
 
-    client, artifact_root, work_dir = open_store(args)
+    client, artifact_root, work_dir = store_of(args)
     run_blame(
         client,
         artifact_root,
@@ -137,7 +137,7 @@ def seeds_value(text: str) -> int | str:
 def effects(args) -> int:
     from segexp.compare import effects as sweep_effects
 
-    client, _, _ = open_store(args)
+    client, _, _ = store_of(args)
     sweep_effects(client, args.parent_run_id, args.metric, Path(args.out))
     return 0
 
@@ -145,7 +145,7 @@ def effects(args) -> int:
 def compare(args) -> int:
     from segexp.compare import compare as run_compare
 
-    client, _, _ = open_store(args)
+    client, _, _ = store_of(args)
     html = args.html and Path(args.html)
     run_compare(client, args.ids, by=args.by, out=Path(args.out), metric=args.metric, html=html)
     return 0
@@ -154,7 +154,7 @@ def compare(args) -> int:
 def runs(args) -> int:
     from segexp import store
 
-    client, _, _ = open_store(args)
+    client, _, _ = store_of(args)
     experiments = client.search_experiments()
     ids = [e.experiment_id for e in experiments if not args.experiment or e.name in args.experiment]
     marked = store.cleanup_stale_runs(client, ids)
@@ -180,7 +180,7 @@ def ui(args) -> int:
         print(REMOTE_ADVICE.format(host=args.host), file=sys.stderr)
         if not args.allow_remote:
             return 2
-    client, artifacts, _ = open_store(args)
+    client, artifacts, _ = store_of(args)
     if artifacts is None:
         raise ValueError(f"{client.tracking_uri} is a server already: open it in a browser")
     command = mlflow_command(

@@ -58,8 +58,8 @@ def runs_table(runs: list[Run], metric: str = "val/dice_best") -> pd.DataFrame:
             {
                 "run": info.run_name or info.run_id[:8],
                 "run_id": info.run_id,
-                **{k: typed(run.data.params.get(k)) for k in params},
-                **({"seed": typed(run.data.params.get("seed"))} if len(seeds) > 1 else {}),
+                **{k: param_value(run.data.params.get(k)) for k in params},
+                **({"seed": param_value(run.data.params.get("seed"))} if len(seeds) > 1 else {}),
                 "overrides": run.data.tags.get("hydra.overrides", ""),
                 metric: run.data.metrics.get(metric),
                 "best_epoch": run.data.metrics.get("best_epoch"),
@@ -73,7 +73,7 @@ def runs_table(runs: list[Run], metric: str = "val/dice_best") -> pd.DataFrame:
     return table
 
 
-def typed(value: str | None):
+def param_value(value: str | None):
     """A param string back to an int or float where it is one (so ints print as ints)."""
     for kind in (int, float):
         try:
