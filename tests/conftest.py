@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -93,8 +94,19 @@ def segexp_train(work_dir: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "segexp.cli", "train", f"work_dir={work_dir}", *overrides]
     return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=as_from_a_terminal,
     )
+
+
+def as_from_a_terminal() -> None:
+    """Ctrl-C reaches the child as from a shell: a child inherits an ignored SIGINT, and
+    Lightning's interrupt handling in an in-process test leaves the test process ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def start_long_run(work_dir: Path, client: MlflowClient, hc18_root: Path) -> subprocess.Popen:
