@@ -32,6 +32,7 @@ from segexp.config import ConfigError
 from segexp.train import train
 
 
+@pytest.mark.slow  # a whole process lifecycle: tens of seconds
 def test_kill_9_then_cleanup_then_resume_finishes_the_same_run(work_dir, client, hc18_root):
     proc = start_long_run(work_dir, client, hc18_root)
     wait_for(lambda: (work_dir / "out" / "checkpoints" / "last.ckpt").is_file())
@@ -181,6 +182,7 @@ def children_of(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+@pytest.mark.slow  # a whole process lifecycle: tens of seconds
 def test_a_dataloader_worker_killed_mid_epoch_fails_the_run_without_a_hang(
     work_dir, client, hc18_root
 ):

@@ -59,6 +59,7 @@ def postgres_work_dir() -> Path:
     return work_dir
 
 
+@pytest.mark.slow  # a whole process lifecycle: tens of seconds
 def test_segexp_server_starts_postgres_and_mlflow_and_stops_both():
     work_dir, port = postgres_work_dir(), server.free_port()
     log = work_dir / "segexp-server.out"

@@ -318,6 +318,7 @@ def test_slurm_launcher_config_composes(tmp_path):
     assert "export SEGEXP_THREADS=" in done.stdout
 
 
+@pytest.mark.slow  # a whole process lifecycle: tens of seconds
 def test_submitit_local_executor_runs_the_sweep(work_dir, client, hc18_root):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install .[cluster]")
     done = segexp(

@@ -300,6 +300,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(work_dir, client, hc18_roo
         train(make_cfg(work_dir, "resume=0123456789abcdef"))
 
 
+@pytest.mark.slow  # a whole process lifecycle: tens of seconds
 def test_sigterm_marks_the_run_killed_and_resume_finishes_it(work_dir, client, hc18_root):
     proc = start_long_run(work_dir, client, hc18_root)
     proc.send_signal(signal.SIGTERM)
@@ -502,6 +503,7 @@ def test_precision_and_channels_last_auto_are_resolved_and_recorded(work_dir, cl
     assert steps(client, run.info.run_id, "time/train_images_per_second") == [0]
 
 
+@pytest.mark.slow  # a whole process lifecycle: tens of seconds
 def test_ddp_preset_on_two_cpu_processes_makes_one_run(work_dir, client, hc18_root):
     """trainer=ddp, run on CPU with gloo: two ranks train, only rank 0 writes to MLflow."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SEGEXP_THREADS": "1"}
