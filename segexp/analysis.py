@@ -155,7 +155,7 @@ def seeds_decision(
     }
 
 
-def shown(value: float) -> str:
+def short_number(value: float) -> str:
     return f"{value:.3g}" if abs(value) >= 1 else f"{value:.3f}"
 
 
@@ -186,12 +186,12 @@ def headline(
             else f"the interaction {row.term}"
         )
         parts.append(
-            f"{what} {row.verdict} {metric} by {shown(abs(row.effect))} "
-            f"({level} CI {shown(lo)} to {shown(hi)}, Holm p {p_text(row.p_holm)})"
+            f"{what} {row.verdict} {metric} by {short_number(abs(row.effect))} "
+            f"({level} CI {short_number(lo)} to {short_number(hi)}, Holm p {p_text(row.p_holm)})"
         )
     steps = table[table.kind != "interaction"]
     rest = steps[steps.verdict == "within noise"]
-    noise = f"seed SD {shown(analysis.seed_sd)}"
+    noise = f"seed SD {short_number(analysis.seed_sd)}"
     if not len(table[table.verdict != "inestimable"]) or (table.verdict == "no replicates").any():
         text = f"No verdicts on {metric}: no replicates (one finished seed per cell); add seeds"
     elif parts:
@@ -282,7 +282,7 @@ def write_report(
     lines += [f"- {term}: {label}" for term, label in (factor_labels or {}).items()]
     lines += [f"- {line}" for line in (context or [])] + [
         f"- runs analysed: {analysis.runs}; seed SD of {analysis.metric} ({better} is better): "
-        f"{shown(analysis.seed_sd)}, residual dof {analysis.dof}",
+        f"{short_number(analysis.seed_sd)}, residual dof {analysis.dof}",
         f"- effect = {meaning}, {level} CI per term; verdicts from Holm-adjusted p "
         f"over the {int(table.p.notna().sum())} tested terms (family-wise error {analysis.alpha:.3g})",
         *(
