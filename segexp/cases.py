@@ -85,23 +85,11 @@ def scan_hc18(root: Path, subset: str = "training") -> list[Case]:
         if row is None:
             problems.append((str(path), f"no row in {csv_path.name}"))
             continue
-        pixel_mm = number(row["pixel size(mm)"])
-        if not pixel_mm > 0:  # NaN and non-numbers fail this too
-            problems.append(
-                (
-                    str(csv_path),
-                    f"{path.name}: pixel size {row['pixel size(mm)']!r} is not a positive number",
-                )
-            )
-            continue
-        hc_mm = number(row["head circumference (mm)"]) if subset == "training" else None
-        if subset == "training" and not hc_mm > 0:
-            problems.append(
-                (
-                    str(csv_path),
-                    f"{path.name}: head circumference {row['head circumference (mm)']!r} is not a positive number",
-                )
-            )
+        pixel_mm = positive_cell(row, "pixel size(mm)", csv_path, path.name, problems)
+        hc_mm = None
+        if subset == "training":
+            hc_mm = positive_cell(row, "head circumference (mm)", csv_path, path.name, problems)
+        if pixel_mm is None or (subset == "training" and hc_mm is None):
             continue
         cases.append(
             Case(
@@ -125,12 +113,16 @@ def scan_hc18(root: Path, subset: str = "training") -> list[Case]:
     return cases
 
 
-def number(value) -> float:
-    """A CSV cell as a float; NaN where it is not a number (`abc`, empty)."""
+def positive_cell(row, column: str, csv_path, image: str, problems: list) -> float | None:
+    """The row's `column` as a positive float, or None with a problem naming the CSV and image."""
     try:
-        return float(value)
+        value = float(row[column])
     except (TypeError, ValueError):
-        return float("nan")
+        value = float("nan")
+    if value > 0:  # NaN (`abc`, empty) fails this too
+        return value
+    problems.append((str(csv_path), f"{image}: {column} {row[column]!r} is not a positive number"))
+    return None
 
 
 def lgg_root(root: Path) -> Path:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from segexp import config
-from segexp.cases import Case, DataError, number
+from segexp.cases import Case, DataError, positive_cell
 from segexp.data import SegDataModule
 from segexp.metrics import measure_hc
 from segexp.module import flip_tta_logits
@@ -43,14 +43,8 @@ def image_cases(images_dir: Path, pixel_csv: Path) -> list[Case]:
         if not path.is_file():
             problems.append((str(path), f"listed in {Path(pixel_csv).name} but no such image"))
             continue
-        pixel_mm = number(row["pixel size(mm)"])
-        if not pixel_mm > 0:  # NaN and non-numbers fail this too
-            problems.append(
-                (
-                    str(pixel_csv),
-                    f"{path.name}: pixel size {row['pixel size(mm)']!r} is not a positive number",
-                )
-            )
+        pixel_mm = positive_cell(row, "pixel size(mm)", pixel_csv, path.name, problems)
+        if pixel_mm is None:
             continue
         cases.append(Case(path.stem, path.stem, str(path), pixel_size_mm=pixel_mm))
     if problems:

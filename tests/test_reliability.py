@@ -431,4 +431,4 @@ def test_a_non_numeric_pixel_size_names_the_file_and_row(hc18_root, tmp_path, ca
     code = cli.main(["check-data", "dataset=hc18", f"dataset.root={root}", f"work_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert f"{name}: pixel size 'abc' is not a positive number" in err and str(csv) in err
+    assert f"{name}: pixel size(mm) 'abc' is not a positive number" in err and str(csv) in err
