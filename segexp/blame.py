@@ -235,8 +235,8 @@ def blame(
                 f"verdicts still open (more seeds or --budget): {', '.join(decision['open'])}"
             )
         for row in cells.rows.values():
-            if not row["run_id"] or client.get_run(row["run_id"]).info.status != "FINISHED":
-                context.append(f"failed cell {row['name']}: {failure(client, row['run_id'])}")
+            if reason := failure(client, row["run_id"]):
+                context.append(f"failed cell {row['name']}: {reason}")
         out_dir = Path(out_dir or tempfile.mkdtemp(prefix="segexp-blame-"))
         out_dir.mkdir(parents=True, exist_ok=True)
         table.to_csv(out_dir / "runs.csv", index=False)
@@ -258,11 +258,13 @@ def blame(
     }  # fmt: skip
 
 
-def failure(client: MlflowClient, run_id: str | None) -> str:
-    """Why a cell has no result: its run's failure reason, or that no run was made."""
+def failure(client: MlflowClient, run_id: str | None) -> str | None:
+    """Why a cell has no result (its run's failure reason, or that no run was made); None if it has."""
     if not run_id:
         return "no run (not trained: budget, or the job failed before its run existed)"
-    run = client.get_run(run_id)
+    run = client.get_run(run_id)  # one fetch for the status and the reason
+    if run.info.status == "FINISHED":
+        return None
     return (
         run.data.tags.get("failure_reason") or run.data.tags.get("stop_reason") or run.info.status
     )

@@ -188,14 +188,10 @@ def from_leaves(config_a: dict, config_b: dict) -> Change:
         for k in set(flat_a) | set(flat_b)
         if not config.is_bookkeeping(k) and flat_a.get(k) != flat_b.get(k)
     )
+    groups = {k.split(".", 1)[0] for k in keys if "." in k}
+    # a group whose `_target_` changed is one factor: its whole node, never mixed leaf by leaf
     nodes = sorted(
-        {
-            k.split(".", 1)[0]
-            for k in keys
-            if "." in k
-            and select(config_a, k.split(".", 1)[0] + "._target_")
-            != select(config_b, k.split(".", 1)[0] + "._target_")
-        }
+        g for g in groups if select(config_a, f"{g}._target_") != select(config_b, f"{g}._target_")
     )
     factors = [Factor(n, "node", (select(config_a, n), select(config_b, n))) for n in nodes]
     factors += [

@@ -88,10 +88,9 @@ def resume_target(client, run_id: str, overrides: list[str]) -> tuple[Resume, Di
         saved = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
     extra = [o for o in overrides if not o.startswith("resume=")]
     groups = {p.name for p in config.CONFIG_DIR.iterdir() if p.is_dir()}
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in extra]
     switches = [
-        o
-        for o in extra
-        if o.split("=", 1)[0].lstrip("+~").split("/")[0] in groups and "." not in o.split("=", 1)[0]
+        o for o, k in zip(extra, keys, strict=True) if "." not in k and k.split("/")[0] in groups
     ]
     if switches:
         raise ConfigError(
