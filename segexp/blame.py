@@ -30,19 +30,12 @@ LAUNCHER_KEYS = ("hydra/launcher", "hydra.launcher", "hydra/sweeper", "hydra.swe
 
 def stored_config(client: MlflowClient, run_id: str) -> dict:
     """A run's logged config.yaml, refused when it names a target segexp may not build."""
-    import yaml
-
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run_id, "config.yaml", tmp)
         except Exception as err:
             raise ConfigError(f"run {run_id} has no readable config.yaml ({err})") from err
-        stored = yaml.safe_load(Path(path).read_text())
-    try:  # stored configs are data: refuse what may not be built before anything trains
-        config.check_targets(stored)
-    except ConfigError as err:
-        raise ConfigError(f"run {run_id}: {err}") from None
-    return stored
+        return config.read_stored(path, run_id)
 
 
 def finished_runs(client: MlflowClient, experiment_id: str) -> dict[tuple[str, str], str]:

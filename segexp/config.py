@@ -214,3 +214,25 @@ def instantiate(node, path: str, **kwargs):
     except InstantiationException as err:  # a constructor refused its arguments: name the key
         cause = err.__cause__ or err
         raise ConfigError(f"{path}: {type(cause).__name__}: {cause}") from err
+
+
+def read_stored(path: Path, run_id: str) -> dict:
+    """A config.yaml read back from a store: data (safe YAML, targets checked), in today's layout.
+
+    Runs logged before `performance.channels_last` kept it in the model node; it moves there.
+    """
+    try:
+        stored = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"run {run_id}: config.yaml is unreadable ({err})") from err
+    if not isinstance(stored, dict):
+        raise ConfigError(f"run {run_id}: config.yaml is not a mapping")
+    try:  # stored configs are data: refuse what may not be built before anything runs
+        check_targets(stored)
+    except ConfigError as err:
+        raise ConfigError(f"run {run_id}: {err}") from None
+    model = stored.get("model")
+    if isinstance(model, dict) and "channels_last" in model:
+        performance = stored.setdefault("performance", {})
+        performance.setdefault("channels_last", model.pop("channels_last"))
+    return stored

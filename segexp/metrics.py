@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -225,6 +226,20 @@ def shape_ranges(masks: np.ndarray, spacings: np.ndarray, hc_mm: np.ndarray) -> 
     }
 
 
+# A head is flagged when its HC moves more than this many times the run's typical amount between
+# the p >= 0.25 and p >= 0.75 masks (`hc_spread_mm`): on the real HC18 validation split the one
+# image off by > 10 mm had the widest spread of 152 (10.0 mm; median 4.5 mm)
+SPREAD_FLAG_FACTOR = 2.0
+
+
+def spread_limit(spreads) -> float | None:
+    """The `hc_spread_mm` above which a head is flagged: SPREAD_FLAG_FACTOR x the median of the
+    heads found (inf when most vanish at p >= 0.75: then only the other checks flag)."""
+    spreads = np.asarray(spreads, float)
+    spreads = spreads[~np.isnan(spreads)]  # nan: no head at all
+    return float(SPREAD_FLAG_FACTOR * np.median(spreads)) if len(spreads) else None
+
+
 def clinical_table(
     masks: np.ndarray,
     original_sizes: np.ndarray | None = None,
@@ -234,6 +249,7 @@ def clinical_table(
     boundary_offset_px: float = 0.0,
     method: str = "moment",
     plausible: dict | None = None,
+    spread_limit_mm: float | None = None,
 ) -> pd.DataFrame:
     """Per-case HD95 and, with probabilities, head circumference columns.
 
@@ -244,8 +260,8 @@ def clinical_table(
         probabilities: (N, h, w) foreground probabilities, resized to the original size and
             thresholded at 0.5 before HC is measured there (`method`: see `ellipse_from_mask`).
         hc_true: (N,) reference HC; without it only the predicted HC and its flag are written.
-        plausible: `shape_ranges` of the training masks; `hc_flag` marks predictions whose HC or
-            eccentricity falls outside them, or with no head at all (check those by hand).
+        plausible, spread_limit_mm: see `head_flags` (the limit defaults to `spread_limit` of
+            these cases' own spreads).
     """
     size = np.asarray(masks.shape[-2:])  # (h, w)
     table = pd.DataFrame(index=range(len(masks)))
@@ -260,19 +276,31 @@ def clinical_table(
     ]
     if probabilities is not None and pixel_sizes is not None and original_sizes is not None:
         measured = [
-            measure_hc(prob, (int(h), int(w)), float(mm), boundary_offset_px, method, plausible)
+            measure_hc(prob, (int(h), int(w)), float(mm), boundary_offset_px, method)
             for prob, (h, w), mm in zip(probabilities, original_sizes, pixel_sizes, strict=True)
         ]
         table["pixel_size_mm"] = pixel_sizes
         if hc_true is not None:
             table["hc_true_mm"] = hc_true
-        table["hc_pred_mm"] = [m[0] for m in measured]
+        table["hc_pred_mm"] = [m.hc_mm for m in measured]
         if hc_true is not None:
             table["hc_error_mm"] = table.hc_pred_mm - table.hc_true_mm
             table["hc_abs_error_mm"] = table.hc_error_mm.abs()
-        table["eccentricity"] = [m[1] for m in measured]
-        table["hc_flag"] = [m[2] for m in measured]
+        table["eccentricity"] = [m.eccentricity for m in measured]
+        table["hc_spread_mm"] = [m.spread_mm for m in measured]
+        if spread_limit_mm is None:
+            spread_limit_mm = spread_limit(table.hc_spread_mm)
+        table["hc_flag"] = head_flags(measured, plausible, spread_limit_mm)
     return table
+
+
+class HeadMeasure(NamedTuple):
+    """One predicted head: HC, eccentricity, HC spread in mm, the ellipse in original pixels."""
+
+    hc_mm: float
+    eccentricity: float
+    spread_mm: float  # HC of the p >= 0.25 mask minus HC of the p >= 0.75 mask
+    ellipse: Ellipse | None
 
 
 def measure_hc(
@@ -281,12 +309,11 @@ def measure_hc(
     pixel_size_mm: float,
     boundary_offset_px: float = 0.0,
     method: str = "moment",
-    plausible: dict | None = None,
-) -> tuple[float, float, bool, Ellipse | None]:
-    """(HC mm, eccentricity, flag, ellipse in original pixels) of a (h, w) probability map.
+) -> HeadMeasure:
+    """The head of a (h, w) probability map, resized to the original (H, W) and cut at 0.5 there.
 
-    The map is resized to the original (H, W) and thresholded at 0.5 there. The flag is True when
-    no head is found or, with `plausible` ranges, when HC or eccentricity falls outside them.
+    The spread is how far the HC moves across the map's uncertain boundary band: about 4-5 mm for
+    a confident 128 px model on HC18, far more where the model hesitates over the skull's edge.
     """
     import cv2
 
@@ -294,11 +321,30 @@ def measure_hc(
     full = cv2.resize(np.asarray(probability, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
     ellipse = ellipse_from_mask(full >= 0.5, boundary_offset_px, method)
     if ellipse is None:
-        return 0.0, float("nan"), True, None
+        return HeadMeasure(0.0, float("nan"), float("nan"), None)
     hc = ramanujan_perimeter(ellipse.a, ellipse.b) * pixel_size_mm
-    ecc = eccentricity(ellipse)
-    flag = False
-    if plausible:
-        (hc_lo, hc_hi), (ecc_lo, ecc_hi) = plausible["hc_mm"], plausible["eccentricity"]
-        flag = not (hc_lo <= hc <= hc_hi and ecc_lo <= ecc <= ecc_hi)
-    return hc, ecc, flag, ellipse
+    wide, narrow = (ellipse_from_mask(full >= t, boundary_offset_px, method) for t in (0.25, 0.75))
+    spread = (
+        (ramanujan_perimeter(wide.a, wide.b) - ramanujan_perimeter(narrow.a, narrow.b))
+        * pixel_size_mm
+        if wide is not None and narrow is not None
+        else float("inf")  # the head vanishes at 0.75: as uncertain as it gets
+    )
+    return HeadMeasure(hc, eccentricity(ellipse), spread, ellipse)
+
+
+def head_flags(
+    measured: list[HeadMeasure], plausible: dict | None, spread_limit_mm: float | None
+) -> list[bool]:
+    """Per head: check it by hand? True with no head, or (given `plausible`, the `shape_ranges` of
+    the training masks) HC or eccentricity outside them, or a spread above `spread_limit_mm`."""
+    flags = []
+    for m in measured:
+        flag = m.ellipse is None
+        if not flag and plausible:
+            (hc_lo, hc_hi), (ecc_lo, ecc_hi) = plausible["hc_mm"], plausible["eccentricity"]
+            flag = not (hc_lo <= m.hc_mm <= hc_hi and ecc_lo <= m.eccentricity <= ecc_hi)
+        if not flag and spread_limit_mm is not None:
+            flag = not m.spread_mm <= spread_limit_mm  # inf and nan flag too
+        flags.append(bool(flag))
+    return flags

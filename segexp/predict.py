@@ -16,7 +16,7 @@ from PIL import Image
 from segexp import config
 from segexp.cases import Case, DataError, positive_cell
 from segexp.data import SegDataModule
-from segexp.metrics import measure_hc
+from segexp.metrics import head_flags, measure_hc, spread_limit
 from segexp.module import flip_tta_logits
 
 SUBMISSION_COLUMNS = [
@@ -55,8 +55,10 @@ def image_cases(images_dir: Path, pixel_csv: Path) -> list[Case]:
 def load_run_model(client, run_id: str) -> tuple[torch.nn.Module, dict, dict]:
     """The network of a run with its best weights, its resolved config, its evaluation settings."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
-        config.check_targets(cfg)  # a stored config is data: nothing it names runs unchecked
+        # a stored config is data: nothing it names runs unchecked
+        cfg = OmegaConf.create(
+            config.read_stored(client.download_artifacts(run_id, "config.yaml", tmp), run_id)
+        )
         checkpoint = torch.load(
             client.download_artifacts(run_id, "checkpoints/best.ckpt", tmp),
             map_location="cpu",
@@ -89,9 +91,10 @@ def predict(
 ) -> pd.DataFrame:
     """Write the submission CSV (the 6 official columns; zeros where no head was found).
 
-    Beside it, `flags_path(out)` lists per image the HC in mm, the eccentricity and `hc_flag`:
-    True where no plausible ellipse was found (no head, or HC or eccentricity outside the range
-    of the run's training masks), i.e. the predictions to check by hand.
+    Beside it, `flags_path(out)` lists per image the HC in mm, the eccentricity, the HC spread and
+    `hc_flag`: True where no plausible, confident ellipse was found (no head, HC or eccentricity
+    outside the range of the run's training masks, or a spread above the run's validation limit,
+    `segexp.metrics.head_flags`), i.e. the predictions to check by hand.
     """
     net, cfg, evaluation = load_run_model(client, run_id)
     cases = image_cases(images_dir, pixel_csv)
@@ -113,22 +116,32 @@ def predict(
     original_sizes = loader.dataset.original_sizes
     if masks_dir is not None:
         Path(masks_dir).mkdir(parents=True, exist_ok=True)
-    rows, flags = [], []
+    rows, measured = [], []
     for case, prob, (h, w) in zip(cases, probabilities, original_sizes, strict=True):
         mm = case.pixel_size_mm
-        hc, ecc, flag, e = measure_hc(prob, (int(h), int(w)), mm, offset, method, plausible)
+        head = measure_hc(prob, (int(h), int(w)), mm, offset, method)
         if masks_dir is not None:
             mask = cv2.resize(prob, (int(w), int(h)), interpolation=cv2.INTER_LINEAR) >= 0.5
             Image.fromarray(mask.astype(np.uint8) * 255).save(
                 Path(masks_dir) / f"{case.case_id}_mask.png"
             )
+        e = head.ellipse
         values = (0.0,) * 5 if e is None else (e.cx * mm, e.cy * mm, e.a * mm, e.b * mm, e.angle)
         rows.append([Path(case.image).name, *values])
-        flags.append([Path(case.image).name, hc, ecc, flag])
+        measured.append(head)
+    # the run's validation limit; a run from before it: these images' own (unsupervised)
+    limit = evaluation.get("hc_spread_limit_mm") or spread_limit([m.spread_mm for m in measured])
+    flags = pd.DataFrame(
+        {
+            "filename": [r[0] for r in rows],
+            "hc_mm": [m.hc_mm for m in measured],
+            "eccentricity": [m.eccentricity for m in measured],
+            "hc_spread_mm": [m.spread_mm for m in measured],
+            "hc_flag": head_flags(measured, plausible, limit),
+        }
+    )
     table = pd.DataFrame(rows, columns=SUBMISSION_COLUMNS)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False, quoting=csv.QUOTE_MINIMAL)
-    pd.DataFrame(flags, columns=["filename", "hc_mm", "eccentricity", "hc_flag"]).to_csv(
-        flags_path(out), index=False
-    )
+    flags.to_csv(flags_path(out), index=False)
     return table

@@ -85,7 +85,7 @@ def resume_target(client, run_id: str, overrides: list[str]) -> tuple[Resume, Di
             f"resume={run_id}: checkpoint {checkpoint} is unreadable ({err})"
         ) from err
     with tempfile.TemporaryDirectory() as tmp:
-        saved = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
+        saved = config.read_stored(client.download_artifacts(run_id, "config.yaml", tmp), run_id)
     extra = [o for o in overrides if not o.startswith("resume=")]
     groups = {p.name for p in config.CONFIG_DIR.iterdir() if p.is_dir()}
     keys = [o.split("=", 1)[0].lstrip("+~") for o in extra]

@@ -12,10 +12,16 @@ from conftest import make_cfg, only_run
 from skimage import draw
 
 from segexp.data import SegDataModule
-from segexp.metrics import clinical_table, hc_from_mask, ramanujan_perimeter, summarize
+from segexp.metrics import (
+    clinical_table,
+    hc_from_mask,
+    measure_hc,
+    ramanujan_perimeter,
+    summarize,
+)
 from segexp.models import UNet
 from segexp.module import flip_tta_logits
-from segexp.predict import SUBMISSION_COLUMNS, flags_path, predict
+from segexp.predict import SUBMISSION_COLUMNS, flags_path, load_run_model, predict
 from segexp.train import train
 
 
@@ -117,6 +123,31 @@ def test_hc_flag_marks_missing_and_implausible_heads():
     assert empty.hc_flag.tolist() == [True] and empty.hc_pred_mm.tolist() == [0.0]
 
 
+def soft_head(k: float, size=(64, 96), semi_axes=(20.0, 28.0)) -> np.ndarray:
+    """A head's probability map, sigmoid(k (1 - r)) with r = 1 on the ellipse: small k hesitates."""
+    yy, xx = np.mgrid[: size[0], : size[1]].astype(np.float32)
+    r = np.hypot((yy - size[0] / 2) / semi_axes[0], (xx - size[1] / 2) / semi_axes[1])
+    return (1 / (1 + np.exp(-k * (1 - r)))).astype(np.float32)
+
+
+def test_hc_spread_measures_the_boundary_band_and_flags_the_hesitant_head():
+    original, pixel = (540, 800), 0.1
+    for k in (4.0, 8.0):
+        head = measure_hc(soft_head(k), original, pixel)
+        # the 0.25 / 0.75 cuts are the ellipses at r = 1 +- ln 3 / k: HC(r) scales with r
+        expected = 2 * math.log(3) / k * head.hc_mm
+        assert head.spread_mm == pytest.approx(expected, rel=0.05), (k, head)
+    maps = np.stack([soft_head(40.0)] * 9 + [soft_head(4.0)])  # nine confident, one hesitant
+    masks = np.stack([maps > 0.5] * 2, 1)
+    sizes, pixels = np.array([original] * 10), np.full(10, pixel)
+    table = clinical_table(masks, sizes, pixels, maps)
+    assert table.hc_flag.tolist() == [False] * 9 + [True]
+    assert (table.hc_pred_mm - table.hc_pred_mm[0]).abs().max() < 0.02 * table.hc_pred_mm[0]
+    # a run's stored limit decides alone: above every spread, nothing is flagged
+    relaxed = clinical_table(masks, sizes, pixels, maps, spread_limit_mm=1e6)
+    assert not relaxed.hc_flag.any()
+
+
 def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir, client):
     cfg = make_cfg(
         work_dir,
@@ -138,6 +169,9 @@ def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir,
     )
     assert {"hc_error_mm", "eccentricity", "hc_flag"} <= set(cases.columns)
     assert final["val/hc_outliers_10mm_best"] == (cases.hc_abs_error_mm > 10).sum()
+    # predict flags with the spread limit of the validation epoch the best weights had
+    limit = load_run_model(client, run.info.run_id)[2]["hc_spread_limit_mm"]
+    assert limit == pytest.approx(2 * cases.hc_spread_mm.median())
 
     out = work_dir / "submission.csv"
     table = predict(
@@ -145,6 +179,6 @@ def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir,
     )
     assert list(pd.read_csv(out).columns) == SUBMISSION_COLUMNS and len(table) == 3
     flags = pd.read_csv(flags_path(out))
-    assert list(flags.columns) == ["filename", "hc_mm", "eccentricity", "hc_flag"]
+    assert list(flags.columns) == ["filename", "hc_mm", "eccentricity", "hc_spread_mm", "hc_flag"]
     assert flags.filename.tolist() == table.filename.tolist()
     assert all(math.isfinite(v) for v in flags.hc_mm)

@@ -127,3 +127,19 @@ def test_every_shipped_config_target_and_library_class_is_allowed():
         "pytorch_lightning.Trainer",
     ):
         assert name in allowed, name
+
+
+def test_a_run_logged_before_performance_channels_last_still_predicts(
+    tmp_path, store_template, hc18_root
+):
+    shutil.copy(store_template, tmp_path / "mlflow.db")
+    run_id = train(make_cfg(tmp_path, *TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1"))[
+        "run_id"
+    ]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    artifacts = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    stored = yaml.safe_load((artifacts / "config.yaml").read_text())
+    stored["model"]["channels_last"] = stored.pop("performance")["channels_last"]  # old layout
+    (artifacts / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert cli.main(predict_args(run_id, hc18_root, tmp_path)) == 0
+    assert len((tmp_path / "sub.csv").read_text().splitlines()) == 1 + 3
