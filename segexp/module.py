@@ -20,8 +20,8 @@ from segexp.metrics import (
     clinical_table,
     largest_component,
     overlap_counts,
-    spread_limit,
     summarize,
+    width_limit,
 )
 from segexp.tracking import NonFiniteMetricError
 
@@ -78,7 +78,7 @@ class SegModule(pl.LightningModule):
             hc_ellipse_fit,
         )
         self.hc_plausible: dict | None = None  # {"hc_mm": (lo, hi), "eccentricity": (lo, hi)}
-        self.hc_spread_limit_mm: float | None = None  # of the latest validation epoch
+        self.hc_width_limit_px: float | None = None  # of the latest validation epoch
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.val_cases: pd.DataFrame | None = None
@@ -96,13 +96,13 @@ class SegModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # `segexp predict` flags implausible ellipses with the range of this run's training masks
-        # and uncertain ones with the spread limit of the validation epoch these weights had
+        # and hesitant ones with the boundary width limit of the epoch these weights validated
         checkpoint["segexp_evaluation"] = {
             "flip_tta": self.flip_tta,
             "single_object": self.single_object,
             "hc_ellipse_fit": self.hc_ellipse_fit,
             "hc_plausible": self.hc_plausible,
-            "hc_spread_limit_mm": self.hc_spread_limit_mm,
+            "hc_width_limit_px": self.hc_width_limit_px,
         }
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -188,8 +188,8 @@ class SegModule(pl.LightningModule):
             plausible=self.hc_plausible,
         )
         self.val_cases = cases.join(clinical)
-        if "hc_spread_mm" in clinical:
-            self.hc_spread_limit_mm = spread_limit(clinical.hc_spread_mm)
+        if "boundary_width_px" in clinical:
+            self.hc_width_limit_px = width_limit(clinical.boundary_width_px)
         self.val_masks = masks  # (N, 2, H, W) predicted / true, in val_cases order
         self.log_dict(summarize(self.val_cases, self.volumetric), prog_bar=False)
 

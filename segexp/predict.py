@@ -16,7 +16,7 @@ from PIL import Image
 from segexp import config
 from segexp.cases import Case, DataError, positive_cell
 from segexp.data import SegDataModule
-from segexp.metrics import head_flags, measure_hc, spread_limit
+from segexp.metrics import head_flags, measure_hc, width_limit
 from segexp.module import flip_tta_logits
 
 SUBMISSION_COLUMNS = [
@@ -91,10 +91,10 @@ def predict(
 ) -> pd.DataFrame:
     """Write the submission CSV (the 6 official columns; zeros where no head was found).
 
-    Beside it, `flags_path(out)` lists per image the HC in mm, the eccentricity, the HC spread and
-    `hc_flag`: True where no plausible, confident ellipse was found (no head, HC or eccentricity
-    outside the range of the run's training masks, or a spread above the run's validation limit,
-    `segexp.metrics.head_flags`), i.e. the predictions to check by hand.
+    Beside it, `flags_path(out)` lists per image the HC in mm, the eccentricity, the boundary width
+    and `hc_flag`: True where no plausible, confident ellipse was found (no head, HC or
+    eccentricity outside the range of the run's training masks, or a boundary wider than the
+    run's validation limit: `segexp.metrics.head_flags`), i.e. the predictions to check by hand.
     """
     net, cfg, evaluation = load_run_model(client, run_id)
     cases = image_cases(images_dir, pixel_csv)
@@ -130,13 +130,15 @@ def predict(
         rows.append([Path(case.image).name, *values])
         measured.append(head)
     # the run's validation limit; a run from before it: these images' own (unsupervised)
-    limit = evaluation.get("hc_spread_limit_mm") or spread_limit([m.spread_mm for m in measured])
+    limit = evaluation.get("hc_width_limit_px") or width_limit(
+        [m.boundary_width_px for m in measured]
+    )
     flags = pd.DataFrame(
         {
             "filename": [r[0] for r in rows],
             "hc_mm": [m.hc_mm for m in measured],
             "eccentricity": [m.eccentricity for m in measured],
-            "hc_spread_mm": [m.spread_mm for m in measured],
+            "boundary_width_px": [m.boundary_width_px for m in measured],
             "hc_flag": head_flags(measured, plausible, limit),
         }
     )

@@ -130,21 +130,22 @@ def soft_head(k: float, size=(64, 96), semi_axes=(20.0, 28.0)) -> np.ndarray:
     return (1 / (1 + np.exp(-k * (1 - r)))).astype(np.float32)
 
 
-def test_hc_spread_measures_the_boundary_band_and_flags_the_hesitant_head():
+def test_boundary_width_measures_the_hesitant_band_and_flags_that_head():
     original, pixel = (540, 800), 0.1
     for k in (4.0, 8.0):
         head = measure_hc(soft_head(k), original, pixel)
-        # the 0.25 / 0.75 cuts are the ellipses at r = 1 +- ln 3 / k: HC(r) scales with r
-        expected = 2 * math.log(3) / k * head.hc_mm
-        assert head.spread_mm == pytest.approx(expected, rel=0.05), (k, head)
+        # 0.1 < p < 0.9 is the ring 1 - ln 9 / k < r < 1 + ln 9 / k: area pi A B (4 ln 9 / k)
+        a, b = 28.0 * 800 / 96, 20.0 * 540 / 64  # the semi-axes in original pixels
+        expected = math.pi * a * b * 4 * math.log(9) / k / ramanujan_perimeter(a, b)
+        assert head.boundary_width_px == pytest.approx(expected, rel=0.05), (k, head)
     maps = np.stack([soft_head(40.0)] * 9 + [soft_head(4.0)])  # nine confident, one hesitant
     masks = np.stack([maps > 0.5] * 2, 1)
     sizes, pixels = np.array([original] * 10), np.full(10, pixel)
     table = clinical_table(masks, sizes, pixels, maps)
     assert table.hc_flag.tolist() == [False] * 9 + [True]
     assert (table.hc_pred_mm - table.hc_pred_mm[0]).abs().max() < 0.02 * table.hc_pred_mm[0]
-    # a run's stored limit decides alone: above every spread, nothing is flagged
-    relaxed = clinical_table(masks, sizes, pixels, maps, spread_limit_mm=1e6)
+    # a run's stored limit decides alone: above every width, nothing is flagged
+    relaxed = clinical_table(masks, sizes, pixels, maps, width_limit_px=1e6)
     assert not relaxed.hc_flag.any()
 
 
@@ -169,9 +170,9 @@ def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir,
     )
     assert {"hc_error_mm", "eccentricity", "hc_flag"} <= set(cases.columns)
     assert final["val/hc_outliers_10mm_best"] == (cases.hc_abs_error_mm > 10).sum()
-    # predict flags with the spread limit of the validation epoch the best weights had
-    limit = load_run_model(client, run.info.run_id)[2]["hc_spread_limit_mm"]
-    assert limit == pytest.approx(2 * cases.hc_spread_mm.median())
+    # predict flags with the width limit of the validation epoch the best weights had
+    limit = load_run_model(client, run.info.run_id)[2]["hc_width_limit_px"]
+    assert limit == pytest.approx(1.5 * cases.boundary_width_px.median())
 
     out = work_dir / "submission.csv"
     table = predict(
@@ -179,6 +180,12 @@ def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir,
     )
     assert list(pd.read_csv(out).columns) == SUBMISSION_COLUMNS and len(table) == 3
     flags = pd.read_csv(flags_path(out))
-    assert list(flags.columns) == ["filename", "hc_mm", "eccentricity", "hc_spread_mm", "hc_flag"]
+    assert list(flags.columns) == [
+        "filename",
+        "hc_mm",
+        "eccentricity",
+        "boundary_width_px",
+        "hc_flag",
+    ]
     assert flags.filename.tolist() == table.filename.tolist()
     assert all(math.isfinite(v) for v in flags.hc_mm)
