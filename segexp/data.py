@@ -31,7 +31,7 @@ from segexp.arrays import (
     volume_stats,
 )
 from segexp.cases import SCANNERS, Case, DataError, fingerprint, split_groups
-from segexp.metrics import shape_ranges
+from segexp.hc import shape_ranges
 
 
 class SegDataset(Dataset):
@@ -88,13 +88,13 @@ class SegDataModule(pl.LightningDataModule):
         val_fraction / val_count: share or number of exams/patients held out for validation.
         normalize: `minmax` (pixel / 255) or `volume` (per-patient percentile clip + z-score).
         hc_boundary_offset_px: how far this dataset's filled masks extend beyond the ellipse its
-            reference HC measures (see `segexp.metrics.ellipse_from_mask`); HC18 layout only.
+            reference HC measures (see `segexp.hc.ellipse_from_mask`); HC18 layout only.
         train_transform: an albumentations transform applied to training items only.
         flip_tta: evaluate (and `segexp predict`) on the mean of the image's and its left-right
             mirror's logits: valid where anatomy has no preferred side (HC18 heads).
         single_object: one object per image (HC18: one head): predicted masks keep their
             largest component, holes filled, before Dice and HD95 (HC always measures that one).
-        hc_ellipse_fit: `moment` or `contour` (see `segexp.metrics.ellipse_from_mask`); each has
+        hc_ellipse_fit: `moment` or `contour` (see `segexp.hc.ellipse_from_mask`); each has
             its own `hc_boundary_offset_px` calibration.
     """
 

@@ -1,4 +1,4 @@
-"""Segmentation metrics: overlap (Dice, IoU, accuracy, per volume), HD95, head circumference.
+"""Segmentation metrics: overlap (Dice, IoU, accuracy, per volume), HD95, the largest component.
 
 Empty-mask rule (LGG has many empty slices): when prediction and ground truth are both empty,
 Dice and IoU are 1 (a correct "no lesion"); an empty truth with a non-empty prediction scores 0.
@@ -7,8 +7,6 @@ Dice and IoU are 1 (a correct "no lesion"); an empty truth with a non-empty pred
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -85,23 +83,6 @@ def summarize(cases: pd.DataFrame, volumetric: bool) -> dict[str, float]:
     return metrics
 
 
-def ramanujan_perimeter(a: float, b: float) -> float:
-    """Ellipse perimeter from semi-axes a, b (Ramanujan's second approximation)."""
-    h = ((a - b) / (a + b)) ** 2
-    return math.pi * (a + b) * (1 + 3 * h / (10 + math.sqrt(4 - 3 * h)))
-
-
-@dataclass(frozen=True)
-class Ellipse:
-    """Centre (x, y), semi-axes a >= b and angle of the a axis from +x (y down), in pixels/radians."""
-
-    cx: float
-    cy: float
-    a: float
-    b: float
-    angle: float
-
-
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 8-connected component of a binary mask, holes filled (empty stays empty)."""
     labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
@@ -109,81 +90,6 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
         return np.zeros(mask.shape, bool)
     largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
     return ndimage.binary_fill_holes(largest)
-
-
-def ellipse_from_mask(
-    mask: np.ndarray, boundary_offset_px: float = 0.0, method: str = "moment"
-) -> Ellipse | None:
-    """The ellipse of the largest component (holes filled); None for an empty mask.
-
-    `moment`: from the filled region's second moments (a = 2 sqrt(eigenvalue)), exact for a whole
-    ellipse with no contour-tracing bias. `contour`: least-squares fit (`skimage.measure.
-    EllipseModel`) of the region's outer contour without the points that lie on the image border,
-    so a head cut by the border is still measured whole. `boundary_offset_px` is how far the masks
-    extend beyond the ellipse the reference measures (the annotation stroke): it is subtracted
-    from both semi-axes.
-    """
-    if method not in ("moment", "contour"):
-        raise ValueError(f"ellipse fit method must be 'moment' or 'contour', got {method!r}")
-    region = largest_component(np.asarray(mask) > 0)
-    ys, xs = np.nonzero(region)
-    if len(xs) < 5:
-        return None
-    if method == "contour":
-        fitted = _contour_ellipse(region)
-        if fitted is not None:
-            cx, cy, a, b, angle = fitted
-            return Ellipse(
-                cx, cy, max(a - boundary_offset_px, 0.0), max(b - boundary_offset_px, 0.0), angle
-            )
-    cx, cy = xs.mean(), ys.mean()
-    cov = np.cov(np.stack([xs - cx, ys - cy]), bias=True)
-    eigenvalues, eigenvectors = np.linalg.eigh(cov)  # ascending
-    a = 2 * math.sqrt(max(eigenvalues[1], 0.0)) - boundary_offset_px
-    b = 2 * math.sqrt(max(eigenvalues[0], 0.0)) - boundary_offset_px
-    angle = math.atan2(eigenvectors[1, 1], eigenvectors[0, 1])
-    angle = (angle + math.pi / 2) % math.pi - math.pi / 2  # the axis, not its direction
-    return Ellipse(float(cx), float(cy), max(a, 0.0), max(b, 0.0), angle)
-
-
-def _contour_ellipse(region: np.ndarray) -> tuple[float, ...] | None:
-    """(cx, cy, a, b, angle) fitted to the outer contour of a filled region, or None."""
-    from skimage import measure
-
-    h, w = region.shape
-    # padded: a region touching the border still has a closed contour; (row, col) + 1 offset
-    contour = max(measure.find_contours(np.pad(region, 1).astype(np.float32), 0.5), key=len) - 1
-    rows, cols = contour[:, 0], contour[:, 1]
-    inside = (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)  # not the image's edge
-    if inside.sum() < 10:
-        return None
-    model = measure.EllipseModel.from_estimate(np.column_stack([cols[inside], rows[inside]]))
-    if not model:  # falsy when the fit failed
-        return None
-    (cx, cy), axes = model.center, model.axis_lengths
-    a, b = max(axes), min(axes)
-    angle = model.theta if axes[0] >= axes[1] else model.theta + math.pi / 2
-    angle = (angle + math.pi / 2) % math.pi - math.pi / 2
-    if not all(math.isfinite(v) for v in (cx, cy, a, b)) or a > 4 * max(h, w):
-        return None
-    return float(cx), float(cy), float(a), float(b), float(angle)
-
-
-def eccentricity(ellipse: Ellipse) -> float:
-    """sqrt(1 - b^2 / a^2): 0 for a circle, towards 1 for a flat ellipse."""
-    return math.sqrt(max(0.0, 1 - (ellipse.b / ellipse.a) ** 2)) if ellipse.a > 0 else 1.0
-
-
-def hc_from_mask(
-    mask: np.ndarray, pixel_size_mm: float, boundary_offset_px: float = 0.0, method: str = "moment"
-) -> float:
-    """Head circumference in mm of a binary mask at the image's original resolution.
-
-    Largest component, holes filled, ellipse fit (`method`), Ramanujan perimeter, times the pixel
-    size. An empty mask (no head found) measures 0 mm.
-    """
-    ellipse = ellipse_from_mask(mask, boundary_offset_px, method)
-    return 0.0 if ellipse is None else ramanujan_perimeter(ellipse.a, ellipse.b) * pixel_size_mm
 
 
 def hd95(pred: np.ndarray, true: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0)) -> float:
@@ -204,143 +110,3 @@ def hd95(pred: np.ndarray, true: np.ndarray, spacing: tuple[float, float] = (1.0
     to_true = ndimage.distance_transform_edt(~bt, sampling=spacing)[bp]
     to_pred = ndimage.distance_transform_edt(~bp, sampling=spacing)[bt]
     return float(np.percentile(np.concatenate([to_true, to_pred]), 95))
-
-
-def shape_ranges(masks: np.ndarray, spacings: np.ndarray, hc_mm: np.ndarray) -> dict:
-    """Plausible ranges from reference masks: {"hc_mm": (lo, hi), "eccentricity": (lo, hi)}.
-
-    masks (N, h, w) at the model's resolution, spacings (N, 2) mm per pixel along (y, x): the
-    eccentricity is measured in mm, so a squeezed (square) input does not distort it.
-    """
-    eccentricities = []
-    for mask, (sy, sx) in zip(masks, spacings, strict=True):
-        ys, xs = np.nonzero(mask)
-        if len(xs) < 5:
-            continue
-        low, high = np.linalg.eigvalsh(np.cov(np.stack([xs * sx, ys * sy]), bias=True))
-        eccentricities.append(math.sqrt(max(0.0, 1 - low / high)) if high > 0 else 1.0)
-    hc = np.asarray(hc_mm, float)
-    return {
-        "hc_mm": (float(hc.min()), float(hc.max())),
-        "eccentricity": (float(min(eccentricities)), float(max(eccentricities))),
-    }
-
-
-# A head is flagged when the band where its probability is between 0.1 and 0.9 is wider than this
-# many times the run's median (`boundary_width_px`): on the real HC18 validation split of two
-# hc18_best runs the images off by > 10 mm had 1.9-5.4x the median, every image off by < 10 mm
-# at most 1.6x (an image's HC moved between the 0.25 and 0.75 cuts separated them in one run only)
-WIDTH_FLAG_FACTOR = 1.5
-
-
-def width_limit(widths) -> float | None:
-    """The `boundary_width_px` above which a head is flagged: WIDTH_FLAG_FACTOR x the median."""
-    widths = np.asarray(widths, float)
-    widths = widths[~np.isnan(widths)]  # nan: no head at all
-    return float(WIDTH_FLAG_FACTOR * np.median(widths)) if len(widths) else None
-
-
-def clinical_table(
-    masks: np.ndarray,
-    original_sizes: np.ndarray | None = None,
-    pixel_sizes: np.ndarray | None = None,
-    probabilities: np.ndarray | None = None,
-    hc_true: np.ndarray | None = None,
-    boundary_offset_px: float = 0.0,
-    method: str = "moment",
-    plausible: dict | None = None,
-    width_limit_px: float | None = None,
-) -> pd.DataFrame:
-    """Per-case HD95 and, with probabilities, head circumference columns.
-
-    Args:
-        masks: (N, 2, h, w) bool, predicted and true masks at the model's resolution.
-        original_sizes: (N, 2) (H, W) on disk; with pixel_sizes, HD95 is in mm (spacing per
-            axis: H / h and W / w differ for a squeezed input), else in pixels.
-        probabilities: (N, h, w) foreground probabilities, resized to the original size and
-            thresholded at 0.5 before HC is measured there (`method`: see `ellipse_from_mask`).
-        hc_true: (N,) reference HC; without it only the predicted HC and its flag are written.
-        plausible, width_limit_px: see `head_flags` (the limit defaults to `width_limit` of
-            these cases' own widths).
-    """
-    size = np.asarray(masks.shape[-2:])  # (h, w)
-    table = pd.DataFrame(index=range(len(masks)))
-    in_mm = pixel_sizes is not None and original_sizes is not None
-    spacings = (
-        (np.asarray(original_sizes) / size) * np.asarray(pixel_sizes)[:, None]
-        if in_mm
-        else np.ones((len(masks), 2))
-    )
-    table["hd95_mm" if in_mm else "hd95_px"] = [
-        hd95(m[0], m[1], tuple(sp)) for m, sp in zip(masks, spacings, strict=True)
-    ]
-    if probabilities is not None and pixel_sizes is not None and original_sizes is not None:
-        measured = [
-            measure_hc(prob, (int(h), int(w)), float(mm), boundary_offset_px, method)
-            for prob, (h, w), mm in zip(probabilities, original_sizes, pixel_sizes, strict=True)
-        ]
-        table["pixel_size_mm"] = pixel_sizes
-        if hc_true is not None:
-            table["hc_true_mm"] = hc_true
-        table["hc_pred_mm"] = [m.hc_mm for m in measured]
-        if hc_true is not None:
-            table["hc_error_mm"] = table.hc_pred_mm - table.hc_true_mm
-            table["hc_abs_error_mm"] = table.hc_error_mm.abs()
-        table["eccentricity"] = [m.eccentricity for m in measured]
-        table["boundary_width_px"] = [m.boundary_width_px for m in measured]
-        if width_limit_px is None:
-            width_limit_px = width_limit(table.boundary_width_px)
-        table["hc_flag"] = head_flags(measured, plausible, width_limit_px)
-    return table
-
-
-class HeadMeasure(NamedTuple):
-    """One predicted head: HC, eccentricity, boundary width, the ellipse in original pixels."""
-
-    hc_mm: float
-    eccentricity: float
-    boundary_width_px: float  # mean width of the 0.1 < p < 0.9 band, original pixels
-    ellipse: Ellipse | None
-
-
-def measure_hc(
-    probability: np.ndarray,
-    original_size: tuple[int, int],
-    pixel_size_mm: float,
-    boundary_offset_px: float = 0.0,
-    method: str = "moment",
-) -> HeadMeasure:
-    """The head of a (h, w) probability map, resized to the original (H, W) and cut at 0.5 there.
-
-    The boundary width is the area where the model hesitates (0.1 < p < 0.9) over the head's
-    perimeter: the upsampling's blur for a confident model (~11 px for 128 px on HC18's 800x540),
-    far more where it hesitates over the skull's edge.
-    """
-    import cv2
-
-    h, w = original_size
-    full = cv2.resize(np.asarray(probability, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    ellipse = ellipse_from_mask(full >= 0.5, boundary_offset_px, method)
-    if ellipse is None:
-        return HeadMeasure(0.0, float("nan"), float("nan"), None)
-    perimeter_px = ramanujan_perimeter(ellipse.a, ellipse.b)
-    band = np.count_nonzero((full > 0.1) & (full < 0.9))
-    width = band / perimeter_px if perimeter_px > 0 else float("inf")
-    return HeadMeasure(perimeter_px * pixel_size_mm, eccentricity(ellipse), width, ellipse)
-
-
-def head_flags(
-    measured: list[HeadMeasure], plausible: dict | None, width_limit_px: float | None
-) -> list[bool]:
-    """Per head: check it by hand? True with no head, or (given `plausible`, the `shape_ranges` of
-    the training masks) HC or eccentricity outside them, or a boundary wider than the limit."""
-    flags = []
-    for m in measured:
-        flag = m.ellipse is None
-        if not flag and plausible:
-            (hc_lo, hc_hi), (ecc_lo, ecc_hi) = plausible["hc_mm"], plausible["eccentricity"]
-            flag = not (hc_lo <= m.hc_mm <= hc_hi and ecc_lo <= m.eccentricity <= ecc_hi)
-        if not flag and width_limit_px is not None:
-            flag = not m.boundary_width_px <= width_limit_px  # inf and nan flag too
-        flags.append(bool(flag))
-    return flags

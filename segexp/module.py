@@ -15,14 +15,8 @@ import torch
 from torch import nn
 
 from segexp import speed
-from segexp.metrics import (
-    case_table,
-    clinical_table,
-    largest_component,
-    overlap_counts,
-    summarize,
-    width_limit,
-)
+from segexp.hc import clinical_table, width_limit
+from segexp.metrics import case_table, largest_component, overlap_counts, summarize
 from segexp.tracking import NonFiniteMetricError
 
 
@@ -39,7 +33,7 @@ class SegModule(pl.LightningModule):
         scheduler: a partial LR scheduler that takes the optimizer, or None.
         volumetric: also report `val/dice_volume` (cases grouped into volumes, e.g. LGG patients).
         hc_boundary_offset_px: with it, batches that carry `hc_mm` also get head circumference
-            metrics (see `segexp.metrics.hc_from_mask`); None turns HC off.
+            metrics (see `segexp.hc.hc_from_mask`); None turns HC off.
         channels_last: run the network in channels-last memory format (faster convs on CPU/GPU).
         compile: torch.compile the network in place when the trainer sets up the model (state
             dict keys, hence checkpoints, stay those of the eager network).

@@ -16,7 +16,7 @@ from PIL import Image
 from segexp import config
 from segexp.cases import Case, DataError, positive_cell
 from segexp.data import SegDataModule
-from segexp.metrics import head_flags, measure_hc, width_limit
+from segexp.hc import head_flags, measure_hc, width_limit
 from segexp.module import flip_tta_logits
 
 SUBMISSION_COLUMNS = [
@@ -94,7 +94,7 @@ def predict(
     Beside it, `flags_path(out)` lists per image the HC in mm, the eccentricity, the boundary width
     and `hc_flag`: True where no plausible, confident ellipse was found (no head, HC or
     eccentricity outside the range of the run's training masks, or a boundary wider than the
-    run's validation limit: `segexp.metrics.head_flags`), i.e. the predictions to check by hand.
+    run's validation limit: `segexp.hc.head_flags`), i.e. the predictions to check by hand.
     """
     net, cfg, evaluation = load_run_model(client, run_id)
     cases = image_cases(images_dir, pixel_csv)

@@ -20,7 +20,7 @@ from segexp import cli
 from segexp.arrays import cache_entry, filled_mask, load_arrays
 from segexp.cases import DataError, scan_hc18, scan_lgg, split_groups
 from segexp.data import SegDataModule
-from segexp.metrics import ramanujan_perimeter
+from segexp.hc import ramanujan_perimeter
 
 
 def datamodule(root, layout="hc18", **kwargs) -> SegDataModule:

@@ -12,13 +12,8 @@ from conftest import make_cfg, only_run
 from skimage import draw
 
 from segexp.data import SegDataModule
-from segexp.metrics import (
-    clinical_table,
-    hc_from_mask,
-    measure_hc,
-    ramanujan_perimeter,
-    summarize,
-)
+from segexp.hc import clinical_table, hc_from_mask, measure_hc, ramanujan_perimeter
+from segexp.metrics import summarize
 from segexp.models import UNet
 from segexp.module import flip_tta_logits
 from segexp.predict import SUBMISSION_COLUMNS, flags_path, load_run_model, predict

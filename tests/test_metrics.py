@@ -12,7 +12,8 @@ from skimage import draw
 
 from segexp.arrays import filled_mask, read_image
 from segexp.cases import scan_hc18
-from segexp.metrics import ellipse_from_mask, hc_from_mask, hd95, ramanujan_perimeter
+from segexp.hc import ellipse_from_mask, hc_from_mask, ramanujan_perimeter
+from segexp.metrics import hd95
 
 
 def filled_ellipse(cy, cx, b, a, theta, shape=(540, 800)) -> np.ndarray:
