@@ -72,7 +72,6 @@ class SegModule(pl.LightningModule):
             hc_ellipse_fit,
         )
         self.hc_plausible: dict | None = None  # {"hc_mm": (lo, hi), "eccentricity": (lo, hi)}
-        self.hc_width_limit_px: float | None = None  # of the latest validation epoch
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.val_cases: pd.DataFrame | None = None
@@ -91,12 +90,13 @@ class SegModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # `segexp predict` flags implausible ellipses with the range of this run's training masks
         # and hesitant ones with the boundary width limit of the epoch these weights validated
+        widths = None if self.val_cases is None else self.val_cases.get("boundary_width_px")
         checkpoint["segexp_evaluation"] = {
             "flip_tta": self.flip_tta,
             "single_object": self.single_object,
             "hc_ellipse_fit": self.hc_ellipse_fit,
             "hc_plausible": self.hc_plausible,
-            "hc_width_limit_px": self.hc_width_limit_px,
+            "hc_width_limit_px": None if widths is None else width_limit(widths),
         }
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -182,8 +182,6 @@ class SegModule(pl.LightningModule):
             plausible=self.hc_plausible,
         )
         self.val_cases = cases.join(clinical)
-        if "boundary_width_px" in clinical:
-            self.hc_width_limit_px = width_limit(clinical.boundary_width_px)
         self.val_masks = masks  # (N, 2, H, W) predicted / true, in val_cases order
         self.log_dict(summarize(self.val_cases, self.volumetric), prog_bar=False)
 

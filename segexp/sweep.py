@@ -149,6 +149,7 @@ class SweepCallback(Callback):
         experiment_id = store.experiment_id(self.client, config.tracking.experiment, artifact_root)
         store.cleanup_stale_runs(self.client, [experiment_id])
         sweep_grid = redact("overrides", grid(list(config.hydra.overrides.task)))
+        keys, jobs = sweep_shape(list(config.hydra.overrides.task))
         resume = config.get("sweep", {}).get("resume")
         previous = resume and previous_parent(self.client, experiment_id, sweep_grid)
         if previous:
@@ -156,7 +157,6 @@ class SweepCallback(Callback):
             self.client.update_run(self.parent_run_id, status="RUNNING")
         else:
             sweep_id = uuid.uuid4().hex[:8]
-            keys, jobs = sweep_shape(list(config.hydra.overrides.task))
             name = " x ".join(short_key(k) for k in keys) or "1 config"
             run = self.client.create_run(
                 experiment_id,
@@ -175,7 +175,6 @@ class SweepCallback(Callback):
         self.client.set_tag(self.parent_run_id, "segexp.host", socket.gethostname())
         os.environ[PARENT_ENV] = self.parent_run_id
         os.environ[tracking.LAUNCHER_PID_ENV] = str(os.getpid())
-        keys, jobs = sweep_shape(list(config.hydra.overrides.task))
         os.environ[SWEPT_ENV] = " ".join(keys)
         os.environ[JOBS_ENV], os.environ[START_ENV] = str(jobs), str(time.time())
         print(f"sweep parent run {self.parent_run_id} (experiment '{config.tracking.experiment}')")
