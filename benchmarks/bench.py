@@ -140,7 +140,7 @@ class Contender:
 
     def __init__(self, name: str, step, compiled: bool = False):
         self.name, self.step, self.compiled = name, step, compiled
-        self.best, self.first = float("inf"), 0.0
+        self.best, self.first, self.rss_mb = float("inf"), 0.0, 0.0
 
 
 def segexp_contender(cfg: DictConfig, precision: str, channels_last: bool, compiled: bool):
@@ -168,12 +168,19 @@ def segexp_contender(cfg: DictConfig, precision: str, channels_last: bool, compi
 
 
 def race(contenders: list[Contender], batches: list[dict]) -> None:
-    """Batch by batch, every contender in turn; the first batch warms up (and compiles)."""
+    """Batch by batch, every contender in turn; the first batch warms up (and compiles).
+
+    Each contender's `rss_mb` is the process's peak RSS during its own steps: all contenders'
+    weights and optimizer states (~0.1 GB each) are resident, each one's activations only
+    while it steps (segexp's allocator setting hands freed activations back to the OS).
+    """
     for i, batch in enumerate(batches):
         for c in contenders:
-            start = time.perf_counter()
-            c.step(batch)
-            seconds = time.perf_counter() - start
+            with PeakRSS() as rss:
+                start = time.perf_counter()
+                c.step(batch)
+                seconds = time.perf_counter() - start
+            c.rss_mb = max(c.rss_mb, rss.mb)
             if i == 0:
                 c.first = seconds
             else:
@@ -252,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="segexp-bench-"))
     device = torch.device("cpu")
+    speed.configure_allocator()  # as `segexp train` does, for every figure alike
 
     def row(what: str, value: str) -> None:
         print(f"{what:60s} {value}", flush=True)
@@ -324,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     size = len(batches[0]["image"])
     img_s = {c.name: size / c.best for c in [ref, *grid]}
     for c in [ref, *grid]:
-        note = f" (first step {c.first:.1f} s)" if c.compiled else ""
-        row(f"train img/s {c.name}", f"{img_s[c.name]:.2f}{note}")
+        note = f", first step {c.first:.1f} s" if c.compiled else ""
+        row(f"train img/s {c.name}", f"{img_s[c.name]:.2f} ({c.rss_mb:.0f} MB peak RSS{note})")
     row("peak RSS of the race (all contenders resident)", f"{rss.mb:.0f} MB")
 
     fp32 = speed.resolve(  # what auto picks where fp32 is forced (a CPU without fast bf16)

@@ -128,6 +128,60 @@ def decode_case(
     return image, mask.astype(np.uint8), original
 
 
+class Rows:
+    """A cached `.npy` array read row by row from the file, never memory-mapped.
+
+    A memory map counts every page it has touched in the process's RSS, so an epoch over
+    kaggle_3m's ~1 GB of cached slices would add ~1 GB to a training's resident memory. Read on
+    demand, the rows stay in the OS page cache (shared, reclaimable) and a row costs one read.
+    Indexing: an int gives one row (a fresh, writable array); a slice, list or index array
+    gives them stacked; `np.asarray(rows)` reads the whole array.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran_order or not shape:
+            raise ValueError(f"{self.path}: expected a C-ordered array with rows")
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_bytes = self.dtype.itemsize * int(np.prod(shape[1:]))
+        self._file, self._pid = None, None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._row(int(key))
+        return np.stack([self._row(int(k)) for k in np.arange(len(self))[key]])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = np.fromfile(self.path, self.dtype, offset=self.offset).reshape(self.shape)
+        return array if dtype is None else array.astype(dtype)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": None}  # workers open their own
+
+    def _row(self, k: int) -> np.ndarray:
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"row {k} of {len(self)} in {self.path}")
+        if self._pid != os.getpid():  # one handle per process: a forked worker's own offset
+            self._file, self._pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115
+        row = np.empty(self.shape[1:], self.dtype)
+        self._file.seek(self.offset + (k % len(self)) * self.row_bytes)
+        if self._file.readinto(memoryview(row).cast("B")) != self.row_bytes:
+            raise DataError(self.path, [(str(self.path), "cache file is truncated")])
+        return row
+
+
 def cache_entry(
     cases: list[Case], image_size, channels: int, cache_dir: Path | None
 ) -> Path | None:
@@ -145,16 +199,16 @@ def load_arrays(
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Decoded, resized arrays for `cases`, from the cache folder `entry` when it is complete.
 
-    `entry` comes from `cache_entry` (None: no caching). Returns images (N, h, w, C) uint8,
-    masks (N, h, w) uint8 or None, original sizes (N, 2).
+    `entry` comes from `cache_entry` (None: no caching, arrays stay in memory). Returns images
+    (N, h, w, C) uint8, masks (N, h, w) uint8 or None, original sizes (N, 2); cached arrays
+    come as `Rows` of the cache's files, also right after they were written.
     """
     h, w = size_hw(image_size)
     key = entry.name if entry else None
     if entry is not None and (entry / "meta.json").is_file():
         meta = json.loads((entry / "meta.json").read_text())
-        images = np.load(entry / "images.npy", mmap_mode="r")
-        masks = np.load(entry / "masks.npy", mmap_mode="r") if meta["masks"] else None
-        return images, masks, np.asarray(meta["original_sizes"])
+        masks = Rows(entry / "masks.npy") if meta["masks"] else None
+        return Rows(entry / "images.npy"), masks, np.asarray(meta["original_sizes"])
 
     images = np.zeros((len(cases), h, w, channels), np.uint8)
     masks = np.zeros((len(cases), h, w), np.uint8)
@@ -193,6 +247,8 @@ def load_arrays(
             os.rename(tmp, entry)
         except OSError:  # another process finished the same entry first
             shutil.rmtree(tmp, ignore_errors=True)
+        if (entry / "meta.json").is_file():  # rows from the file, not memory
+            return load_arrays(cases, image_size, channels, entry)
     return images, (masks if has_masks else None), np.asarray(originals)
 
 

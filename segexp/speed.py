@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import hashlib
 import importlib.util
 import json
@@ -384,6 +385,27 @@ def configure_threads(cores: int) -> None:
     torch.set_num_threads(cores)
     with contextlib.suppress(RuntimeError):  # only settable before the first parallel op
         torch.set_num_interop_threads(1)
+
+
+# glibc's mallopt parameter number, and the value segexp sets
+M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 1 << 20
+
+
+def configure_allocator() -> bool:
+    """On glibc, a fixed 1 MiB mmap threshold: freed activations go straight back to the OS.
+
+    glibc raises its threshold to the size of every mmapped block freed (up to 32 MiB), after
+    which a training step's 1-32 MiB tensors come from the heap, whose fragments stay resident:
+    ~200 MB of peak RSS at unet_buda 256 px batch 16 fp32, at no measured cost in speed. A
+    MALLOC_MMAP_THRESHOLD_ the user set is left alone. Returns whether it was set.
+    """
+    if platform.system() != "Linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def fuse_for_eval(net: nn.Module) -> nn.Module:

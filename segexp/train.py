@@ -231,6 +231,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Train one run, log it to MLflow; returns `run_id` and the restored best epoch's metrics."""
     overrides = list(overrides or [])
     check_run_config(cfg)
+    speed.configure_allocator()
     client, artifact_root = store.open_store(cfg.tracking, Path(cfg.work_dir))
     resume = None
     if cfg.resume:

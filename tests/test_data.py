@@ -17,7 +17,7 @@ from PIL import Image
 from skimage import draw
 
 from segexp import cli
-from segexp.arrays import cache_entry, filled_mask, load_arrays
+from segexp.arrays import Rows, cache_entry, filled_mask, load_arrays
 from segexp.cases import DataError, scan_hc18, scan_lgg, split_groups
 from segexp.data import SegDataModule
 from segexp.hc import ramanujan_perimeter
@@ -368,7 +368,8 @@ def test_real_hc18_loads_and_no_exam_straddles_the_split(tmp_path):
     assert len(dm.train_idx) + len(dm.val_idx) == 741
     assert not {dm.cases[i].group for i in dm.train_idx} & {dm.cases[i].group for i in dm.val_idx}
     assert 0.15 < len(dm.val_idx) / 741 < 0.25
-    assert dm.masks.max() == 1 and 0.05 < dm.masks.mean() < 0.6  # filled heads
+    masks = np.asarray(dm.masks)
+    assert masks.max() == 1 and 0.05 < masks.mean() < 0.6  # filled heads
     assert len(scan_hc18(SHARED_HC18, "test")) == 40
 
 
@@ -411,3 +412,46 @@ def test_a_1x1_image_is_named(hc18_root, tmp_path):
     Image.fromarray(np.zeros((1, 1), np.uint8)).save(victim)
     with pytest.raises(DataError, match=rf"{victim.name}: image is 1x1 px"):
         SegDataModule("hc18", "hc18", str(root), channels=1, image_size=32).prepare_data()
+
+
+def rss_file_mb() -> float:
+    """File-backed resident memory of this process (mapped files count here)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) / 1024
+    pytest.skip("no RssFile in /proc/self/status (not Linux)")
+
+
+def test_cached_rows_are_read_not_mapped_so_an_epoch_adds_no_resident_memory(tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, (160, 256, 256, 3), dtype=np.uint8)
+    path = tmp_path / "images.npy"
+    np.save(path, array)  # 30 MB, now in the page cache
+    rows = Rows(path)
+    assert len(rows) == 160 and rows.shape == array.shape and rows.dtype == np.uint8
+    start = rss_file_mb()
+    for k in range(len(rows)):
+        np.testing.assert_array_equal(rows[k], array[k])
+    grown = rss_file_mb() - start
+    np.testing.assert_array_equal(rows[[3, -1]], array[[3, -1]])
+    np.testing.assert_array_equal(np.asarray(rows), array)
+    assert rows[5].flags.writeable
+    with pytest.raises(IndexError, match="row 160 of 160"):
+        rows[160]
+    # the same epoch through a memory map keeps every page resident: the measurement can tell
+    mapped, start = np.load(path, mmap_mode="r"), rss_file_mb()
+    for k in range(len(mapped)):
+        np.asarray(mapped[k]).sum()
+    assert rss_file_mb() - start > 25
+    assert grown < 5, f"reading every row kept {grown:.0f} MB resident"
+
+
+def test_a_fresh_cache_serves_rows_from_its_file_not_the_decoded_arrays(hc18_root, tmp_path):
+    cases = scan_hc18(hc18_root)
+    images, masks, _ = load_arrays(cases, 32, 1, cache_entry(cases, 32, 1, tmp_path / "cache"))
+    assert isinstance(images, Rows) and isinstance(masks, Rows)
+    assert images.path.parent.parent == tmp_path / "cache"
+    in_memory, memory_masks, _ = load_arrays(cases, 32, 1, None)
+    assert isinstance(in_memory, np.ndarray)
+    np.testing.assert_array_equal(np.asarray(images), in_memory)
+    np.testing.assert_array_equal(np.asarray(masks), memory_masks)

@@ -132,6 +132,51 @@ def test_bn_folded_eval_net_gives_the_same_logits():
         assert torch.allclose(folded(x), net.eval()(x), atol=1e-5)
 
 
+def concatenating_forward(net: UNet, x: torch.Tensor) -> torch.Tensor:
+    """UNet.forward as written in the papers: each decoder on cat([up, skip])."""
+    skips = []
+    for encoder in net.encoders:
+        skips.append(x := encoder(x))
+        x = net.pool(x)
+    x = net.bottleneck(x)
+    for up, decoder, skip in zip(net.ups, net.decoders, reversed(skips), strict=True):
+        x = decoder(torch.cat([up(x), skip], dim=1))
+    return net.head(x)
+
+
+def saved_for_backward_bytes(forward) -> tuple[torch.Tensor, int]:
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = forward()
+    return out, sum(storages.values())
+
+
+def test_unet_training_keeps_no_concatenated_skip_yet_computes_the_same():
+    torch.manual_seed(0)
+    net = UNet(3, 1, [8, 16, 32], batch_norm=True).train()
+    x = torch.randn(2, 3, 64, 64)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    out, split_bytes = saved_for_backward_bytes(lambda: net(x))
+    out.square().mean().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.load_state_dict(state)  # the same BatchNorm running stats for the second pass
+    net.zero_grad()
+    reference, cat_bytes = saved_for_backward_bytes(lambda: concatenating_forward(net, x))
+    reference.square().mean().backward()
+    assert torch.allclose(out, reference, atol=1e-5)
+    for grad, p in zip(grads, net.parameters(), strict=True):
+        assert torch.allclose(grad, p.grad, rtol=1e-4, atol=1e-6)
+    skips = 4 * 2 * (8 * 64 * 64 + 16 * 32 * 32)  # bytes of the skip tensors, float32
+    assert cat_bytes - split_bytes >= 0.9 * skips
+    with torch.no_grad():  # eval keeps the concatenating form (which fuse_for_eval folds)
+        assert torch.allclose(net.eval()(x), concatenating_forward(net, x), atol=1e-5)
+
+
 def test_loader_settings_keep_small_cpus_in_process():
     assert speed.loader_settings("cpu", cores=2) == {
         "num_workers": 0,
