@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import reference
-from segexp import speed, synthetic
+from segexp import runtime, speed, synthetic
 from segexp.config import CONFIG_DIR
 from segexp.models import build_net
 from segexp.train import build_datamodule, train
@@ -230,7 +230,7 @@ def eval_throughput(cfg: DictConfig, batch: dict) -> tuple[float, float]:
     """Eval img/s in fp32 channels-last: eager vs BatchNorm folded into the convs."""
     net = build_net(cfg.model).eval().to(memory_format=torch.channels_last)
     image = batch["image"].contiguous(memory_format=torch.channels_last)
-    nets = {"eager": net, "folded": speed.fuse_for_eval(net)}
+    nets = {"eager": net, "folded": runtime.fuse_for_eval(net)}
     best = dict.fromkeys(nets, float("inf"))
     with torch.no_grad():
         for _ in range(3):
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="segexp-bench-"))
     device = torch.device("cpu")
-    speed.configure_allocator()  # as `segexp train` does, for every figure alike
+    runtime.configure_allocator()  # as `segexp train` does, for every figure alike
 
     def row(what: str, value: str) -> None:
         print(f"{what:60s} {value}", flush=True)

@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from segexp import speed
+from segexp import runtime
 from segexp.arrays import (
     cache_entry,
     cached_volume_stats,
@@ -237,7 +237,7 @@ class SegDataModule(pl.LightningDataModule):
                 dataset, trainer.world_size, trainer.global_rank, shuffle=True, seed=self.split_seed
             )
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        settings = speed.loader_settings(device)  # workers, pinned memory for the device
+        settings = runtime.loader_settings(device)  # workers, pinned memory for the device
         if self.num_workers != "auto":
             workers = int(self.num_workers)
             settings.update(num_workers=workers, persistent_workers=workers > 0)

@@ -74,7 +74,7 @@ class UNet(nn.Module):
         """decoder(cat([up, skip])). In training the first conv runs on each part with its half
         of the weights and adds them: the same conv, but autograd keeps no concatenated copy of
         the skip (unet_buda 256 px batch 16: 250 MB less at the peak). In eval the plain form,
-        which `speed.fuse_for_eval` folds."""
+        which `runtime.fuse_for_eval` folds."""
         if not self.training:
             return decoder(torch.cat([up, skip], dim=1))
         conv, rest = decoder[0], decoder[1:]

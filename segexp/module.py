@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from segexp import speed
+from segexp import runtime, speed
 from segexp.hc import clinical_table, width_limit
 from segexp.metrics import case_table, largest_component, overlap_counts, summarize
 from segexp.tracking import NonFiniteMetricError
@@ -112,7 +112,7 @@ class SegModule(pl.LightningModule):
             # `make bench`: 27% faster fp32 channels-last eval of unet_buda at 256 px;
             # a net torch.fx cannot trace validates eagerly
             with contextlib.suppress(Exception):
-                self.__dict__["_folded_net"] = speed.fuse_for_eval(self.net)
+                self.__dict__["_folded_net"] = runtime.fuse_for_eval(self.net)
 
     def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Logits (N, 1, H, W) as evaluation sees them: with flip TTA when `flip_tta`."""

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-from segexp import config, report, speed, store, sweep, tracking
+from segexp import config, report, runtime, speed, store, sweep, tracking
 from segexp.arrays import size_hw
 from segexp.cases import DataError
 from segexp.config import ConfigError
@@ -231,7 +231,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Train one run, log it to MLflow; returns `run_id` and the restored best epoch's metrics."""
     overrides = list(overrides or [])
     check_run_config(cfg)
-    speed.configure_allocator()
+    runtime.configure_allocator()
     client, artifact_root = store.open_store(cfg.tracking, Path(cfg.work_dir))
     resume = None
     if cfg.resume:
@@ -289,7 +289,7 @@ def main(cfg: DictConfig) -> float:
     """Hydra entry point (`segexp train`, `python -m segexp.train`); returns val/dice_best."""
     if tracking.received_signal:  # a sweep that was told to stop starts no further job
         raise SystemExit(128 + tracking.received_signal[0])
-    speed.configure_threads(sweep.threads_per_job())
+    runtime.configure_threads(sweep.threads_per_job())
     overrides = list(HydraConfig.get().overrides.task)
     if cfg.get("blame"):  # one cell of `segexp blame`, launched as a job of a multirun
         cell = json.loads(Path(cfg.blame.cells).read_text())[cfg.blame.cell]

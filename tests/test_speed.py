@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from segexp import speed
+from segexp import runtime, speed
 from segexp.models import UNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is not installed
@@ -126,7 +126,7 @@ def test_bn_folded_eval_net_gives_the_same_logits():
     net = tiny_net()
     net.train()(torch.randn(SHAPE))  # running stats away from their initial 0 / 1
     x = torch.randn(SHAPE)
-    folded = speed.fuse_for_eval(net)
+    folded = runtime.fuse_for_eval(net)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     with torch.no_grad():
         assert torch.allclose(folded(x), net.eval()(x), atol=1e-5)
@@ -178,12 +178,12 @@ def test_unet_training_keeps_no_concatenated_skip_yet_computes_the_same():
 
 
 def test_loader_settings_keep_small_cpus_in_process():
-    assert speed.loader_settings("cpu", cores=2) == {
+    assert runtime.loader_settings("cpu", cores=2) == {
         "num_workers": 0,
         "persistent_workers": False,
         "pin_memory": False,
     }
-    gpu = speed.loader_settings("cuda", cores=16)
+    gpu = runtime.loader_settings("cuda", cores=16)
     assert gpu["pin_memory"] and gpu["persistent_workers"] and gpu["num_workers"] == 8
 
 
