@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -153,7 +154,7 @@ class Rows:
             raise ValueError(f"{self.path}: expected a C-ordered array with rows")
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.row_bytes = self.dtype.itemsize * int(np.prod(shape[1:]))
-        self._file, self._pid = None, None
+        self._file, self._pid, self._lock = None, None, threading.Lock()
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -161,23 +162,33 @@ class Rows:
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, (int, np.integer)):
             return self._row(int(key))
-        return np.stack([self._row(int(k)) for k in np.arange(len(self))[key]])
+        rows = [self._row(int(k)) for k in np.arange(len(self))[key]]
+        return np.stack(rows) if rows else np.empty((0, *self.shape[1:]), self.dtype)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         array = np.fromfile(self.path, self.dtype, offset=self.offset).reshape(self.shape)
         return array if dtype is None else array.astype(dtype)
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_file": None, "_pid": None}  # workers open their own
+    def __getstate__(self) -> dict:  # DataLoader workers open their own file
+        return {**self.__dict__, "_file": None, "_pid": None, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def __del__(self) -> None:
+        if getattr(self, "_file", None) is not None and self._pid == os.getpid():
+            self._file.close()
 
     def _row(self, k: int) -> np.ndarray:
         if not -len(self) <= k < len(self):
             raise IndexError(f"row {k} of {len(self)} in {self.path}")
-        if self._pid != os.getpid():  # one handle per process: a forked worker's own offset
-            self._file, self._pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115
         row = np.empty(self.shape[1:], self.dtype)
-        self._file.seek(self.offset + (k % len(self)) * self.row_bytes)
-        if self._file.readinto(memoryview(row).cast("B")) != self.row_bytes:
+        with self._lock:  # seek + read on one handle
+            if self._pid != os.getpid():  # a forked worker must not share the parent's offset
+                self._file, self._pid = open(self.path, "rb"), os.getpid()  # noqa: SIM115
+            self._file.seek(self.offset + (k % len(self)) * self.row_bytes)
+            read = self._file.readinto(memoryview(row).cast("B"))
+        if read != self.row_bytes:
             raise DataError(self.path, [(str(self.path), "cache file is truncated")])
         return row
 

@@ -71,11 +71,12 @@ class UNet(nn.Module):
         return self.head(x)
 
     def _decode(self, decoder: nn.Sequential, up: torch.Tensor, skip: torch.Tensor):
-        """decoder(cat([up, skip])). In training the first conv runs on each part with its half
-        of the weights and adds them: the same conv, but autograd keeps no concatenated copy of
-        the skip (unet_buda 256 px batch 16: 250 MB less at the peak). In eval the plain form,
-        which `runtime.fuse_for_eval` folds."""
-        if not self.training:
+        """decoder(cat([up, skip])). In fp32 training the first conv runs on each part with its
+        half of the weights and adds them: the same conv, but autograd keeps no concatenated copy
+        of the skip (unet_buda 256 px batch 16: 250 MB less at the peak). Under autocast the
+        plain form, since two 16-bit partial sums would round twice; in eval too (which
+        `runtime.fuse_for_eval` folds)."""
+        if not self.training or torch.is_autocast_enabled(up.device.type):
             return decoder(torch.cat([up, skip], dim=1))
         conv, rest = decoder[0], decoder[1:]
         weight = conv.weight  # (out, up channels + skip channels, 3, 3)

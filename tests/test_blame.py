@@ -169,6 +169,10 @@ BLAME_BASE = [
     "model.batch_norm=true",
     "loss=dice",
     "trainer.max_epochs=8",
+    # every cell in fp32: a probe under load must not pick another precision for some cells
+    "trainer.precision=32-true",
+    "performance.channels_last=false",
+    "performance.compile=false",
 ]
 
 

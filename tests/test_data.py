@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 import time
@@ -444,6 +445,13 @@ def test_cached_rows_are_read_not_mapped_so_an_epoch_adds_no_resident_memory(tmp
         np.asarray(mapped[k]).sum()
     assert rss_file_mb() - start > 25
     assert grown < 5, f"reading every row kept {grown:.0f} MB resident"
+    # a DataLoader worker gets a copy that opens its own file
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(rows))[7], array[7])
+    assert rows[[]].shape == (0, 256, 256, 3)
+    with open(path, "r+b") as f:  # a cache cut short (a full disk) is named, not half-read
+        f.truncate(path.stat().st_size - 1000)
+    with pytest.raises(DataError, match="images.npy.*truncated"):
+        rows[159]
 
 
 def test_a_fresh_cache_serves_rows_from_its_file_not_the_decoded_arrays(hc18_root, tmp_path):

@@ -175,6 +175,12 @@ def test_unet_training_keeps_no_concatenated_skip_yet_computes_the_same():
     assert cat_bytes - split_bytes >= 0.9 * skips
     with torch.no_grad():  # eval keeps the concatenating form (which fuse_for_eval folds)
         assert torch.allclose(net.eval()(x), concatenating_forward(net, x), atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # so does 16-bit: one rounding, not two
+        out, autocast_bytes = saved_for_backward_bytes(lambda: net.train()(x))
+        reference, autocast_cat_bytes = saved_for_backward_bytes(
+            lambda: concatenating_forward(net, x)
+        )
+    assert autocast_bytes == autocast_cat_bytes and torch.equal(out, reference)
 
 
 def test_loader_settings_keep_small_cpus_in_process():
