@@ -13,6 +13,12 @@ import torch
 from torch import nn
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity on Linux, else all of them)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
 def loader_settings(device: str | torch.device, cores: int | None = None) -> dict:
     """DataLoader workers / pinning for training on `device` with `cores` CPU cores.
 
@@ -21,9 +27,7 @@ def loader_settings(device: str | torch.device, cores: int | None = None) -> dic
     so below 8 cores loading stays in the training process. A GPU needs its batches ready.
     """
     device = torch.device(device)
-    if not cores:
-        affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all cores
-        cores = len(affinity(0)) if affinity else os.cpu_count() or 1
+    cores = cores or usable_cores()
     workers = 0 if cores < 8 else 2
     if device.type == "cuda":
         workers = min(8, cores - 1)

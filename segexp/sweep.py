@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from segexp import compare, store, tracking
+from segexp import compare, runtime, store, tracking
 from segexp.config import config_hash, redact, redacted
 
 PARENT_ENV = "SEGEXP_SWEEP_PARENT_RUN_ID"
@@ -99,7 +99,7 @@ def threads_per_job() -> int:
     """Cores divided by the jobs that run at once, so parallel jobs do not oversubscribe."""
     if os.environ.get("SEGEXP_THREADS"):
         return int(os.environ["SEGEXP_THREADS"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = runtime.usable_cores()
     jobs = 1
     if in_multirun():
         n_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
