@@ -184,7 +184,7 @@ class SweepCallback(Callback):
     def _on_sigterm(self, signum, frame):
         self.interrupted = True
         tracking.received_signal.append(signum)  # no further job starts, whatever catches this
-        raise KeyboardInterrupt(f"received signal {signum}")
+        tracking.interrupt(signum, frame)  # not inside a store call: it would keep SQLite locked
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         self.finish()

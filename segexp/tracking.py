@@ -26,6 +26,12 @@ PARAM_BATCH = 100  # MLflow's per-request limit on params
 LAUNCHER_PID_ENV = "SEGEXP_LAUNCHER_PID"  # the sweep's process: its jobs end when it is gone
 # The first SIGTERM/SIGINT this process received: once set, no further job of a sweep starts.
 received_signal: list[int] = []
+# Code that holds a store transaction. An exception that a signal handler raises in there can
+# leave the transaction open, and with it SQLite's lock: no process can write any more, not
+# even to mark this run KILLED. A signal that lands in there is raised again once it returned.
+STORE_MODULES = ("sqlalchemy", "sqlite3", "mlflow.store", "psycopg2", "pymysql")
+SIGNAL_RETRY_SECONDS = 0.05
+run_open = threading.Event()  # a TrackedRun of this process is between enter and exit
 
 
 def git_tags() -> dict[str, str]:
@@ -54,6 +60,26 @@ class Interrupted(KeyboardInterrupt):
     """Raised by segexp's SIGTERM handler so Lightning shuts down as on Ctrl-C."""
 
 
+def inside_store_call(frame) -> bool:
+    """Whether `frame` (where a signal interrupted the main thread) runs in STORE_MODULES."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(STORE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def interrupt(signum: int, frame) -> None:
+    """Raise Interrupted for `signum`, unless `frame` is in a store call: then re-send it."""
+    if inside_store_call(frame):
+        main = threading.main_thread().ident
+        retry = threading.Timer(SIGNAL_RETRY_SECONDS, signal.pthread_kill, (main, signum))
+        retry.daemon = True
+        retry.start()
+        return
+    raise Interrupted(f"received signal {signum}")
+
+
 class TrackedRun:
     """Context manager around one MLflow run: creates or resumes it and always ends its status.
 
@@ -75,6 +101,7 @@ class TrackedRun:
         self.experiment_id = store.experiment_id(client, experiment, artifact_root)
         self.run_id: str | None = resume_run_id
         self.signal_received: int | None = None
+        self.closing = False  # the run is being ended: a signal now only records itself
         self.interrupted = False  # set by EpochMetricsToMLflow when Lightning saw Ctrl-C
         # DDP: the processes Lightning starts for ranks > 0 re-run `segexp train`; they train
         # and validate but write nothing, into rank 0's run (its id comes in the environment).
@@ -92,22 +119,38 @@ class TrackedRun:
             self.run_id = run.info.run_id
         self.set_tags({"segexp.pid": str(os.getpid()), "segexp.host": socket.gethostname()})
         os.environ[RUN_ENV] = self.run_id
-        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_signal)}
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not an ignored one
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
+        run_open.set()
         launcher = os.environ.get(LAUNCHER_PID_ENV, "")
         if launcher.isdigit() and int(launcher) != os.getpid():  # a joblib/submitit worker
             watch_launcher(int(launcher))
         return self
 
-    def _on_sigterm(self, signum, frame):
-        self.signal_received = signum
+    def _on_signal(self, signum, frame):
+        self.signal_received = self.signal_received or signum
         received_signal.append(signum)
-        raise Interrupted(f"received signal {signum}")
+        if not self.closing:
+            interrupt(signum, frame)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self.active:
             return False
+        self.closing = True
         os.environ.pop(RUN_ENV, None)
-        signal.signal(signal.SIGTERM, self._previous_sigterm)
+        try:
+            status = self._end(exc_type, exc)
+        finally:  # restored once the run is marked: a SIGTERM now cannot kill it half-marked
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+            run_open.clear()
+        if status == "KILLED":  # the shell's code for "killed by": 143 for SIGTERM, 130 for Ctrl-C
+            raise SystemExit(128 + (self.signal_received or signal.SIGINT)) from exc
+        return False
+
+    def _end(self, exc_type, exc) -> str:
+        """Mark the run FINISHED, KILLED or FAILED for how its block ended; returns the status."""
         if exc_type is None:
             status, tags = "FINISHED", {}
         elif self.signal_received or self.interrupted or issubclass(exc_type, KeyboardInterrupt):
@@ -126,9 +169,7 @@ class TrackedRun:
             )
             if exc_type is None:
                 raise
-        if status == "KILLED":  # the shell's code for "killed by": 143 for SIGTERM, 130 for Ctrl-C
-            raise SystemExit(128 + (self.signal_received or signal.SIGINT)) from exc
-        return False
+        return status
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if not self.active:
@@ -268,17 +309,28 @@ class EpochMetricsToMLflow(pl.Callback):
         self._save(trainer, "on_exception.ckpt")
 
 
-def watch_launcher(pid: int, interval: float = 2.0) -> None:
-    """SIGTERM this process once the sweep process `pid` is gone (kill -9 leaves orphan jobs).
+watched_launchers: set[int] = set()
 
-    A joblib worker outlives the job it ran, so it exits a minute later if still there.
+
+def watch_launcher(pid: int, interval: float = 2.0, grace: float = 60.0) -> None:
+    """End this process once the sweep process `pid` is gone (kill -9 leaves orphan jobs).
+
+    An open run is sent SIGTERM and given `grace` seconds to end KILLED with its checkpoint
+    saved; then the process exits: a pool worker would otherwise idle on with no sweep.
+    One watcher per process, however many jobs the worker runs.
     """
+    if pid in watched_launchers:
+        return
+    watched_launchers.add(pid)
 
     def watch():
         while store.process_alive(pid):
             time.sleep(interval)
-        os.kill(os.getpid(), signal.SIGTERM)  # the run ends KILLED, its checkpoint saved
-        time.sleep(60)  # then leave: a pool worker would otherwise idle on with no sweep
+        if run_open.is_set():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while run_open.is_set() and time.monotonic() < deadline:
+                time.sleep(0.1)
         os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True, name="segexp-launcher-watch").start()

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -281,6 +282,46 @@ def test_concurrent_writers_on_a_fresh_store(tmp_path, hc18_root, jobs):
         for key in ("train/loss", "val/loss", "val/dice", "val/iou", "time/epoch_seconds"):
             assert steps(client, run.info.run_id, key) == [0, 1], (run.info.run_id, key)
     assert schema_is_at_head(tmp_path / "mlflow.db")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_inside_a_store_commit_ends_the_run_killed_and_leaves_the_store_writable(
+    work_dir, client, signum
+):
+    """A SIGTERM raised inside SQLAlchemy's commit left SQLite's write lock with a connection
+    nobody closed: neither this run nor any other process could write (CI: a killed sweep's
+    runs stayed RUNNING). The signal must wait until the commit is done."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    armed, fired = [], []
+
+    def fire(conn):  # the signal arrives in the commit of the first metric write
+        if armed and not fired:
+            fired.append(1)
+            os.kill(os.getpid(), signum)
+
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a shell
+    event.listen(Engine, "commit", fire)
+    try:
+        with (
+            pytest.raises(SystemExit) as stopped,
+            tracking.TrackedRun(client, "e", None, "r") as run,
+        ):
+            armed.append(1)
+            for step in range(100_000):  # until the signal stops it
+                run.log_metrics({"train/loss": 1.0}, step=step)
+                time.sleep(0.01)  # the training step between two writes
+    finally:
+        event.remove(Engine, "commit", fire)
+        signal.signal(signal.SIGINT, previous_sigint)
+    assert fired and stopped.value.code == 128 + signum
+    assert client.get_run(run.run_id).info.status == "KILLED"
+    assert steps(client, run.run_id, "train/loss")  # the write it landed in was kept
+    db = sqlite3.connect(work_dir / "mlflow.db", timeout=2)  # as another sweep job would
+    db.execute("UPDATE experiments SET name = name")
+    db.commit()
+    db.close()
 
 
 @pytest.mark.slow

@@ -354,7 +354,7 @@ def test_kill_9_of_a_joblib_sweep_ends_its_workers_and_their_runs(work_dir, clie
             *sweep_args(hc18_root, "trainer.max_epochs=500", "hydra/launcher=joblib")[:-2],
             "hydra.launcher.n_jobs=2", "seed=1,2",
         ],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, stdout=(work_dir / "sweep.log").open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     deadline = time.time() + 180
     kids = []
@@ -373,6 +373,7 @@ def test_kill_9_of_a_joblib_sweep_ends_its_workers_and_their_runs(work_dir, clie
     deadline = time.time() + 120  # the workers end their runs within seconds, then exit
     while time.time() < deadline and any(process_alive(pid) for pid in workers):
         time.sleep(0.5)
-    assert not any(process_alive(pid) for pid in workers), "orphaned sweep workers"
+    log = (work_dir / "sweep.log").read_text()[-3000:]  # the workers' output
+    assert not any(process_alive(pid) for pid in workers), "orphaned sweep workers\n" + log
     statuses = {client.get_run(k.info.run_id).info.status for k in kids}
-    assert statuses == {"KILLED"}, statuses
+    assert statuses == {"KILLED"}, f"{statuses}\n{log}"
