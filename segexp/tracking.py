@@ -63,7 +63,7 @@ class Interrupted(KeyboardInterrupt):
 def inside_store_call(frame) -> bool:
     """Whether `frame` (where a signal interrupted the main thread) runs in STORE_MODULES."""
     while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith(STORE_MODULES):
+        if str(frame.f_globals.get("__name__")).startswith(STORE_MODULES):
             return True
         frame = frame.f_back
     return False
