@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from segexp import compare, runtime, store, tracking
+from segexp import compare, runtime, stopping, store, tracking
 from segexp.config import config_hash, redact, redacted
 
 PARENT_ENV = "SEGEXP_SWEEP_PARENT_RUN_ID"
@@ -174,7 +174,7 @@ class SweepCallback(Callback):
         self.client.set_tag(self.parent_run_id, "segexp.pid", str(os.getpid()))
         self.client.set_tag(self.parent_run_id, "segexp.host", socket.gethostname())
         os.environ[PARENT_ENV] = self.parent_run_id
-        os.environ[tracking.LAUNCHER_PID_ENV] = str(os.getpid())
+        os.environ[stopping.LAUNCHER_PID_ENV] = str(os.getpid())
         os.environ[SWEPT_ENV] = " ".join(keys)
         os.environ[JOBS_ENV], os.environ[START_ENV] = str(jobs), str(time.time())
         print(f"sweep parent run {self.parent_run_id} (experiment '{config.tracking.experiment}')")
@@ -183,8 +183,8 @@ class SweepCallback(Callback):
 
     def _on_sigterm(self, signum, frame):
         self.interrupted = True
-        tracking.received_signal.append(signum)  # no further job starts, whatever catches this
-        tracking.interrupt(signum, frame)  # not inside a store call: it would keep SQLite locked
+        stopping.received_signal.append(signum)  # no further job starts, whatever catches this
+        stopping.interrupt(signum, frame)  # not inside a store call: it would keep SQLite locked
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         self.finish()
@@ -195,7 +195,7 @@ class SweepCallback(Callback):
             return
         parent_run_id, self.parent_run_id = self.parent_run_id, None
         os.environ.pop(PARENT_ENV, None)
-        os.environ.pop(tracking.LAUNCHER_PID_ENV, None)
+        os.environ.pop(stopping.LAUNCHER_PID_ENV, None)
         client = self.client
         parent = client.get_run(parent_run_id)
         wait_for_jobs(client, parent)

@@ -8,7 +8,6 @@ import random
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -19,19 +18,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from segexp import config, store
+from segexp import config, stopping, store
 
 RUN_ENV = "SEGEXP_RUN_ID"  # rank 0's run, for the DDP processes Lightning starts
 PARAM_BATCH = 100  # MLflow's per-request limit on params
-LAUNCHER_PID_ENV = "SEGEXP_LAUNCHER_PID"  # the sweep's process: its jobs end when it is gone
-# The first SIGTERM/SIGINT this process received: once set, no further job of a sweep starts.
-received_signal: list[int] = []
-# Code that holds a store transaction. An exception that a signal handler raises in there can
-# leave the transaction open, and with it SQLite's lock: no process can write any more, not
-# even to mark this run KILLED. A signal that lands in there is raised again once it returned.
-STORE_MODULES = ("sqlalchemy", "sqlite3", "mlflow.store", "psycopg2", "pymysql")
-SIGNAL_RETRY_SECONDS = 0.05
-run_open = threading.Event()  # a TrackedRun of this process is between enter and exit
 
 
 def git_tags() -> dict[str, str]:
@@ -54,30 +44,6 @@ def git_tags() -> dict[str, str]:
         }
     except (OSError, subprocess.SubprocessError):
         return {}
-
-
-class Interrupted(KeyboardInterrupt):
-    """Raised by segexp's SIGTERM handler so Lightning shuts down as on Ctrl-C."""
-
-
-def inside_store_call(frame) -> bool:
-    """Whether `frame` (where a signal interrupted the main thread) runs in STORE_MODULES."""
-    while frame is not None:
-        if str(frame.f_globals.get("__name__")).startswith(STORE_MODULES):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def interrupt(signum: int, frame) -> None:
-    """Raise Interrupted for `signum`, unless `frame` is in a store call: then re-send it."""
-    if inside_store_call(frame):
-        main = threading.main_thread().ident
-        retry = threading.Timer(SIGNAL_RETRY_SECONDS, signal.pthread_kill, (main, signum))
-        retry.daemon = True
-        retry.start()
-        return
-    raise Interrupted(f"received signal {signum}")
 
 
 class TrackedRun:
@@ -122,17 +88,17 @@ class TrackedRun:
         self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_signal)}
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not an ignored one
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
-        run_open.set()
-        launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+        stopping.run_open.set()
+        launcher = os.environ.get(stopping.LAUNCHER_PID_ENV, "")
         if launcher.isdigit() and int(launcher) != os.getpid():  # a joblib/submitit worker
-            watch_launcher(int(launcher))
+            stopping.watch_launcher(int(launcher))
         return self
 
     def _on_signal(self, signum, frame):
         self.signal_received = self.signal_received or signum
-        received_signal.append(signum)
+        stopping.received_signal.append(signum)
         if not self.closing:
-            interrupt(signum, frame)
+            stopping.interrupt(signum, frame)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self.active:
@@ -144,7 +110,7 @@ class TrackedRun:
         finally:  # restored once the run is marked: a SIGTERM now cannot kill it half-marked
             for signum, handler in self._previous.items():
                 signal.signal(signum, handler)
-            run_open.clear()
+            stopping.run_open.clear()
         if status == "KILLED":  # the shell's code for "killed by": 143 for SIGTERM, 130 for Ctrl-C
             raise SystemExit(128 + (self.signal_received or signal.SIGINT)) from exc
         return False
@@ -307,30 +273,3 @@ class EpochMetricsToMLflow(pl.Callback):
         if isinstance(exception, KeyboardInterrupt | SystemExit):
             self.run.interrupted = True
         self._save(trainer, "on_exception.ckpt")
-
-
-watched_launchers: set[int] = set()
-
-
-def watch_launcher(pid: int, interval: float = 2.0, grace: float = 60.0) -> None:
-    """End this process once the sweep process `pid` is gone (kill -9 leaves orphan jobs).
-
-    An open run is sent SIGTERM and given `grace` seconds to end KILLED with its checkpoint
-    saved; then the process exits: a pool worker would otherwise idle on with no sweep.
-    One watcher per process, however many jobs the worker runs.
-    """
-    if pid in watched_launchers:
-        return
-    watched_launchers.add(pid)
-
-    def watch():
-        while store.process_alive(pid):
-            time.sleep(interval)
-        if run_open.is_set():
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while run_open.is_set() and time.monotonic() < deadline:
-                time.sleep(0.1)
-        os._exit(128 + signal.SIGTERM)
-
-    threading.Thread(target=watch, daemon=True, name="segexp-launcher-watch").start()

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-from segexp import config, report, runtime, speed, store, sweep, tracking
+from segexp import config, report, runtime, speed, stopping, store, sweep, tracking
 from segexp.arrays import size_hw
 from segexp.cases import DataError
 from segexp.config import ConfigError
@@ -287,8 +287,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 @hydra.main(config_path=str(config.CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point (`segexp train`, `python -m segexp.train`); returns val/dice_best."""
-    if tracking.received_signal:  # a sweep that was told to stop starts no further job
-        raise SystemExit(128 + tracking.received_signal[0])
+    if stopping.received_signal:  # a sweep that was told to stop starts no further job
+        raise SystemExit(128 + stopping.received_signal[0])
     runtime.configure_threads(sweep.threads_per_job())
     overrides = list(HydraConfig.get().overrides.task)
     if cfg.get("blame"):  # one cell of `segexp blame`, launched as a job of a multirun
