@@ -21,7 +21,7 @@ run_open = threading.Event()  # a TrackedRun of this process is between enter an
 
 
 class Interrupted(KeyboardInterrupt):
-    """Raised by segexp's SIGTERM handler so Lightning shuts down as on Ctrl-C."""
+    """Raised by segexp's SIGTERM and Ctrl-C handlers so Lightning shuts down as on Ctrl-C."""
 
 
 def inside_store_call(frame) -> bool:
