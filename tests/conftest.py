@@ -16,6 +16,13 @@ from mlflow import MlflowClient
 from segexp import config, store, synthetic
 
 SHARED_HC18 = Path(__file__).resolve().parents[2] / "shared" / "data" / "hc18"
+
+
+def shared_hc18_count() -> int:
+    """How many training images the shared HC18 CSV lists (rows, header excluded)."""
+    import pandas as pd
+
+    return len(pd.read_csv(SHARED_HC18 / "training_set_pixel_size_and_HC.csv"))
 TINY = [
     "dataset.image_size=32",
     "dataset.batch_size=4",

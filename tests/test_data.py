@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED_HC18, make_cfg
+from conftest import SHARED_HC18, make_cfg, shared_hc18_count
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
@@ -365,10 +365,11 @@ def test_real_hc18_loads_and_no_exam_straddles_the_split(tmp_path):
         "hc18", "hc18", str(SHARED_HC18), channels=1, image_size=32, cache_dir=str(tmp_path)
     )
     dm.setup()
-    assert len(dm.cases) == 741
-    assert len(dm.train_idx) + len(dm.val_idx) == 741
+    n = shared_hc18_count()
+    assert len(dm.cases) == n
+    assert len(dm.train_idx) + len(dm.val_idx) == n
     assert not {dm.cases[i].group for i in dm.train_idx} & {dm.cases[i].group for i in dm.val_idx}
-    assert 0.15 < len(dm.val_idx) / 741 < 0.25
+    assert 0.15 < len(dm.val_idx) / n < 0.25
     masks = np.asarray(dm.masks)
     assert masks.max() == 1 and 0.05 < masks.mean() < 0.6  # filled heads
     assert len(scan_hc18(SHARED_HC18, "test")) == 40
