@@ -30,9 +30,10 @@ from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import reference
-from segexp import runtime, speed, synthetic
 from segexp.config import CONFIG_DIR
+from segexp.data import synthetic
 from segexp.models import build_net
+from segexp.performance import runtime, speed
 from segexp.train import build_datamodule, train
 
 LGG = ["experiment=lgg_buda_1", "dataset=lgg_synthetic", "dataset.val_count=1"]

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from segexp import __version__
+
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -47,23 +49,23 @@ def store_options(parser: argparse.ArgumentParser) -> None:
 
 def store_of(args) -> tuple:
     """(client, artifact root, work dir) from the same defaults `segexp train` composes."""
-    from segexp import config, store
+    from segexp import config, tracking
 
     overrides = [f"work_dir={Path(args.work_dir).resolve()}"] if args.work_dir else []
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     cfg = config.compose(overrides)
-    client, artifact_root = store.open_store(cfg.tracking, Path(cfg.work_dir))
+    client, artifact_root = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
     return client, artifact_root, Path(cfg.work_dir)
 
 
 def make_data(args) -> int:
-    from segexp import synthetic
+    from segexp import data
 
     if args.layout == "hc18":
-        out = synthetic.make_hc18(args.out, n=args.n or 200, seed=args.seed)
+        out = data.make_hc18(args.out, n=args.n or 200, seed=args.seed)
     else:
-        out = synthetic.make_lgg(
+        out = data.make_lgg(
             args.out, n=args.n or 20, seed=args.seed, size=args.size, slices=args.slices
         )
     print(f"wrote synthetic {args.layout} to {out}")
@@ -101,7 +103,7 @@ def blame(args) -> int:
     runs = [a for a in args.runs_and_overrides if "=" not in a]
     overrides = [a for a in args.runs_and_overrides if "=" in a]
     if args.from_table:
-        from segexp.analysis import from_table
+        from segexp.blame import from_table
 
         if runs or overrides:
             raise SystemExit("segexp blame: --from-table analyses a table; give no runs")
@@ -152,12 +154,12 @@ def compare(args) -> int:
 
 
 def runs(args) -> int:
-    from segexp import store
+    from segexp import tracking
 
     client, _, _ = store_of(args)
     experiments = client.search_experiments()
     ids = [e.experiment_id for e in experiments if not args.experiment or e.name in args.experiment]
-    marked = store.cleanup_stale_runs(client, ids)
+    marked = tracking.cleanup_stale_runs(client, ids)
     print(f"marked KILLED: {len(marked)} run(s) whose process is gone")
     for run_id in marked:
         print(f"  {run_id}")
@@ -174,7 +176,7 @@ Pass --allow-remote to bind {host} anyway."""
 
 
 def ui(args) -> int:
-    from segexp.server import mlflow_command
+    from segexp.tracking import mlflow_command
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(REMOTE_ADVICE.format(host=args.host), file=sys.stderr)
@@ -199,7 +201,7 @@ def ui(args) -> int:
 
 def server(args) -> int:
     from segexp import config
-    from segexp.server import serve
+    from segexp.tracking import serve
 
     work_dir = Path(args.work_dir or config.compose([]).work_dir).resolve()
     return serve(work_dir, args.port, args.postgres_port)
@@ -210,6 +212,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser = argparse.ArgumentParser(
         prog="segexp", description="Experiment-tracked 2D medical image segmentation."
     )
+    parser.add_argument("--version", action="version", version=f"segexp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands: dict[str, argparse.ArgumentParser] = {}
 
@@ -333,7 +336,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser, commands = build_parser()
-    if not argv or argv[0] not in commands:
+    if not argv or argv[0] not in commands:  # --help, --version, or argparse's error
         parser.parse_args(argv or ["--help"])  # --help, or argparse's error for a bad command
         return 2
     if argv[0] == "train":
@@ -352,8 +355,7 @@ def run_reporting_errors(name: str, args) -> int:
     """Run a subcommand; bad input (data, config, store, unknown run) is one line and exit 2."""
     from mlflow.exceptions import MlflowException
 
-    from segexp.server import ServerError
-    from segexp.store import StoreError
+    from segexp.tracking import ServerError, StoreError
 
     try:
         return args.handler(args)

@@ -20,8 +20,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = PROJECT_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = PACKAGE_DIR / "conf"  # package data: a wheel install composes every experiment
 ALLOW_ENV = "SEGEXP_ALLOWED_TARGETS"  # comma-separated extra targets, e.g. `mypkg.nets.MyNet`
 # Callables that load code or unpickle, refused even when a list names them.
 REFUSED = re.compile(
@@ -216,10 +216,29 @@ def instantiate(node, path: str, **kwargs):
         raise ConfigError(f"{path}: {type(cause).__name__}: {cause}") from err
 
 
+# Targets of segexp's own classes under the names of the flat layout: old runs still resume.
+MOVED_TARGETS = {
+    "segexp.losses.WeightedSum": "segexp.models.WeightedSum",
+}
+
+
+def _renamed_targets(node):
+    """`node` with every `_target_` of MOVED_TARGETS renamed (a new structure)."""
+    if isinstance(node, dict):
+        return {
+            k: MOVED_TARGETS.get(v, v) if k == "_target_" else _renamed_targets(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_renamed_targets(v) for v in node]
+    return node
+
+
 def read_stored(path: Path, run_id: str) -> dict:
     """A config.yaml read back from a store: data (safe YAML, targets checked), in today's layout.
 
     Runs logged before `performance.channels_last` kept it in the model node; it moves there.
+    Targets named by the flat module layout segexp once had are renamed to today's names.
     """
     try:
         stored = yaml.safe_load(Path(path).read_text())
@@ -227,6 +246,7 @@ def read_stored(path: Path, run_id: str) -> dict:
         raise ConfigError(f"run {run_id}: config.yaml is unreadable ({err})") from err
     if not isinstance(stored, dict):
         raise ConfigError(f"run {run_id}: config.yaml is not a mapping")
+    stored = _renamed_targets(stored)
     try:  # stored configs are data: refuse what may not be built before anything runs
         check_targets(stored)
     except ConfigError as err:

@@ -14,10 +14,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from segexp import config
-from segexp.cases import Case, DataError, positive_cell
-from segexp.data import SegDataModule
-from segexp.hc import head_flags, measure_hc, width_limit
-from segexp.module import flip_tta_logits
+from segexp.data import Case, DataError, SegDataModule, positive_cell
+from segexp.evaluation import head_flags, measure_hc, width_limit
+from segexp.models import flip_tta_logits
 
 SUBMISSION_COLUMNS = [
     "filename",

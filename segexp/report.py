@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 
 from segexp import config, tracking
 from segexp.data import SegDataModule
-from segexp.metrics import summarize, volume_table
-from segexp.module import SegModule
+from segexp.evaluation import summarize, volume_table
+from segexp.models import SegModule
 from segexp.plots import epoch_axis, figure, save
 
 CURVE_KEYS = ["train/loss", "val/loss", "val/dice", "val/iou", "val/dice_volume"]

@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from segexp import compare, runtime, stopping, store, tracking
+from segexp import compare, performance, tracking
 from segexp.config import config_hash, redact, redacted
 
 PARENT_ENV = "SEGEXP_SWEEP_PARENT_RUN_ID"
@@ -99,7 +99,7 @@ def threads_per_job() -> int:
     """Cores divided by the jobs that run at once, so parallel jobs do not oversubscribe."""
     if os.environ.get("SEGEXP_THREADS"):
         return int(os.environ["SEGEXP_THREADS"])
-    cores = runtime.usable_cores()
+    cores = performance.usable_cores()
     jobs = 1
     if in_multirun():
         n_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
@@ -145,9 +145,11 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if os.environ.get(PARENT_ENV):
             return  # jobs of an outer run (`segexp blame` cells): that run is their parent
-        self.client, artifact_root = store.open_store(config.tracking, Path(config.work_dir))
-        experiment_id = store.experiment_id(self.client, config.tracking.experiment, artifact_root)
-        store.cleanup_stale_runs(self.client, [experiment_id])
+        self.client, artifact_root = tracking.open_store(config.tracking, Path(config.work_dir))
+        experiment_id = tracking.experiment_id(
+            self.client, config.tracking.experiment, artifact_root
+        )
+        tracking.cleanup_stale_runs(self.client, [experiment_id])
         sweep_grid = redact("overrides", grid(list(config.hydra.overrides.task)))
         keys, jobs = sweep_shape(list(config.hydra.overrides.task))
         resume = config.get("sweep", {}).get("resume")
@@ -174,7 +176,7 @@ class SweepCallback(Callback):
         self.client.set_tag(self.parent_run_id, "segexp.pid", str(os.getpid()))
         self.client.set_tag(self.parent_run_id, "segexp.host", socket.gethostname())
         os.environ[PARENT_ENV] = self.parent_run_id
-        os.environ[stopping.LAUNCHER_PID_ENV] = str(os.getpid())
+        os.environ[tracking.LAUNCHER_PID_ENV] = str(os.getpid())
         os.environ[SWEPT_ENV] = " ".join(keys)
         os.environ[JOBS_ENV], os.environ[START_ENV] = str(jobs), str(time.time())
         print(f"sweep parent run {self.parent_run_id} (experiment '{config.tracking.experiment}')")
@@ -183,8 +185,8 @@ class SweepCallback(Callback):
 
     def _on_sigterm(self, signum, frame):
         self.interrupted = True
-        stopping.received_signal.append(signum)  # no further job starts, whatever catches this
-        stopping.interrupt(signum, frame)  # not inside a store call: it would keep SQLite locked
+        tracking.received_signal.append(signum)  # no further job starts, whatever catches this
+        tracking.interrupt(signum, frame)  # not inside a store call: it would keep SQLite locked
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         self.finish()
@@ -195,11 +197,11 @@ class SweepCallback(Callback):
             return
         parent_run_id, self.parent_run_id = self.parent_run_id, None
         os.environ.pop(PARENT_ENV, None)
-        os.environ.pop(stopping.LAUNCHER_PID_ENV, None)
+        os.environ.pop(tracking.LAUNCHER_PID_ENV, None)
         client = self.client
         parent = client.get_run(parent_run_id)
         wait_for_jobs(client, parent)
-        store.cleanup_stale_runs(client, [parent.info.experiment_id])
+        tracking.cleanup_stale_runs(client, [parent.info.experiment_id])
         runs = compare.children(client, parent)
         runs = list({r.info.run_id: r for r in runs + reused_runs(client, parent)}.values())
         latest = latest_per_config(runs)
@@ -225,7 +227,7 @@ def wait_for_jobs(client: MlflowClient, parent, timeout: float = 30.0) -> None:
             if r.info.status == "RUNNING"
             and r.data.tags.get("segexp.pid", "").isdigit()
             and int(r.data.tags["segexp.pid"]) != os.getpid()  # in-process jobs are done
-            and store.process_alive(int(r.data.tags["segexp.pid"]))
+            and tracking.process_alive(int(r.data.tags["segexp.pid"]))
         ]
         if not running:
             return

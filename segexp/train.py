@@ -18,13 +18,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-from segexp import config, report, runtime, speed, stopping, store, sweep, tracking
-from segexp.arrays import size_hw
-from segexp.cases import DataError
+from segexp import config, performance, report, sweep, tracking
 from segexp.config import ConfigError
-from segexp.data import SegDataModule
-from segexp.models import build_net
-from segexp.module import SegModule
+from segexp.data import DataError, SegDataModule, size_hw
+from segexp.models import SegModule, build_net
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -134,7 +131,7 @@ def resolve_speed(cfg: DictConfig, datamodule: SegDataModule, net: torch.nn.Modu
     if isinstance(limit, int) and not isinstance(limit, bool):
         per_epoch = min(per_epoch, limit * datamodule.batch_size)
     height, width = size_hw(datamodule.image_size)
-    return speed.resolve(
+    return performance.resolve(
         cfg.trainer.precision,
         cfg.get("performance") or {},
         net,
@@ -162,7 +159,7 @@ def build_datamodule(cfg: DictConfig) -> SegDataModule:
 def build_module(
     cfg: DictConfig,
     datamodule: SegDataModule,
-    choice: speed.Choice | None = None,
+    choice: performance.Choice | None = None,
     net: torch.nn.Module | None = None,
 ) -> SegModule:
     net = net or build_net(cfg.model)
@@ -184,7 +181,7 @@ def build_module(
 
 
 def build_trainer(
-    cfg: DictConfig, run: tracking.TrackedRun, output_dir: Path, choice: speed.Choice
+    cfg: DictConfig, run: tracking.TrackedRun, output_dir: Path, choice: performance.Choice
 ) -> pl.Trainer:
     checkpoints = output_dir / "checkpoints"
     callbacks = [
@@ -231,8 +228,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Train one run, log it to MLflow; returns `run_id` and the restored best epoch's metrics."""
     overrides = list(overrides or [])
     check_run_config(cfg)
-    runtime.configure_allocator()
-    client, artifact_root = store.open_store(cfg.tracking, Path(cfg.work_dir))
+    performance.configure_allocator()
+    client, artifact_root = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
     resume = None
     if cfg.resume:
         resume, cfg = resume_target(client, cfg.resume, overrides)
@@ -273,7 +270,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     final["run_id"] = run.run_id
     server = client.tracking_uri.startswith(("http://", "https://"))
     ui = "" if server else f"segexp ui --work-dir {Path(cfg.work_dir).resolve()}, then "
-    url = store.experiment_url(
+    url = tracking.experiment_url(
         client.tracking_uri if server else "http://127.0.0.1:5000", run.experiment_id
     )
     print(
@@ -287,9 +284,9 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 @hydra.main(config_path=str(config.CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point (`segexp train`, `python -m segexp.train`); returns val/dice_best."""
-    if stopping.received_signal:  # a sweep that was told to stop starts no further job
-        raise SystemExit(128 + stopping.received_signal[0])
-    runtime.configure_threads(sweep.threads_per_job())
+    if tracking.received_signal:  # a sweep that was told to stop starts no further job
+        raise SystemExit(128 + tracking.received_signal[0])
+    performance.configure_threads(sweep.threads_per_job())
     overrides = list(HydraConfig.get().overrides.task)
     if cfg.get("blame"):  # one cell of `segexp blame`, launched as a job of a multirun
         cell = json.loads(Path(cfg.blame.cells).read_text())[cfg.blame.cell]
@@ -303,12 +300,12 @@ def main(cfg: DictConfig) -> float:
             return reused
     try:
         final = train(cfg, overrides)
-    except (ConfigError, DataError, store.StoreError) as err:
+    except (ConfigError, DataError, tracking.StoreError) as err:
         if sweep.in_multirun():
             raise  # Hydra records the failed job; the sweep's summary counts it
         raise SystemExit(f"segexp train: {err}") from None
     if cfg.tracking.parent_run_id and os.environ.get(sweep.JOBS_ENV):
-        client, _ = store.open_store(cfg.tracking, Path(cfg.work_dir))
+        client, _ = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
         name = cfg.run_name or final["run_id"][:8]
         print(sweep.progress_line(client, cfg.tracking.parent_run_id, name, final["val/dice_best"]))
     return final["val/dice_best"]
@@ -316,7 +313,7 @@ def main(cfg: DictConfig) -> float:
 
 def skip_finished(cfg: DictConfig) -> float | None:
     """`sweep.resume=true`: the val/dice_best of a FINISHED twin run, which the parent adopts."""
-    client, _ = store.open_store(cfg.tracking, Path(cfg.work_dir))
+    client, _ = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
     twin = sweep.finished_twin(client, cfg)
     if twin is None:
         return None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from segexp import config, store, synthetic
+from segexp import config, data, tracking
 
 SHARED_HC18 = Path(__file__).resolve().parents[2] / "shared" / "data" / "hc18"
 
@@ -23,6 +23,8 @@ def shared_hc18_count() -> int:
     import pandas as pd
 
     return len(pd.read_csv(SHARED_HC18 / "training_set_pixel_size_and_HC.csv"))
+
+
 TINY = [
     "dataset.image_size=32",
     "dataset.batch_size=4",
@@ -37,12 +39,12 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def hc18_root(tmp_path_factory) -> Path:
-    return synthetic.make_hc18(tmp_path_factory.mktemp("hc18") / "hc18", n=24, seed=0, n_test=3)
+    return data.make_hc18(tmp_path_factory.mktemp("hc18") / "hc18", n=24, seed=0, n_test=3)
 
 
 @pytest.fixture(scope="session")
 def lgg_root(tmp_path_factory) -> Path:
-    return synthetic.make_lgg(
+    return data.make_lgg(
         tmp_path_factory.mktemp("lgg") / "kaggle_3m", n=4, seed=0, size=64, slices=(20, 24)
     )
 
@@ -51,7 +53,7 @@ def lgg_root(tmp_path_factory) -> Path:
 def store_template(tmp_path_factory) -> Path:
     """An MLflow SQLite schema made once (creating it costs seconds) and copied per test."""
     root = tmp_path_factory.mktemp("store")
-    store.open_store({}, root)
+    tracking.open_store({}, root)
     return root / "mlflow.db"
 
 

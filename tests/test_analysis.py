@@ -13,16 +13,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segexp.analysis import (
+from segexp.blame import (
     analyze,
+    estimate,
     from_table,
     headline,
+    make_design,
+    model,
     path_analysis,
+    path_next,
     seeds_decision,
     write_report,
 )
-from segexp.designs import make_design, path_next
-from segexp.ols import estimate, model
 
 METRIC = "val/dice_best"
 SD = 0.01  # seed-to-seed SD of the planted metric

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from conftest import make_cfg, steps
 
-from segexp import cli, config, factors
-from segexp.blame import blame
+from segexp import cli, config
+from segexp.blame import Change, blame, from_choices, from_leaves
 from segexp.config import ConfigError
 from segexp.train import train
 
@@ -27,10 +27,10 @@ def recorded(tmp_path, *overrides: str) -> tuple[dict, dict]:
     return tags, config.redacted(cfg)
 
 
-def change_between(tmp_path, a: list[str], b: list[str]) -> factors.Change:
+def change_between(tmp_path, a: list[str], b: list[str]) -> Change:
     tags_a, config_a = recorded(tmp_path, *a)
     tags_b, config_b = recorded(tmp_path, *b)
-    return factors.from_choices(tags_a, tags_b, config_a, config_b)
+    return from_choices(tags_a, tags_b, config_a, config_b)
 
 
 def test_a_group_switch_is_one_factor_and_a_leaf_on_top_is_another(tmp_path):
@@ -97,7 +97,7 @@ def test_a_cell_that_cannot_exist_is_named_not_built(tmp_path):
 def test_runs_without_choices_fall_back_to_leaves_grouped_per_config_group(tmp_path):
     a = config.redacted(make_cfg(tmp_path, "optimizer=adam", "dataset.batch_size=8"))
     b = config.redacted(make_cfg(tmp_path, "optimizer=sgd", "dataset.batch_size=16"))
-    change = factors.from_leaves(a, b)
+    change = from_leaves(a, b)
     assert [f.name for f in change.factors] == ["optimizer", "dataset.batch_size"]
     cfg = change.cell_config((1, 0), [])
     assert cfg.optimizer._target_ == "torch.optim.SGD" and "betas" not in cfg.optimizer

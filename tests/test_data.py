@@ -18,10 +18,18 @@ from PIL import Image
 from skimage import draw
 
 from segexp import cli
-from segexp.arrays import Rows, cache_entry, filled_mask, load_arrays
-from segexp.cases import DataError, scan_hc18, scan_lgg, split_groups
-from segexp.data import SegDataModule
-from segexp.hc import ramanujan_perimeter
+from segexp.data import (
+    DataError,
+    Rows,
+    SegDataModule,
+    cache_entry,
+    filled_mask,
+    load_arrays,
+    scan_hc18,
+    scan_lgg,
+    split_groups,
+)
+from segexp.evaluation import ramanujan_perimeter
 
 
 def datamodule(root, layout="hc18", **kwargs) -> SegDataModule:
@@ -376,7 +384,7 @@ def test_real_hc18_loads_and_no_exam_straddles_the_split(tmp_path):
 
 
 def test_volume_stats_from_histograms_equal_numpy_percentiles():
-    from segexp.arrays import volume_stats
+    from segexp.data import volume_stats
 
     rng = np.random.default_rng(0)
     images = rng.gamma(2, 30, size=(40, 32, 32, 3)).clip(0, 255).astype(np.uint8)
@@ -394,7 +402,7 @@ def test_volume_stats_from_histograms_equal_numpy_percentiles():
 
 
 def test_16_bit_images_are_scaled_by_bit_depth_not_clipped(tmp_path):
-    from segexp.arrays import read_image
+    from segexp.data import read_image
 
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "16bit.png")

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segexp.designs import letters, make_design, path_next, path_steps, seed_rounds
+from segexp.blame import letters, make_design, path_next, path_steps, seed_rounds
 
 
 def regular_fraction(k: int) -> np.ndarray:

@@ -12,10 +12,14 @@ from conftest import make_cfg, only_run
 from skimage import draw
 
 from segexp.data import SegDataModule
-from segexp.hc import clinical_table, hc_from_mask, measure_hc, ramanujan_perimeter
-from segexp.metrics import summarize
-from segexp.models import UNet
-from segexp.module import flip_tta_logits
+from segexp.evaluation import (
+    clinical_table,
+    hc_from_mask,
+    measure_hc,
+    ramanujan_perimeter,
+    summarize,
+)
+from segexp.models import UNet, flip_tta_logits
 from segexp.predict import SUBMISSION_COLUMNS, flags_path, load_run_model, predict
 from segexp.train import train
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segexp.importance import importance_table, marginal_means, plot_marginal_means
+from segexp.compare import importance_table, marginal_means, plot_marginal_means
 
 METRIC = "val/dice_best"
 LR = {"1e-4": -0.03, "3e-4": 0.0, "1e-3": 0.01}  # planted level effects

@@ -10,10 +10,8 @@ import pytest
 from conftest import SHARED_HC18, make_cfg, shared_hc18_count
 from skimage import draw
 
-from segexp.arrays import filled_mask, read_image
-from segexp.cases import scan_hc18
-from segexp.hc import ellipse_from_mask, hc_from_mask, ramanujan_perimeter
-from segexp.metrics import hd95
+from segexp.data import filled_mask, read_image, scan_hc18
+from segexp.evaluation import ellipse_from_mask, hc_from_mask, hd95, ramanujan_perimeter
 
 
 def filled_ellipse(cy, cx, b, a, theta, shape=(540, 800)) -> np.ndarray:
@@ -79,7 +77,9 @@ def test_hc_calibration_on_every_real_annotation(tmp_path):
     errors = calibration_errors(SHARED_HC18, offset)
     assert len(errors) == shared_hc18_count()
     mae, bias = np.abs(errors).mean(), errors.mean()
-    print(f"HC from annotation masks vs CSV on {len(errors)} images: MAE {mae:.3f} mm, bias {bias:+.3f} mm")
+    print(
+        f"HC from annotation masks vs CSV on {len(errors)} images: MAE {mae:.3f} mm, bias {bias:+.3f} mm"
+    )
     assert mae <= 0.1 and abs(bias) <= 0.05
     # without the boundary offset the moment fit is biased by about +1 mm: the check can fail
     assert calibration_errors(SHARED_HC18, 0.0, every=10).mean() > 0.5

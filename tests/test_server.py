@@ -20,7 +20,8 @@ import pytest
 from conftest import TINY, steps, wait_for
 from mlflow import MlflowClient
 
-from segexp import server, store
+from segexp import tracking
+from segexp.tracking import server
 
 GRID = ["optimizer.lr=1e-3,3e-3", "seed=1,2"]
 TRAINING_TIMEOUT = 900  # seconds for a wave of trainings on a loaded 2-core machine
@@ -74,7 +75,7 @@ def test_segexp_server_starts_postgres_and_mlflow_and_stops_both():
         wait_for(lambda: "tracking.uri=" in log.read_text() or proc.poll() is not None, 300)
         assert f"tracking.uri=http://127.0.0.1:{port}" in log.read_text(), log.read_text()
         client = MlflowClient(f"http://127.0.0.1:{port}")
-        experiment = client.get_experiment(store.experiment_id(client, "smoke", None))
+        experiment = client.get_experiment(tracking.experiment_id(client, "smoke", None))
         assert experiment.artifact_location.startswith("mlflow-artifacts:")  # served, not local
         assert (work_dir / "postgres" / "PG_VERSION").is_file()
     finally:
@@ -237,19 +238,19 @@ def test_server_gone_for_10_s_mid_training_loses_no_run(team, hc18_root, tmp_pat
     team.stop()
     # a lone training fails fast on a server that is not there; a sweep's next job, whose
     # parent run the server just stored, waits for it to come back instead of being lost
-    with pytest.raises(store.StoreError, match="unreachable"):
-        store.open_store({"uri": team.url}, tmp_path)
+    with pytest.raises(tracking.StoreError, match="unreachable"):
+        tracking.open_store({"uri": team.url}, tmp_path)
     opened = []
     job = threading.Thread(
         target=lambda: opened.append(
-            store.open_store({"uri": team.url, "parent_run_id": parent.info.run_id}, tmp_path)
+            tracking.open_store({"uri": team.url, "parent_run_id": parent.info.run_id}, tmp_path)
         )
     )
     job.start()
     time.sleep(10)
     team.start()
     print(f"\nMLflow server unreachable for {time.monotonic() - stopping:.0f} s")
-    job.join(timeout=store.SERVER_PATIENCE + 10)
+    job.join(timeout=tracking.SERVER_PATIENCE + 10)
     assert opened, "a sweep job gave up on a server that was back"
     codes = wait_all(procs, tmp_path / "logs")
     assert codes["fragile"] != 0, log_tail(tmp_path / "logs", "fragile")
@@ -329,7 +330,7 @@ def test_mlflow_ui_opens_segexp_experiments_on_training_runs(team, loaded, tmp_p
             + ["--disable-component-update", "--disable-sync", "--no-first-run"],
         )
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(store.experiment_url(team.url, experiment.experiment_id))
+        page.goto(tracking.experiment_url(team.url, experiment.experiment_id))
         row = page.locator('[role="row"]', has_text=parent.info.run_name)
         row.first.wait_for(timeout=60_000)
         landed = page.url

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from segexp import runtime, speed
 from segexp.models import UNet
+from segexp.performance import runtime, speed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is not installed
 from benchmarks import bench, reference  # noqa: E402

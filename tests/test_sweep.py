@@ -345,7 +345,7 @@ def test_submitit_local_executor_runs_the_sweep(work_dir, client, hc18_root):
 
 @pytest.mark.slow
 def test_kill_9_of_a_joblib_sweep_ends_its_workers_and_their_runs(work_dir, client, hc18_root):
-    from segexp.store import process_alive
+    from segexp.tracking import process_alive
 
     env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

@@ -26,16 +26,15 @@ from conftest import (
 from hydra.utils import instantiate
 from PIL import Image
 
-from segexp import store, synthetic, tracking
-from segexp.cases import DataError
+from segexp import config, data, tracking
 from segexp.config import ConfigError
-from segexp.metrics import case_table
+from segexp.data import DataError
+from segexp.evaluation import case_table
 from segexp.models import build_net
 from segexp.train import build_datamodule, build_module, resolve_speed, train
 
-EXPERIMENTS = sorted(
-    p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")
-)
+EXPERIMENTS = sorted(p.stem for p in (config.CONFIG_DIR / "experiment").glob("*.yaml"))
+assert EXPERIMENTS, f"no experiment configs under {config.CONFIG_DIR}"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -322,17 +321,17 @@ def test_sigterm_marks_the_run_killed_and_resume_finishes_it(work_dir, client, h
 
 
 def test_client_of_a_fresh_store_has_an_explicit_artifact_root(tmp_path):
-    client, artifacts = store.open_store(make_cfg(tmp_path).tracking, tmp_path)
+    client, artifacts = tracking.open_store(make_cfg(tmp_path).tracking, tmp_path)
     assert client.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert artifacts == (tmp_path / "artifacts").as_uri() and (tmp_path / "mlflow.db").is_file()
     explicit = make_cfg(tmp_path, "tracking.uri=http://127.0.0.1:5999")
-    assert store.store_locations(explicit.tracking, tmp_path)[0] == "http://127.0.0.1:5999"
+    assert tracking.store_locations(explicit.tracking, tmp_path)[0] == "http://127.0.0.1:5999"
 
 
 def test_an_unreachable_tracking_server_fails_fast_naming_its_uri(tmp_path, hc18_root):
     start = time.monotonic()
-    with pytest.raises(store.StoreError, match="http://127.0.0.1:9"):
-        store.open_store({"uri": "http://127.0.0.1:9"}, tmp_path)
+    with pytest.raises(tracking.StoreError, match="http://127.0.0.1:9"):
+        tracking.open_store({"uri": "http://127.0.0.1:9"}, tmp_path)
     assert time.monotonic() - start < 10
     proc = segexp_train(tmp_path, f"dataset.root={hc18_root}", "tracking.uri=http://127.0.0.1:9")
     output, _ = proc.communicate(timeout=60)
@@ -466,7 +465,7 @@ def test_ctrl_c_marks_the_run_killed(work_dir, client, hc18_root):
 def test_bf16_dice_matches_fp32_after_the_same_epochs(work_dir, client, tmp_path):
     # enough images and epochs that both runs reach the plateau: on a handful of images two
     # fp32 seeds already differ by more than 0.01
-    root = synthetic.make_hc18(tmp_path / "hc18", n=120, seed=3, n_test=0)
+    root = data.make_hc18(tmp_path / "hc18", n=120, seed=3, n_test=0)
     common = [
         *TINY,
         f"dataset.root={root}",

@@ -15,7 +15,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage import draw
 
-from segexp.hc import ramanujan_perimeter
+from segexp.evaluation import ramanujan_perimeter
 
 HC18_SIZE = (540, 800)  # (H, W) of every official HC18 image
 LGG_INSTITUTIONS = ("CS", "DU", "EZ", "FG", "HT")

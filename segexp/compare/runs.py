@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from segexp import config
+from segexp.evaluation import lower_is_better
 from segexp.plots import epoch_axis, figure, run_styles, save
 
 
@@ -85,7 +86,6 @@ def param_value(value: str | None):
 
 def ranked(table: pd.DataFrame) -> pd.DataFrame:
     """Rows best first (direction from the metric's name), a `best` mark and the gap to it."""
-    from segexp.analysis import lower_is_better
 
     metric = table.attrs["metric"]
     low = lower_is_better(metric)
@@ -197,7 +197,7 @@ def write_html(table: pd.DataFrame, grouped: pd.DataFrame | None, plot: Path, pa
 def effects(client: MlflowClient, parent_run_id: str, metric: str, out: Path) -> dict:
     """`segexp effects`: which hyperparameter matters across a sweep (or blame), seeds as
     replicates, from its FINISHED child runs; trains nothing."""
-    from segexp.importance import importance_table, marginal_means, plot_marginal_means
+    from .importance import importance_table, marginal_means, plot_marginal_means
 
     parent = client.get_run(parent_run_id)
     finished = [c for c in children(client, parent) if c.info.status == "FINISHED"]

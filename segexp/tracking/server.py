@@ -228,7 +228,7 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 def serve(work_dir: Path, port: int, postgres_port: int | None = None) -> int:
     """`segexp server`: both servers until Ctrl-C or SIGTERM, which stop both."""
-    from segexp.store import experiment_url
+    from .store import experiment_url
 
     work_dir.mkdir(parents=True, exist_ok=True)
     backend = start_postgres(work_dir / "postgres", postgres_port or free_port())

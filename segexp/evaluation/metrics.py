@@ -13,6 +13,14 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
+LOWER_IS_BETTER = ("loss", "hd95", "mae", "error")  # words in a metric name: better when lower
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a metric is better when lower: named like a loss, a distance or an error."""
+    return any(word in metric for word in LOWER_IS_BETTER)
+
+
 COUNT_COLUMNS = ["intersection", "pred_pixels", "true_pixels", "correct_pixels", "pixels"]
 
 

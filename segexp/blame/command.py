@@ -22,8 +22,11 @@ import pandas as pd
 from mlflow import MlflowClient
 from scipy import stats
 
-from segexp import analysis, compare, config, designs, factors, store, sweep, tracking
+from segexp import compare, config, sweep, tracking
 from segexp.config import ConfigError
+from segexp.evaluation import lower_is_better
+
+from . import analysis, designs, factors
 
 LAUNCHER_KEYS = ("hydra/launcher", "hydra.launcher", "hydra/sweeper", "hydra.sweeper")
 
@@ -143,7 +146,7 @@ def blame(
     # where every cell logs: A's store (bookkeeping keys, so config hashes are unaffected)
     work_dir = Path(work_dir or config_a["work_dir"]).resolve()
     extra = [f"work_dir={work_dir}", *extra]
-    if client.tracking_uri != store.store_locations({}, work_dir)[0]:
+    if client.tracking_uri != tracking.store_locations({}, work_dir)[0]:
         extra.insert(1, f"tracking.uri='{client.tracking_uri}'")
     cells = factors.Cells(change, extra)
     for levels in plan.cells:
@@ -168,7 +171,7 @@ def blame(
         return {"factors": change.factors, "design": plan, "impossible": cells.impossible}
 
     experiment = config_a["tracking"]["experiment"]
-    reusable = finished_runs(client, store.experiment_id(client, experiment, artifact_root))
+    reusable = finished_runs(client, tracking.experiment_id(client, experiment, artifact_root))
     start, trained, decision = time.time(), 0, None
     name = f"blame {runs[run_a].info.run_name} -> {runs[run_b].info.run_name}"[:250]
     parent = tracking.TrackedRun(client, experiment, artifact_root, name)
@@ -198,7 +201,7 @@ def blame(
             trained += len(todo)
             table = cells.table(names, client, metric)
             if path:
-                more = designs.path_next(table, names, metric, analysis.lower_is_better(metric))
+                more = designs.path_next(table, names, metric, lower_is_better(metric))
                 for levels in more:
                     for seed in range(first_seed, first_seed + per_cell):
                         cells.add(levels, seed)

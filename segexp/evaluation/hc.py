@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from segexp.metrics import hd95, largest_component
+from .metrics import hd95, largest_component
 
 
 def ramanujan_perimeter(a: float, b: float) -> float:

@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from segexp.designs import path_steps
-from segexp.ols import estimate, lower_is_better, model, seed_blocks, t_tests, verdicts
+from segexp.evaluation import lower_is_better
 from segexp.plots import figure, save
+
+from .designs import path_steps
+from .ols import estimate, model, seed_blocks, t_tests, verdicts
 
 SIGNIFICANT = ("hurt", "helped")
 COLORS = {"hurt": "tab:red", "helped": "tab:green"}

@@ -18,7 +18,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from segexp import config, stopping, store
+from segexp import config
+
+from . import stopping, store
 
 RUN_ENV = "SEGEXP_RUN_ID"  # rank 0's run, for the DDP processes Lightning starts
 PARAM_BATCH = 100  # MLflow's per-request limit on params
@@ -30,7 +32,7 @@ def git_tags() -> dict[str, str]:
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args],
-            cwd=config.PROJECT_ROOT,
+            cwd=config.PACKAGE_DIR,
             capture_output=True,
             text=True,
             check=True,

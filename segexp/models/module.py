@@ -14,9 +14,15 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from segexp import runtime, speed
-from segexp.hc import clinical_table, width_limit
-from segexp.metrics import case_table, largest_component, overlap_counts, summarize
+from segexp import performance
+from segexp.evaluation import (
+    case_table,
+    clinical_table,
+    largest_component,
+    overlap_counts,
+    summarize,
+    width_limit,
+)
 from segexp.tracking import NonFiniteMetricError
 
 
@@ -80,7 +86,9 @@ class SegModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.compile:
-            speed.compile_net(self.net)  # compiles on the first step: its time counts in epoch 0
+            performance.compile_net(
+                self.net
+            )  # compiles on the first step: its time counts in epoch 0
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -112,7 +120,7 @@ class SegModule(pl.LightningModule):
             # `make bench`: 27% faster fp32 channels-last eval of unet_buda at 256 px;
             # a net torch.fx cannot trace validates eagerly
             with contextlib.suppress(Exception):
-                self.__dict__["_folded_net"] = runtime.fuse_for_eval(self.net)
+                self.__dict__["_folded_net"] = performance.fuse_for_eval(self.net)
 
     def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Logits (N, 1, H, W) as evaluation sees them: with flip TTA when `flip_tta`."""

@@ -21,7 +21,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage import draw, measure
 
-from segexp.cases import Case, DataError, fingerprint
+from .cases import Case, DataError, fingerprint
 
 CACHE_VERSION = 1  # bump when decoding or resizing changes
 

@@ -14,13 +14,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-LOWER_IS_BETTER = ("loss", "hd95", "mae", "error")
+from segexp.evaluation import lower_is_better
+
 MIN_DOF = 4  # residual dof needed before two-way interactions are worth fitting
-
-
-def lower_is_better(metric: str) -> bool:
-    """v1's rule: a metric named like a loss or an error is better when lower."""
-    return any(word in metric for word in LOWER_IS_BETTER)
 
 
 def holm(p: np.ndarray) -> np.ndarray:

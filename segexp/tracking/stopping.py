@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 
-from segexp import store
+from . import store
 
 LAUNCHER_PID_ENV = "SEGEXP_LAUNCHER_PID"  # the sweep's process: its jobs end when it is gone
 # The first SIGTERM/SIGINT this process received: once set, no further job of a sweep starts.

@@ -22,16 +22,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from segexp import runtime
-from segexp.arrays import (
-    cache_entry,
-    cached_volume_stats,
-    load_arrays,
-    size_hw,
-    volume_stats,
-)
-from segexp.cases import SCANNERS, Case, DataError, fingerprint, split_groups
-from segexp.hc import shape_ranges
+from segexp import performance
+from segexp.evaluation import shape_ranges
+
+from .arrays import cache_entry, cached_volume_stats, load_arrays, size_hw, volume_stats
+from .cases import SCANNERS, Case, DataError, fingerprint, split_groups
 
 
 class SegDataset(Dataset):
@@ -237,7 +232,7 @@ class SegDataModule(pl.LightningDataModule):
                 dataset, trainer.world_size, trainer.global_rank, shuffle=True, seed=self.split_seed
             )
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        settings = runtime.loader_settings(device)  # workers, pinned memory for the device
+        settings = performance.loader_settings(device)  # workers, pinned memory for the device
         if self.num_workers != "auto":
             workers = int(self.num_workers)
             settings.update(num_workers=workers, persistent_workers=workers > 0)
