@@ -69,7 +69,7 @@ clean:
 bench: install
 	PYTHONUNBUFFERED=1 $(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 
-# Benchmark, not a test: the full `experiment=hc18_best` training on the real HC18 data (issue #13),
+# Benchmark, not a test: the full `experiment=hc18_best` training on the real HC18 data,
 # then wall time and the best-epoch and last-epoch figures. HC18_ROOT=... points elsewhere.
 HC18_ROOT ?= ../shared/data/hc18
 demo-hc18:
@@ -82,14 +82,14 @@ demo-hc18:
 define DEMO_HC18
 import sys, time
 from pathlib import Path
-from segexp import config, store
+from segexp import config, tracking
 from segexp.train import train
 cfg = config.compose(['experiment=hc18_best', 'dataset=hc18', f'dataset.root={sys.argv[1]}',
                       'trainer.enable_progress_bar=false'])
 start = time.time()
 final = train(cfg)
 minutes = (time.time() - start) / 60
-client, _ = store.open_store(cfg.tracking, Path(cfg.work_dir))
+client, _ = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
 run = client.get_run(final['run_id'])
 keys = ['val/dice', 'val/hc_mae_mm', 'val/hc_bias_mm', 'val/hd95_mm', 'val/hc_outliers_10mm', 'val/hc_flagged']
 epochs = len(client.get_metric_history(run.info.run_id, 'val/dice'))

@@ -62,6 +62,9 @@ def store_of(args) -> tuple:
 def make_data(args) -> int:
     from segexp import data
 
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise ValueError(f"{out} exists and is not empty: pass --force to write into it")
     if args.layout == "hc18":
         out = data.make_hc18(args.out, n=args.n or 200, seed=args.seed)
     else:
@@ -103,19 +106,20 @@ def blame(args) -> int:
     runs = [a for a in args.runs_and_overrides if "=" not in a]
     overrides = [a for a in args.runs_and_overrides if "=" in a]
     if args.from_table:
+        from segexp import config
         from segexp.blame import from_table
 
         if runs or overrides:
             raise SystemExit("segexp blame: --from-table analyses a table; give no runs")
         out = Path(args.out or "blame")
-        from_table(Path(args.from_table), args.metric, out)
+        from_table(Path(args.from_table), args.metric or config.DEFAULT_METRIC, out)
         print((out / "report.md").read_text())
         return 0
     if len(runs) != 2:
         raise SystemExit(f"segexp blame: expected two run ids (A B), got {runs}")
     from segexp.blame import blame as run_blame
 
-    client, artifact_root, work_dir = store_of(args)
+    client, artifact_root, _ = store_of(args)
     run_blame(
         client,
         artifact_root,
@@ -127,7 +131,8 @@ def blame(args) -> int:
         dry_run=args.dry_run,
         out_dir=args.out and Path(args.out),
         budget=args.budget,
-        work_dir=work_dir,
+        work_dir=Path(args.work_dir) if args.work_dir else None,  # None: where A's runs live
+        nest_epochs=not args.train_every_budget,
     )
     return 0
 
@@ -166,37 +171,17 @@ def runs(args) -> int:
     return 0
 
 
-REMOTE_ADVICE = """segexp ui: {host} exposes the MLflow server, which has no authentication by default, to
-every machine that can reach this one. If that is what you want:
-  - keep MLflow's security middleware on and name who may connect:
-      --allowed-hosts 'my-host.example.org:*' --cors-allowed-origins 'https://my-host.example.org'
-  - turn on authentication: `mlflow server --app-name basic-auth` (set MLFLOW_FLASK_SERVER_SECRET_KEY)
-  - or keep it on 127.0.0.1 and reach it through an SSH tunnel: ssh -L 5000:127.0.0.1:5000 HOST
-Pass --allow-remote to bind {host} anyway."""
-
-
 def ui(args) -> int:
-    from segexp.tracking import mlflow_command
+    from segexp.tracking import ui_command, ui_host_allowed
 
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(REMOTE_ADVICE.format(host=args.host), file=sys.stderr)
-        if not args.allow_remote:
-            return 2
+    if not ui_host_allowed(args.host, args.allow_remote):
+        return 2
     client, artifacts, _ = store_of(args)
-    if artifacts is None:
-        raise ValueError(f"{client.tracking_uri} is a server already: open it in a browser")
-    command = mlflow_command(
-        client.tracking_uri,
-        ("--default-artifact-root", artifacts),
-        args.host,
-        args.port,
-        args.extra,
-    )
+    command = ui_command(client.tracking_uri, artifacts, args.host, args.port) + args.extra
     print(" ".join(command))
-    if args.print_command:
-        return 0
-    os.execv(command[0], command)
-    return 0  # not reached
+    if not args.print_command:
+        os.execv(command[0], command)
+    return 0
 
 
 def server(args) -> int:
@@ -224,6 +209,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         commands[name] = command
         return command
 
+    for define in (data_commands, blame_command, comparison_commands, store_commands):
+        define(add)
+    return parser, commands
+
+
+def data_commands(add) -> None:
+    """train, make-data, check-data, predict."""
     train = add(
         "train",
         None,
@@ -240,6 +232,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "--n", type=positive_int, help="images (hc18, default 200) or patients (lgg, default 20)"
     )
     command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--force", action="store_true", help="write into a non-empty folder")
     command.add_argument(
         "--size", type=positive_int, default=256, help="lgg slice size in pixels (real: 256)"
     )
@@ -265,6 +258,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     command.add_argument("--out", required=True, help="submission CSV to write")
     command.add_argument("--masks", default=None, help="also write predicted masks here")
 
+
+def blame_command(add) -> None:
+    """blame."""
     command = add("blame", blame, "which changed hyperparameter between two runs moved the metric")
     command.add_argument(
         "runs_and_overrides",
@@ -272,7 +268,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         metavar="RUN_A RUN_B [OVERRIDE ...]",
         help="the two runs, then overrides applied to every training (trainer.max_epochs=3)",
     )
-    command.add_argument("--metric", default="val/dice_best")
+    command.add_argument("--metric", default=None, help="default: A's optimized_metric")
     command.add_argument(
         "--seeds",
         type=seeds_value,
@@ -282,10 +278,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     command.add_argument(
         "--design",
         default="auto",
-        choices=["auto", "full", "factorial", "fractional", "path", "oat"],
-        help="auto: full 2^k for k <= 4, a resolution IV+ fraction for 5-8; path: ablation path",
+        help="auto: full 2^k for k <= 4, a resolution IV+ fraction for 5-8; full; fractional; "
+        "path: the ablation path; oat: each change alone",
     )
     command.add_argument("--budget", type=positive_int, help="--seeds auto: most trainings")
+    command.add_argument(
+        "--train-every-budget",
+        action="store_true",
+        help="train both levels of a trainer.max_epochs factor (default: read the smaller "
+        "budget from the larger budget's per-epoch history where nothing depends on it)",
+    )
     command.add_argument("--dry-run", action="store_true", help="print the design, train nothing")
     command.add_argument("--out", default=None, help="folder for effects.csv, report.md, ...")
     command.add_argument(
@@ -294,22 +296,30 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help="re-analyse a table (0/1 factor columns, seed, the metric) without training",
     )
 
+
+def comparison_commands(add) -> None:
+    """effects, compare."""
     command = add(
         "effects",
         effects,
         "which hyperparameter matters across a sweep: ANOVA importance and marginal means",
     )
     command.add_argument("parent_run_id")
-    command.add_argument("--metric", default="val/dice_best")
+    command.add_argument("--metric", default=None, help="default: the runs' optimized_metric")
     command.add_argument("--out", default="effects.png", help="PNG of the marginal means")
 
     command = add("compare", compare, "runs side by side: what differs and how they did")
     command.add_argument("ids", nargs="+", help="run ids; a sweep (parent) id means its runs")
     command.add_argument("--by", default=None, help="group replicates by this param (seed)")
     command.add_argument("--out", default="compare.png", help="PNG of the curves")
-    command.add_argument("--metric", default="val/dice_best", help="rank by this metric")
+    command.add_argument(
+        "--metric", default=None, help="rank by this metric (default: the runs' optimized_metric)"
+    )
     command.add_argument("--html", default=None, help="also write a self-contained HTML report")
 
+
+def store_commands(add) -> None:
+    """runs, ui, server."""
     command = add("runs", runs, "housekeeping: mark KILLED the runs whose process is gone")
     command.add_argument("action", choices=["cleanup"])
     command.add_argument("--experiment", action="append", help="only these experiments")
@@ -330,7 +340,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     command.add_argument("--work-dir", default=None, help="holds postgres/ and artifacts/")
     command.add_argument("--port", type=int, default=5000, help="the MLflow server's port")
     command.add_argument("--postgres-port", type=int, default=None, help="default: a free one")
-    return parser, commands
 
 
 def main(argv: list[str] | None = None) -> int:

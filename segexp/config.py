@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
@@ -33,7 +34,8 @@ REFUSED = re.compile(
     r"|^albumentations\.(Lambda|load|from_dict)$"
 )
 SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key|credential", re.IGNORECASE)
-URI_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)")
+# userinfo's password: up to the authority's last `@` (`u:p@ss@host`), an empty user too (`:tok@h`)
+URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)([^/\s]*)(@[^@/\s]*)")
 OVERRIDE_SECRET = re.compile(
     r"((?:pass(?:word)?|secret|token|api_?key|credential)[^=\s]*=)\S+", re.IGNORECASE
 )
@@ -50,8 +52,10 @@ BOOKKEEPING = (
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
     "sweep.",
+    "optimized_metric",  # what is reported, not what is trained
 )
 REPLICATE = ("seed", "dataset.split_seed")  # replicates, not factors
+DEFAULT_METRIC = "val/dice_best"  # `optimized_metric` of runs logged before the key existed
 
 
 class ConfigError(ValueError):
@@ -79,6 +83,26 @@ def compose(overrides: list[str] | None = None, choices: bool = False):
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, picked
+
+
+def parse_overrides(overrides: Iterable[str]):
+    """Command-line overrides as Hydra parses them (`Override`s); ConfigError naming a bad one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot parse the overrides: {err.message}") from None
+
+
+def assigned(overrides: Iterable[str]) -> dict[str, str]:
+    """{key: value} of the overrides that set one value (`+`/`++` dropped; deletions, sweeps out)."""
+    return {
+        o.key_or_group: o.get_value_element_as_str()
+        for o in parse_overrides(overrides)
+        if not o.is_delete() and not o.is_sweep_override()
+    }
 
 
 def is_bookkeeping(key: str) -> bool:
@@ -234,11 +258,44 @@ def _renamed_targets(node):
     return node
 
 
+# Keys of older runs' configs (node.key) and where they live now: old runs still resume/predict.
+MOVED_KEYS = {
+    "model.channels_last": "performance.channels_last",
+    "dataset.flip_tta": "evaluation.flip_tta",
+    "dataset.single_object": "evaluation.single_object",
+    "dataset.hc_ellipse_fit": "evaluation.hc_ellipse_fit",
+}
+
+
+def _move_keys(stored: dict) -> None:
+    """Move the MOVED_KEYS `stored` has to their new node, in place; a value already there wins."""
+    for old, new in MOVED_KEYS.items():
+        (node, key), (new_node, new_key) = old.split("."), new.split(".")
+        if isinstance(stored.get(node), dict) and key in stored[node]:
+            stored.setdefault(new_node, {}).setdefault(new_key, stored[node].pop(key))
+
+
+def _early_stopping(node, stored: dict) -> dict:
+    """`early_stopping: {patience: N}` of an old config as today's `callbacks` node."""
+    if not isinstance(node, dict):
+        return {}
+    checkpoint = stored.get("checkpoint") or {}
+    return {
+        "early_stopping": {
+            "_target_": "pytorch_lightning.callbacks.EarlyStopping",
+            "monitor": checkpoint.get("monitor"),
+            "mode": checkpoint.get("mode"),
+            **node,
+        }
+    }
+
+
 def read_stored(path: Path, run_id: str) -> dict:
     """A config.yaml read back from a store: data (safe YAML, targets checked), in today's layout.
 
-    Runs logged before `performance.channels_last` kept it in the model node; it moves there.
-    Targets named by the flat module layout segexp once had are renamed to today's names.
+    Keys that moved since a run was logged (MOVED_KEYS) move to their node of today.
+    Targets named by the flat module layout segexp once had are renamed to today's names, and a
+    config without `optimized_metric` gets the default's.
     """
     try:
         stored = yaml.safe_load(Path(path).read_text())
@@ -251,8 +308,8 @@ def read_stored(path: Path, run_id: str) -> dict:
         check_targets(stored)
     except ConfigError as err:
         raise ConfigError(f"run {run_id}: {err}") from None
-    model = stored.get("model")
-    if isinstance(model, dict) and "channels_last" in model:
-        performance = stored.setdefault("performance", {})
-        performance.setdefault("channels_last", model.pop("channels_last"))
+    stored.setdefault("optimized_metric", DEFAULT_METRIC)
+    if "early_stopping" in stored:  # a top-level node before callbacks were configurable
+        stored.setdefault("callbacks", _early_stopping(stored.pop("early_stopping"), stored))
+    _move_keys(stored)
     return stored

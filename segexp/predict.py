@@ -13,10 +13,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from segexp import config
-from segexp.data import Case, DataError, SegDataModule, positive_cell
+from segexp import tracking
+from segexp.data import SegDataModule, scan_listed
 from segexp.evaluation import head_flags, measure_hc, width_limit
-from segexp.models import flip_tta_logits
+from segexp.models import build_net, flip_tta_logits
 
 SUBMISSION_COLUMNS = [
     "filename",
@@ -28,43 +28,15 @@ SUBMISSION_COLUMNS = [
 ]
 
 
-def image_cases(images_dir: Path, pixel_csv: Path) -> list[Case]:
-    """One case per row of an HC18-style pixel-size CSV (`filename`, `pixel size(mm)`)."""
-    table = pd.read_csv(pixel_csv)
-    table.columns = [c.strip() for c in table.columns]
-    if not {"filename", "pixel size(mm)"} <= set(table.columns):
-        raise DataError(
-            pixel_csv, [(str(pixel_csv), "needs columns 'filename' and 'pixel size(mm)'")]
-        )
-    cases, problems = [], []
-    for _, row in table.iterrows():
-        path = Path(images_dir) / str(row["filename"]).strip()
-        if not path.is_file():
-            problems.append((str(path), f"listed in {Path(pixel_csv).name} but no such image"))
-            continue
-        pixel_mm = positive_cell(row, "pixel size(mm)", pixel_csv, path.name, problems)
-        if pixel_mm is None:
-            continue
-        cases.append(Case(path.stem, path.stem, str(path), pixel_size_mm=pixel_mm))
-    if problems:
-        raise DataError(images_dir, problems)
-    return cases
-
-
 def load_run_model(client, run_id: str) -> tuple[torch.nn.Module, dict, dict]:
     """The network of a run with its best weights, its resolved config, its evaluation settings."""
+    cfg = OmegaConf.create(tracking.stored_config(client, run_id))  # data: targets checked
     with tempfile.TemporaryDirectory() as tmp:
-        # a stored config is data: nothing it names runs unchecked
-        cfg = OmegaConf.create(
-            config.read_stored(client.download_artifacts(run_id, "config.yaml", tmp), run_id)
-        )
         checkpoint = torch.load(
             client.download_artifacts(run_id, "checkpoints/best.ckpt", tmp),
             map_location="cpu",
             weights_only=True,
         )
-    from segexp.models import build_net
-
     net = build_net(cfg.model)
     net.load_state_dict(
         {
@@ -85,6 +57,38 @@ def flags_path(out: Path) -> Path:
 
 
 @torch.no_grad()
+def run_probabilities(net, cfg, cases: list, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(N, h, w) probabilities of `cases`, preprocessed as the run's data, and (N, 2) sizes."""
+    # the run's own preprocessing (size, channels, normalisation), through its DataModule
+    args = OmegaConf.to_container(cfg.dataset, resolve=True)
+    args.pop("_target_", None)
+    loader = SegDataModule(**args).loader_of(cases, cache=False)
+    probabilities = torch.cat(
+        [
+            torch.sigmoid(flip_tta_logits(net, b["image"]) if flip else net(b["image"]))[:, 0]
+            for b in loader
+        ]
+    ).numpy()
+    return probabilities, loader.dataset.original_sizes
+
+
+def flag_table(filenames: list[str], measured: list, evaluation: dict) -> pd.DataFrame:
+    """Per image the HC, eccentricity, boundary width and `hc_flag` (see `predict`)."""
+    # the run's validation limit; a run from before it: these images' own (unsupervised)
+    limit = evaluation.get("hc_width_limit_px") or width_limit(
+        [m.boundary_width_px for m in measured]
+    )
+    return pd.DataFrame(
+        {
+            "filename": filenames,
+            "hc_mm": [m.hc_mm for m in measured],
+            "eccentricity": [m.eccentricity for m in measured],
+            "boundary_width_px": [m.boundary_width_px for m in measured],
+            "hc_flag": head_flags(measured, evaluation.get("hc_plausible"), limit),
+        }
+    )
+
+
 def predict(
     client, run_id: str, images_dir: Path, pixel_csv: Path, out: Path, masks_dir: Path | None = None
 ) -> pd.DataFrame:
@@ -93,26 +97,14 @@ def predict(
     Beside it, `flags_path(out)` lists per image the HC in mm, the eccentricity, the boundary width
     and `hc_flag`: True where no plausible, confident ellipse was found (no head, HC or
     eccentricity outside the range of the run's training masks, or a boundary wider than the
-    run's validation limit: `segexp.hc.head_flags`), i.e. the predictions to check by hand.
+    run's validation limit: `segexp.evaluation.head_flags`), i.e. the predictions to check by hand.
     """
     net, cfg, evaluation = load_run_model(client, run_id)
-    cases = image_cases(images_dir, pixel_csv)
-    # the run's own preprocessing (size, channels, normalisation), through its DataModule
-    args = OmegaConf.to_container(cfg.dataset, resolve=True)
-    args.pop("_target_", None)
-    datamodule = SegDataModule(**args)
-    loader = datamodule.loader_of(cases, cache=False)
+    cases = scan_listed(images_dir, pixel_csv)
     flip = evaluation.get("flip_tta", False)
-    probabilities = torch.cat(
-        [
-            torch.sigmoid(flip_tta_logits(net, b["image"]) if flip else net(b["image"]))[:, 0]
-            for b in loader
-        ]
-    ).numpy()  # (N, h, w)
+    probabilities, original_sizes = run_probabilities(net, cfg, cases, flip)
     offset = cfg.dataset.get("hc_boundary_offset_px") or 0.0
     method = evaluation.get("hc_ellipse_fit", "moment")
-    plausible = evaluation.get("hc_plausible")
-    original_sizes = loader.dataset.original_sizes
     if masks_dir is not None:
         Path(masks_dir).mkdir(parents=True, exist_ok=True)
     rows, measured = [], []
@@ -128,21 +120,8 @@ def predict(
         values = (0.0,) * 5 if e is None else (e.cx * mm, e.cy * mm, e.a * mm, e.b * mm, e.angle)
         rows.append([Path(case.image).name, *values])
         measured.append(head)
-    # the run's validation limit; a run from before it: these images' own (unsupervised)
-    limit = evaluation.get("hc_width_limit_px") or width_limit(
-        [m.boundary_width_px for m in measured]
-    )
-    flags = pd.DataFrame(
-        {
-            "filename": [r[0] for r in rows],
-            "hc_mm": [m.hc_mm for m in measured],
-            "eccentricity": [m.eccentricity for m in measured],
-            "boundary_width_px": [m.boundary_width_px for m in measured],
-            "hc_flag": head_flags(measured, plausible, limit),
-        }
-    )
     table = pd.DataFrame(rows, columns=SUBMISSION_COLUMNS)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False, quoting=csv.QUOTE_MINIMAL)
-    flags.to_csv(flags_path(out), index=False)
+    flag_table(list(table.filename), measured, evaluation).to_csv(flags_path(out), index=False)
     return table

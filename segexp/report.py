@@ -62,8 +62,13 @@ def choice_tags() -> dict[str, str]:
     return {"segexp.choices": json.dumps(picked, sort_keys=True)}
 
 
-def plot_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """Loss (left) and overlap metrics (right) per epoch."""
+def plot_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """`curves_figure` saved as a PNG at `path`."""
+    return save(curves_figure(history), path)
+
+
+def curves_figure(history: dict[str, list[tuple[int, float]]]):
+    """Loss (left) and overlap metrics (right) per epoch: one line per metric with points."""
     fig, (ax_loss, ax_dice) = figure(1, 2, figsize=(10, 4))
     for key, points in history.items():
         if points:
@@ -74,10 +79,15 @@ def plot_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> None
         epoch_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend()
-    save(fig, path)
+    return fig
 
 
 def plot_distributions(table, unit: str, path: Path) -> Path:
+    """`distributions_figure` saved as a PNG at `path`."""
+    return save(distributions_figure(table, unit), path)
+
+
+def distributions_figure(table, unit: str):
     """Per-patient (or per-image) Dice and pixel accuracy: points, box, mean (red), median (green).
 
     Side by side they show why accuracy misleads: nearly all pixels are background.
@@ -92,7 +102,7 @@ def plot_distributions(table, unit: str, path: Path) -> Path:
         ax.axhline(np.median(values), color="green", label=f"median {np.median(values):.3f}")
         ax.set(title=f"{column} per {unit}", ylim=(-0.02, 1.02), xticks=[])
         ax.legend(loc="lower left")
-    return save(fig, path)
+    return fig
 
 
 def plot_overlays(
@@ -135,6 +145,11 @@ def plot_overlays(
 
 
 def plot_hc_agreement(cases, path: Path) -> Path:
+    """`hc_agreement_figure` saved as a PNG at `path`."""
+    return save(hc_agreement_figure(cases), path)
+
+
+def hc_agreement_figure(cases):
     """Predicted vs reference HC (left) and Bland-Altman difference vs mean (right)."""
     fig, (ax_scatter, ax_ba) = figure(1, 2, figsize=(9, 4))
     true, pred = cases.hc_true_mm.to_numpy(), cases.hc_pred_mm.to_numpy()
@@ -157,7 +172,7 @@ def plot_hc_agreement(cases, path: Path) -> Path:
         ylabel="predicted - reference (mm)",
         title=f"bias {diff.mean():+.2f} mm",
     )
-    return save(fig, path)
+    return fig
 
 
 def log_plots(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import os
 import signal
-import socket
 import tempfile
 import time
 import uuid
@@ -26,13 +25,13 @@ from hydra.types import RunMode
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from segexp import compare, performance, tracking
+from segexp import compare, config, performance, tracking
 from segexp.config import config_hash, redact, redacted
+from segexp.tracking import tags
 
 PARENT_ENV = "SEGEXP_SWEEP_PARENT_RUN_ID"
 SWEPT_ENV = "SEGEXP_SWEPT_KEYS"  # keys with several values: they name the child runs
 JOBS_ENV, START_ENV = "SEGEXP_SWEEP_JOBS", "SEGEXP_SWEEP_START"  # for the progress lines
-ROLE_TAG = "segexp.role"
 
 
 def grid(overrides: list[str]) -> str:
@@ -40,55 +39,36 @@ def grid(overrides: list[str]) -> str:
     return " ".join(sorted(o for o in overrides if not o.startswith("sweep.resume=")))
 
 
-SHORT_KEYS = {"batch_size": "bs", "seed": "s", "weight_decay": "wd", "max_epochs": "epochs"}
-
-
-def short_key(key: str) -> str:
-    """`optimizer.lr` -> `lr`, `dataset.batch_size` -> `bs`: names that fit a table column."""
-    last = key.lstrip("+~").rsplit(".", 1)[-1].rsplit("/", 1)[-1]
-    return SHORT_KEYS.get(last, last)
-
-
-def compact(value: str) -> str:
-    """`0.0003` -> `3e-4`; other values as written."""
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    if number != 0 and abs(number) < 0.01 and "e" not in value:
-        mantissa, exponent = f"{number:.2e}".split("e")
-        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    return value
-
-
 def child_run_name(overrides: list[str]) -> str:
     """A sweep job's run name: its swept values, short and distinct, e.g. `lr=3e-4 bs=16 s=2`."""
-    keys = set(os.environ.get(SWEPT_ENV, "").split())
-    picked = [o.split("=", 1) for o in overrides if o.split("=", 1)[0] in keys]
-    return " ".join(f"{short_key(k)}={compact(v)}" for k, v in picked)
+    keys = os.environ.get(SWEPT_ENV, "").split()
+    values = config.assigned(overrides)
+    seed = values.get("seed") if "seed" in keys else None
+    return tracking.run_label(((k, values[k]) for k in keys if k in values and k != "seed"), seed)
 
 
 def sweep_shape(overrides: list[str]) -> tuple[list[str], int]:
     """(swept keys, number of jobs) of a grid sweep."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    swept = [o for o in parsed if o.is_sweep_override()]
+    swept = [o for o in config.parse_overrides(overrides) if o.is_sweep_override()]
     jobs = 1
     for o in swept:
         jobs *= len(list(o.sweep_string_iterator()))
-    return [o.get_key_element() for o in swept], jobs
+    return [o.key_or_group for o in swept], jobs
 
 
-def progress_line(client: MlflowClient, parent_run_id: str, name: str, value: float | None) -> str:
+def progress_line(
+    client: MlflowClient, parent_run_id: str, name: str, metric: str, value: float | None
+) -> str:
     """`job 3/8 done (lr=3e-4 bs=16): val/dice_best 0.812, ETA 14 min` after a sweep job."""
     parent = client.get_run(parent_run_id)
-    done = sum(r.info.status != "RUNNING" for r in compare.children(client, parent))
-    total = int(os.environ.get(JOBS_ENV) or done)
-    elapsed = time.time() - float(os.environ.get(START_ENV) or time.time())
-    eta = elapsed / max(done, 1) * max(total - done, 0) / 60
-    result = "no val/dice_best" if value is None else f"val/dice_best {value:.3f}"
-    return f"job {done}/{total} done ({name}): {result}, ETA {eta:.0f} min"
+    done = sum(r.info.status != "RUNNING" for r in tracking.children(client, parent))
+    progress = tracking.Progress(
+        total=int(os.environ.get(JOBS_ENV) or done),
+        done=done - 1,
+        start=float(os.environ.get(START_ENV) or time.time()),
+        counted=done - 1,
+    )
+    return progress.line("job", name, metric, value, f"no {metric}")
 
 
 def in_multirun() -> bool:
@@ -112,26 +92,21 @@ def finished_twin(client: MlflowClient, cfg: DictConfig) -> str | None:
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is None:
         return None
-    key = config_hash(redacted(cfg))
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        f"tags.`segexp.config_hash` = '{key}' and params.seed = '{cfg.seed}'"
-        " and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+    run = tracking.finished_run(
+        client, experiment.experiment_id, config_hash(redacted(cfg)), cfg.seed
     )
-    return runs[0].info.run_id if runs else None
+    return run.info.run_id if run else None
 
 
 def previous_parent(client: MlflowClient, experiment_id: str, sweep_grid: str):
     """The latest parent run of the same grid (`sweep.resume=true` re-opens it), or None."""
     parents = client.search_runs(
         [experiment_id],
-        f"tags.`{ROLE_TAG}` = 'sweep'",
+        f"tags.`{tags.ROLE}` = 'sweep'",
         order_by=["attributes.start_time DESC"],
         max_results=1000,
     )
-    return next((r for r in parents if r.data.tags.get("segexp.sweep_grid") == sweep_grid), None)
+    return next((r for r in parents if r.data.tags.get(tags.SWEEP_GRID) == sweep_grid), None)
 
 
 class SweepCallback(Callback):
@@ -139,47 +114,43 @@ class SweepCallback(Callback):
 
     def __init__(self) -> None:
         self.client: MlflowClient | None = None
-        self.parent_run_id: str | None = None
+        self.parent: tracking.TrackedRun | None = None
         self.interrupted = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if os.environ.get(PARENT_ENV):
             return  # jobs of an outer run (`segexp blame` cells): that run is their parent
         self.client, artifact_root = tracking.open_store(config.tracking, Path(config.work_dir))
-        experiment_id = tracking.experiment_id(
-            self.client, config.tracking.experiment, artifact_root
+        experiment = config.tracking.experiment
+        self.parent = tracking.TrackedRun(
+            self.client, experiment, artifact_root, "", tags={tags.ROLE: "sweep"}
         )
-        tracking.cleanup_stale_runs(self.client, [experiment_id])
+        tracking.cleanup_stale_runs(self.client, [self.parent.experiment_id])
         sweep_grid = redact("overrides", grid(list(config.hydra.overrides.task)))
         keys, jobs = sweep_shape(list(config.hydra.overrides.task))
-        resume = config.get("sweep", {}).get("resume")
-        previous = resume and previous_parent(self.client, experiment_id, sweep_grid)
+        previous = config.get("sweep", {}).get("resume") and previous_parent(
+            self.client, self.parent.experiment_id, sweep_grid
+        )
         if previous:
-            self.parent_run_id = previous.info.run_id
-            self.client.update_run(self.parent_run_id, status="RUNNING")
+            self.parent.resume_run_id = self.parent.run_id = previous.info.run_id
         else:
-            sweep_id = uuid.uuid4().hex[:8]
-            name = " x ".join(short_key(k) for k in keys) or "1 config"
-            run = self.client.create_run(
-                experiment_id,
-                run_name=f"sweep {name} ({jobs} runs)"[:250],
-                tags={
-                    ROLE_TAG: "sweep",
-                    "segexp.sweep_id": sweep_id,
-                    "segexp.sweep_grid": sweep_grid,
+            name = " x ".join(tracking.short_key(k) for k in keys) or "1 config"
+            self.parent.run_name = f"sweep {name} ({jobs} runs)"[:250]
+            self.parent.tags.update(
+                {
+                    "segexp.sweep_id": uuid.uuid4().hex[:8],
+                    tags.SWEEP_GRID: sweep_grid,
                     "segexp.sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
                     "hydra.launcher": str(config.hydra.launcher.get("_target_", "")),
                     **tracking.git_tags(),
-                },
+                }
             )
-            self.parent_run_id = run.info.run_id
-        self.client.set_tag(self.parent_run_id, "segexp.pid", str(os.getpid()))
-        self.client.set_tag(self.parent_run_id, "segexp.host", socket.gethostname())
-        os.environ[PARENT_ENV] = self.parent_run_id
+        parent_run_id = self.parent.open()
+        os.environ[PARENT_ENV] = parent_run_id
         os.environ[tracking.LAUNCHER_PID_ENV] = str(os.getpid())
         os.environ[SWEPT_ENV] = " ".join(keys)
         os.environ[JOBS_ENV], os.environ[START_ENV] = str(jobs), str(time.time())
-        print(f"sweep parent run {self.parent_run_id} (experiment '{config.tracking.experiment}')")
+        print(f"sweep parent run {parent_run_id} (experiment '{experiment}')")
         self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         atexit.register(self.finish)  # a failed job makes Hydra exit before on_multirun_end
 
@@ -193,28 +164,28 @@ class SweepCallback(Callback):
 
     def finish(self) -> None:
         """Summary artifacts and the parent's final status; runs once."""
-        if self.parent_run_id is None:
+        if self.parent is None:
             return
-        parent_run_id, self.parent_run_id = self.parent_run_id, None
+        run, self.parent = self.parent, None
         os.environ.pop(PARENT_ENV, None)
         os.environ.pop(tracking.LAUNCHER_PID_ENV, None)
         client = self.client
-        parent = client.get_run(parent_run_id)
+        parent = client.get_run(run.run_id)
         wait_for_jobs(client, parent)
-        tracking.cleanup_stale_runs(client, [parent.info.experiment_id])
-        runs = compare.children(client, parent)
+        tracking.cleanup_stale_runs(client, [run.experiment_id])
+        runs = tracking.children(client, parent)
         runs = list({r.info.run_id: r for r in runs + reused_runs(client, parent)}.values())
         latest = latest_per_config(runs)
         if latest:
-            write_summary(client, parent_run_id, latest)
+            write_summary(client, run.run_id, latest)
         statuses = {r.info.status for r in latest}
         if self.interrupted or "KILLED" in statuses:
             status = "KILLED"  # `sweep.resume=true` finishes it
         else:
             status = "FINISHED" if latest and statuses == {"FINISHED"} else "FAILED"
-        client.set_tag(parent_run_id, "segexp.jobs", str(len(latest)))
-        client.set_terminated(parent_run_id, status=status)
-        print(f"sweep parent run {parent_run_id}: {status}, {len(runs)} runs")
+        run.set_tags({"segexp.jobs": str(len(latest))})
+        run.close(status)
+        print(f"sweep parent run {run.run_id}: {status}, {len(runs)} runs")
 
 
 def wait_for_jobs(client: MlflowClient, parent, timeout: float = 30.0) -> None:
@@ -223,11 +194,11 @@ def wait_for_jobs(client: MlflowClient, parent, timeout: float = 30.0) -> None:
     while time.monotonic() < deadline:
         running = [
             r
-            for r in compare.children(client, parent)
+            for r in tracking.children(client, parent)
             if r.info.status == "RUNNING"
-            and r.data.tags.get("segexp.pid", "").isdigit()
-            and int(r.data.tags["segexp.pid"]) != os.getpid()  # in-process jobs are done
-            and tracking.process_alive(int(r.data.tags["segexp.pid"]))
+            and r.data.tags.get(tags.PID, "").isdigit()
+            and int(r.data.tags[tags.PID]) != os.getpid()  # in-process jobs are done
+            and tracking.process_alive(int(r.data.tags[tags.PID]))
         ]
         if not running:
             return
@@ -238,8 +209,8 @@ def reused_runs(client: MlflowClient, parent) -> list:
     """Runs of earlier sweeps that a `sweep.resume=true` job reused instead of training again."""
     return client.search_runs(
         [parent.info.experiment_id],
-        f"tags.`segexp.reused_by_sweep` = '{parent.info.run_id}'",
-        max_results=5000,
+        f"tags.`{tags.REUSED_BY_SWEEP}` = '{parent.info.run_id}'",
+        max_results=tracking.MAX_RUNS,
     )
 
 
@@ -247,10 +218,7 @@ def latest_per_config(runs: list) -> list:
     """The latest run of each (config hash, seed): a re-run replaces the FAILED one it redoes."""
     latest = {}
     for run in sorted(runs, key=lambda r: r.info.start_time):
-        key = (
-            run.data.tags.get("segexp.config_hash", run.info.run_id),
-            run.data.params.get("seed"),
-        )
+        key = tracking.run_key(run)
         if (
             run.info.status == "FINISHED"
             or latest.get(key) is None

@@ -6,7 +6,6 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +15,12 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from segexp import config, performance, report, sweep, tracking
 from segexp.config import ConfigError
 from segexp.data import DataError, SegDataModule, size_hw
+from segexp.files import atomic_path
 from segexp.models import SegModule, build_net
 
 
@@ -38,6 +38,8 @@ def check_run_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be an integer")
     if cfg.trainer.max_epochs < 1:
         raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
+    if not isinstance(cfg.get("optimized_metric"), str) or not cfg.optimized_metric:
+        raise ConfigError(f"optimized_metric={cfg.get('optimized_metric')!r} must name a metric")
     if cfg.checkpoint.mode not in ("min", "max"):
         raise ConfigError(f"checkpoint.mode={cfg.checkpoint.mode!r} must be 'min' or 'max'")
 
@@ -46,11 +48,13 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose file is replaced atomically: a kill mid-write keeps the old one."""
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        tmp = str(Path(filepath).with_name(f".{Path(filepath).name}.tmp"))
-        super()._save_checkpoint(trainer, tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, filepath)
+        # every rank calls it, rank 0 writes
+        with atomic_path(filepath, publish=trainer.is_global_zero) as tmp:
+            super()._save_checkpoint(trainer, str(tmp))
         self._last_checkpoint_saved = filepath
+
+
+RESTORED = ("model.", "optimizer.", "scheduler.")  # config nodes a checkpoint's state overrides
 
 
 @dataclass
@@ -69,7 +73,7 @@ def resume_target(client, run_id: str, overrides: list[str]) -> tuple[Resume, Di
         run = client.get_run(run_id)
     except Exception as err:
         raise ConfigError(f"resume={run_id}: no such run in the tracking store ({err})") from err
-    output_dir = Path(run.data.tags.get("segexp.output_dir", ""))
+    output_dir = Path(run.data.tags.get(tracking.tags.OUTPUT_DIR, ""))
     checkpoint = output_dir / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
         raise ConfigError(
@@ -81,20 +85,34 @@ def resume_target(client, run_id: str, overrides: list[str]) -> tuple[Resume, Di
         raise ConfigError(
             f"resume={run_id}: checkpoint {checkpoint} is unreadable ({err})"
         ) from err
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = config.read_stored(client.download_artifacts(run_id, "config.yaml", tmp), run_id)
+    saved = tracking.stored_config(client, run_id)
     extra = [o for o in overrides if not o.startswith("resume=")]
     groups = {p.name for p in config.CONFIG_DIR.iterdir() if p.is_dir()}
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in extra]
-    switches = [
-        o for o, k in zip(extra, keys, strict=True) if "." not in k and k.split("/")[0] in groups
-    ]
+    chosen = json.loads(run.data.tags.get(tracking.tags.CHOICES, "{}"))
+    switches, values = [], []
+    for override in config.parse_overrides(extra):
+        key = override.key_or_group
+        if key.split("/")[0] not in groups or "." in key:
+            values.append(override.input_line)
+        elif chosen.get(key) != override.get_value_element_as_str():  # restating one is fine
+            switches.append(override.input_line)
     if switches:
         raise ConfigError(
             f"resume={run_id}: a resumed run keeps its config groups; only values can change "
             f"(e.g. trainer.max_epochs=20), got {switches}"
         )
-    cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(extra))
+    saved = OmegaConf.create(saved)
+    cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(values))
+    frozen = [  # restored from the checkpoint: a new value would be recorded, never applied
+        f"{k}={v}"
+        for k, v in config.assigned(values).items()
+        if k.startswith(RESTORED) and OmegaConf.select(cfg, k) != OmegaConf.select(saved, k)
+    ]
+    if frozen:
+        raise ConfigError(
+            f"resume={run_id}: the checkpoint restores the network, optimizer and schedule, so "
+            f"{frozen} would not take effect; train a new run to change them"
+        )
     cfg.resume = run_id
     check_run_config(cfg)
     if run.info.status == "FINISHED" and cfg.trainer.max_epochs <= epochs_done:
@@ -162,8 +180,10 @@ def build_module(
     choice: performance.Choice | None = None,
     net: torch.nn.Module | None = None,
 ) -> SegModule:
+    """The LightningModule: the net, its training parts, speed settings and `evaluation`."""
     net = net or build_net(cfg.model)
     choice = choice or resolve_speed(cfg, datamodule, net)
+    evaluation = cfg.get("evaluation") or {}  # a run stored before the node: SegModule's defaults
     return SegModule(
         net=net,
         loss=config.instantiate(cfg.loss, "loss"),
@@ -174,9 +194,7 @@ def build_module(
         compile=choice.compile,
         monitor=cfg.checkpoint.monitor,
         hc_boundary_offset_px=datamodule.hc_boundary_offset_px,
-        flip_tta=datamodule.flip_tta,
-        single_object=datamodule.single_object,
-        hc_ellipse_fit=datamodule.hc_ellipse_fit,
+        **evaluation,  # flip_tta, single_object, hc_ellipse_fit
     )
 
 
@@ -196,11 +214,12 @@ def build_trainer(
             enable_version_counter=False,
         ),
         tracking.EpochMetricsToMLflow(run, checkpoints),
+        *(
+            config.instantiate(node, f"callbacks.{name}")
+            for name, node in (cfg.get("callbacks") or {}).items()
+            if node
+        ),
     ]
-    if cfg.early_stopping:
-        callbacks.append(
-            EarlyStopping(cfg.checkpoint.monitor, mode=cfg.checkpoint.mode, **cfg.early_stopping)
-        )
     progress_bar = cfg.trainer.get("enable_progress_bar")
     extra = {}
     if device_of(cfg).type == "cuda" and cfg.trainer.get("benchmark") is None:
@@ -248,7 +267,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         parent_run_id=cfg.tracking.get("parent_run_id"),
     ) as run:
         if resume:
-            run.set_tags({"segexp.resumed_with": " ".join(overrides)})
+            resumed_with = config.redact("overrides", " ".join(overrides))
+            run.set_tags({tracking.tags.RESUMED_WITH: resumed_with})
         else:
             report.log_run_inputs(run, cfg, overrides, datamodule, output_dir)
         run.set_tags(
@@ -273,17 +293,18 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     url = tracking.experiment_url(
         client.tracking_uri if server else "http://127.0.0.1:5000", run.experiment_id
     )
+    metric = cfg.optimized_metric
     print(
         f"\nrun {run.run_id} in experiment '{cfg.tracking.experiment}':"
-        f" val/dice_best={final['val/dice_best']:.4f} (epoch {final['best_epoch']})"
+        f" {metric}={final.get(metric, float('nan')):.4f} (epoch {final['best_epoch']})"
         f"\noutputs: {output_dir}\nbrowse: {ui}{url}"
     )
     return final
 
 
 @hydra.main(config_path=str(config.CONFIG_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    """Hydra entry point (`segexp train`, `python -m segexp.train`); returns val/dice_best."""
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point (`segexp train`, `python -m segexp.train`); returns `optimized_metric`."""
     if tracking.received_signal:  # a sweep that was told to stop starts no further job
         raise SystemExit(128 + tracking.received_signal[0])
     performance.configure_threads(sweep.threads_per_job())
@@ -304,22 +325,24 @@ def main(cfg: DictConfig) -> float:
         if sweep.in_multirun():
             raise  # Hydra records the failed job; the sweep's summary counts it
         raise SystemExit(f"segexp train: {err}") from None
+    metric = cfg.optimized_metric
     if cfg.tracking.parent_run_id and os.environ.get(sweep.JOBS_ENV):
         client, _ = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
         name = cfg.run_name or final["run_id"][:8]
-        print(sweep.progress_line(client, cfg.tracking.parent_run_id, name, final["val/dice_best"]))
-    return final["val/dice_best"]
+        parent = cfg.tracking.parent_run_id
+        print(sweep.progress_line(client, parent, name, metric, final.get(metric)))
+    return final.get(metric)
 
 
 def skip_finished(cfg: DictConfig) -> float | None:
-    """`sweep.resume=true`: the val/dice_best of a FINISHED twin run, which the parent adopts."""
+    """`sweep.resume=true`: the `optimized_metric` of a FINISHED twin, which the parent adopts."""
     client, _ = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
     twin = sweep.finished_twin(client, cfg)
     if twin is None:
         return None
-    client.set_tag(twin, "segexp.reused_by_sweep", cfg.tracking.parent_run_id)
+    client.set_tag(twin, tracking.tags.REUSED_BY_SWEEP, cfg.tracking.parent_run_id)
     print(f"sweep.resume: reusing FINISHED run {twin} (same config hash and seed)")
-    return client.get_run(twin).data.metrics.get("val/dice_best")
+    return client.get_run(twin).data.metrics.get(cfg.optimized_metric)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""blame v2 statistics on planted tables: bias, CI coverage, family-wise error, reports.
+"""Blame statistics on planted tables: bias, CI coverage, family-wise error, reports.
 
 Simulations fit each table of replications at once (`estimate` takes a matrix of responses);
 with failed cells, 20 random failure patterns of 50 replications each make the 1000.
@@ -131,7 +131,7 @@ def test_estimates_are_unbiased_and_cis_cover(scenario, fail):
 @pytest.mark.parametrize("fail", [0.0, 0.1], ids=["complete", "10% failed"])
 @pytest.mark.parametrize("k", [4, 6])
 def test_family_wise_false_verdicts_stay_at_5_percent_under_the_null(k, fail):
-    # 1000 replications: a rate of 0.05 lands within 0.065 with > 98% chance; v1's ~0.4 never
+    # 1000 replications: a rate of 0.05 lands within 0.065 with > 98% chance; unadjusted per-term tests (~0.4) never do
     _, false_any, _ = simulate(make_design(k).cells, [0.0] * k, fail=fail, rng_seed=k)
     assert len(false_any) == 1000 and 0.02 <= false_any.mean() <= 0.065
 
@@ -158,8 +158,8 @@ def noise_free(cells, k: int, seeds: int = 3) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("kind", ["oat", "fractional"])
-def test_v1_counterexample_only_factor_0_costs(kind):
-    # v1 (level means over the one-at-a-time cells) said -0.017 and `hurt` for f1..f4
+def test_level_means_counterexample_only_factor_0_costs(kind):
+    # level means over the one-at-a-time cells would say -0.017 and `hurt` for f1..f4
     effects = analyze(
         noise_free(make_design(5, kind).cells, 5), [f"f{i}" for i in range(5)], METRIC
     )

@@ -5,36 +5,78 @@ The estimator's statistics (bias, coverage, family-wise error) are simulated in 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import contextlib
+import copy
+import functools
+import re
+from pathlib import Path
 
 import pytest
-import yaml
-from conftest import make_cfg, steps
+from helpers import make_cfg, run_segexp, steps
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
-from segexp import cli, config
+from segexp import cli, config, report, tracking
 from segexp.blame import Change, blame, from_choices, from_leaves
 from segexp.config import ConfigError
-from segexp.train import train
+from segexp.train import build_datamodule, train
 
 
-def recorded(tmp_path, *overrides: str) -> tuple[dict, dict]:
-    """(tags, stored config) of a run as `segexp train OVERRIDES` records them."""
-    cfg, choices = config.compose([f"work_dir={tmp_path}", *overrides], choices=True)
-    tags = {"segexp.choices": json.dumps(choices), "hydra.overrides": " ".join(overrides)}
-    return tags, config.redacted(cfg)
+@contextlib.contextmanager
+def hydra_job(overrides: list[str]):
+    """The job config of `segexp train OVERRIDES`, Hydra's runtime config set as Hydra's
+    run_job sets it for the job (what `report.choice_tags` reads)."""
+    with initialize_config_dir(str(config.CONFIG_DIR), version_base="1.3"):
+        composed = compose("train", overrides=overrides, return_hydra_config=True)
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(composed)
+    try:
+        cfg = copy.deepcopy(composed)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        yield cfg
+    finally:
+        HydraConfig.instance().cfg = previous
 
 
-def change_between(tmp_path, a: list[str], b: list[str]) -> Change:
-    tags_a, config_a = recorded(tmp_path, *a)
-    tags_b, config_b = recorded(tmp_path, *b)
-    return from_choices(tags_a, tags_b, config_a, config_b)
+def recorded_run(work_dir: Path, root: Path, *overrides: str, hydra: bool = True) -> str:
+    """A run whose inputs (tags, config.yaml) `segexp train OVERRIDES` recorded; no training.
+
+    `hydra=False`: as `train(cfg, overrides)` called from Python records them, without the
+    config-group choices only a Hydra job knows.
+    """
+    overrides = [f"work_dir={work_dir}", f"dataset.root={root}", *overrides]
+    job = hydra_job(overrides) if hydra else contextlib.nullcontext(config.compose(overrides))
+    with job as cfg:
+        client, artifacts = tracking.open_store(cfg.tracking, work_dir)
+        datamodule = build_datamodule(cfg)
+        name = " ".join(overrides[2:]) or "defaults"
+        with tracking.TrackedRun(client, cfg.tracking.experiment, artifacts, name) as run:
+            output_dir = work_dir / "outputs" / run.run_id
+            # what `segexp train` passes on: the overrides of the job, as Hydra parsed them
+            task = list(HydraConfig.get().overrides.task) if hydra else overrides
+            report.log_run_inputs(run, cfg, task, datamodule, output_dir)
+    return run.run_id
 
 
-def test_a_group_switch_is_one_factor_and_a_leaf_on_top_is_another(tmp_path):
-    change = change_between(tmp_path, ["optimizer=adam"], ["optimizer=sgd", "optimizer.lr=100"])
+@pytest.fixture
+def record(work_dir, hc18_root):
+    """`recorded_run` on the synthetic HC18 set into this test's store."""
+    return functools.partial(recorded_run, work_dir, hc18_root)
+
+
+def change_between(client, run_a: str, run_b: str) -> Change:
+    """The factors between two recorded runs, from the tags and config.yaml blame reads."""
+    tags = [client.get_run(r).data.tags for r in (run_a, run_b)]
+    stored = [tracking.stored_config(client, r) for r in (run_a, run_b)]
+    return from_choices(*tags, *stored)
+
+
+def test_a_group_switch_is_one_factor_and_a_leaf_on_top_is_another(client, record):
+    run_a = record("debug=tiny", "optimizer=adam")
+    run_b = record("debug=tiny", "optimizer=sgd", "optimizer.lr=100")
+    change = change_between(client, run_a, run_b)
     assert [f.label() for f in change.factors] == [
         "optimizer: adam -> sgd",
         "optimizer.lr: <default> -> 100",
@@ -53,20 +95,22 @@ def test_a_group_switch_is_one_factor_and_a_leaf_on_top_is_another(tmp_path):
         100,
     )
     assert cells[(1, 1)].optimizer.momentum == 0.9 and cells[(1, 1)].optimizer.lr == 100
-    # the cell at A's levels is A itself: same config, same hash
-    tags_a, config_a = recorded(tmp_path, "optimizer=adam")
-    assert config.config_hash(config.redacted(cells[(0, 0)])) == config.config_hash(config_a)
+    # the cell at A's levels is A itself: the config hash A recorded
+    recorded_hash = client.get_run(run_a).data.tags["segexp.config_hash"]
+    assert config.config_hash(config.redacted(cells[(0, 0)])) == recorded_hash
 
 
-def test_a_model_switch_is_one_factor_not_its_leaves(tmp_path):
-    change = change_between(tmp_path, [], ["model=smp"])
+def test_a_model_switch_is_one_factor_not_its_leaves(client, record):
+    change = change_between(client, record("debug=tiny"), record("debug=tiny", "model=smp"))
     assert [f.label() for f in change.factors] == ["model: unet_small -> smp"]
 
 
-def test_experiments_are_split_into_the_changes_they_bundle(tmp_path):
-    root = ["dataset.root=/data/lgg"]
+def test_experiments_are_split_into_the_changes_they_bundle(work_dir, client, lgg_root):
+    common = ["dataset.image_size=32", "dataset.val_count=1"]  # small, and a validation patient
     change = change_between(
-        tmp_path, ["experiment=lgg_buda_1", *root], ["experiment=lgg_buda_2", *root]
+        client,
+        recorded_run(work_dir, lgg_root, "experiment=lgg_buda_1", *common),
+        recorded_run(work_dir, lgg_root, "experiment=lgg_buda_2", *common),
     )
     assert {f.name: f.levels for f in change.factors} == {
         "dataset.batch_size": (16, 32),
@@ -80,12 +124,14 @@ def test_experiments_are_split_into_the_changes_they_bundle(tmp_path):
         3e-4,
         1e-4,
     )
-    assert (cfg.trainer.max_epochs, cfg.seed, cfg.dataset.root) == (1, 3, "/data/lgg")
+    assert (cfg.trainer.max_epochs, cfg.seed, cfg.dataset.root) == (1, 3, str(lgg_root))
 
 
-def test_a_cell_that_cannot_exist_is_named_not_built(tmp_path):
+def test_a_cell_that_cannot_exist_is_named_not_built(client, record):
     change = change_between(
-        tmp_path, ["optimizer=adam"], ["optimizer=sgd", "optimizer.momentum=0.5"]
+        client,
+        record("debug=tiny", "optimizer=adam"),
+        record("debug=tiny", "optimizer=sgd", "optimizer.momentum=0.5"),
     )
     with pytest.raises(
         ConfigError, match="optimizer=adam, optimizer.momentum=0.5.*cannot be composed"
@@ -94,10 +140,13 @@ def test_a_cell_that_cannot_exist_is_named_not_built(tmp_path):
     assert change.cell_config((1, 1), []).optimizer.momentum == 0.5
 
 
-def test_runs_without_choices_fall_back_to_leaves_grouped_per_config_group(tmp_path):
-    a = config.redacted(make_cfg(tmp_path, "optimizer=adam", "dataset.batch_size=8"))
-    b = config.redacted(make_cfg(tmp_path, "optimizer=sgd", "dataset.batch_size=16"))
-    change = from_leaves(a, b)
+def test_runs_without_choices_fall_back_to_leaves_grouped_per_config_group(client, record):
+    runs = [
+        record("debug=tiny", "optimizer=adam", "dataset.batch_size=8", hydra=False),
+        record("debug=tiny", "optimizer=sgd", "dataset.batch_size=16", hydra=False),
+    ]
+    assert not any(tracking.tags.CHOICES in client.get_run(r).data.tags for r in runs)
+    change = from_leaves(*(tracking.stored_config(client, r) for r in runs))
     assert [f.name for f in change.factors] == ["optimizer", "dataset.batch_size"]
     cfg = change.cell_config((1, 0), [])
     assert cfg.optimizer._target_ == "torch.optim.SGD" and "betas" not in cfg.optimizer
@@ -163,16 +212,12 @@ def test_from_table_reanalyses_without_training(tmp_path, capsys):
 
 
 BLAME_BASE = [
-    "dataset.image_size=32",
-    "dataset.batch_size=4",
-    "trainer.enable_progress_bar=false",
+    # 32 px, batch 4, and every cell in fp32: a probe under load must not pick another
+    # precision for some cells
+    "debug=tiny",
     "model.batch_norm=true",
     "loss=dice",
     "trainer.max_epochs=8",
-    # every cell in fp32: a probe under load must not pick another precision for some cells
-    "trainer.precision=32-true",
-    "performance.channels_last=false",
-    "performance.compile=false",
 ]
 
 
@@ -195,18 +240,18 @@ def test_blame_flags_the_harmful_change_and_not_the_harmless_one(
     artifacts = (work_dir / "artifacts").as_uri()
 
     plan = blame(client, artifacts, run_a, run_b, seeds=3, dry_run=True)
-    assert "trainings at most: 12" in capsys.readouterr().out and len(plan["design"].cells) == 4
+    assert "trainings at most: 12" in capsys.readouterr().out and len(plan.plan.design.cells) == 4
 
     result = blame(client, artifacts, run_a, run_b, seeds=3, out_dir=work_dir / "blame")
-    effects = result["effects"].set_index("term")
+    effects = result.effects.set_index("term")
     assert effects.loc["optimizer.lr", "verdict"] == "hurt"
     assert (
         effects.loc["optimizer.lr", "ci_high"] < 0 and effects.loc["optimizer.lr", "p_holm"] < 0.05
     )
     assert effects.loc["optimizer.weight_decay", "verdict"] == "within noise"
-    assert result["trained"] == 10  # 4 cells x 3 seeds, A and B reused
-    assert set(result["results"].run_id) >= {run_a, run_b}
-    parent = client.get_run(result["parent_run_id"])
+    assert result.trained == 10  # 4 cells x 3 seeds, A and B reused
+    assert set(result.results.run_id) >= {run_a, run_b}
+    parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("blame")
     assert {"effects.csv", "runs.csv", "effects.png", "report.md"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)
@@ -218,7 +263,7 @@ def test_blame_flags_the_harmful_change_and_not_the_harmless_one(
         steps(client, c.info.run_id, "val/dice") == list(range(8)) for c in children[:2]
     )
     # a second blame retrains nothing
-    assert blame(client, artifacts, run_a, run_b, seeds=3)["trained"] == 0
+    assert blame(client, artifacts, run_a, run_b, seeds=3).trained == 0
 
 
 @pytest.mark.slow
@@ -230,16 +275,9 @@ def test_blame_through_the_joblib_launcher_splits_a_group_switch_from_a_harmful_
     # above lr=0's 0.22-0.30; at batch 4 x 8 epochs they spread 0.29-0.60 and 2 seeds can miss it
     base = [*BLAME_BASE, "dataset.batch_size=2", "trainer.max_epochs=10"]
     base += [f"dataset.root={hc18_root}", "seed=1"]
-    env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
 
     def segexp_train(*overrides: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "segexp.cli", "train", *base, *overrides],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        done = run_segexp("train", *base, *overrides, work_dir=work_dir, timeout=300)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         return done.stdout.split("\nrun ", 1)[1].split()[0]
 
@@ -255,50 +293,40 @@ def test_blame_through_the_joblib_launcher_splits_a_group_switch_from_a_harmful_
         work_dir=work_dir,
         overrides=["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
     )
-    assert [f.label() for f in result["factors"]] == [
+    assert [f.label() for f in result.plan.change.factors] == [
         "optimizer: adam -> sgd",
         "optimizer.lr: 0.01 -> 0",
     ]
-    table = result["results"]
+    table = result.results
     assert len(table) == 8 and table["val/dice_best"].notna().all(), table  # every cell FINISHED
-    effects = result["effects"].set_index("term")
+    effects = result.effects.set_index("term")
     assert effects.loc["optimizer.lr", "verdict"] == "hurt", effects
     out = capsys.readouterr().out
-    assert "cell 6/8 done" in out or "cell 8/8 done" in out
-    parent = client.get_run(result["parent_run_id"])
+    parent = client.get_run(result.parent_run_id)
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
-    assert len(children) == result["trained"] == 6 and all(
+    assert len(children) == result.trained == 6 and all(
         c.info.status == "FINISHED" for c in children
     )
+    # A and B count as done: one line per trained cell, numbered 3..8 of 8, each cell once
+    progress = re.findall(r"^cell (\d+)/8 done \((.+)\): val/dice_best \d\.\d{3}, ETA", out, re.M)
+    assert [n for n, _ in progress] == ["3", "4", "5", "6", "7", "8"], out[-3000:]
+    assert sorted(name for _, name in progress) == sorted(c.info.run_name for c in children)
 
 
-def logged_run(client, work_dir, *overrides: str) -> str:
-    """A run recorded as `segexp train OVERRIDES` records its inputs (no training needed)."""
-    tags, stored = recorded(work_dir, *overrides)
-    experiment = client.get_experiment_by_name("hc18_synthetic") or client.create_experiment(
-        "hc18_synthetic"
-    )
-    experiment_id = experiment if isinstance(experiment, str) else experiment.experiment_id
-    run = client.create_run(experiment_id, tags=tags, run_name=" ".join(overrides))
-    folder = work_dir / run.info.run_id
-    folder.mkdir()
-    (folder / "config.yaml").write_text(yaml.safe_dump(stored))
-    client.log_artifact(run.info.run_id, str(folder / "config.yaml"))
-    return run.info.run_id
-
-
-def test_dry_run_prints_factors_design_trainings_and_impossible_cells(work_dir, client, capsys):
-    a = logged_run(client, work_dir, "optimizer=adam")
-    b = logged_run(client, work_dir, "optimizer=sgd", "optimizer.momentum=0.5", "optimizer.lr=0.1")
+def test_dry_run_prints_factors_design_trainings_and_impossible_cells(
+    work_dir, client, record, capsys
+):
+    a = record("debug=tiny", "optimizer=adam")
+    b = record("debug=tiny", "optimizer=sgd", "optimizer.momentum=0.5", "optimizer.lr=0.1")
     artifacts = (work_dir / "artifacts").as_uri()
     plan = blame(client, artifacts, a, b, seeds=2, dry_run=True, work_dir=work_dir)
     out = capsys.readouterr().out
     assert "factors (3): optimizer: adam -> sgd, optimizer.lr: <default> -> 0.1, " in out
     assert "design: full factorial 2^3" in out and "trainings at most: 12 " in out  # 6 cells x 2
     # Adam has no momentum: the two cells that give it one are named, not trained
-    assert len(plan["impossible"]) == 2 and "cannot compose cell (0, 0, 1)" in out
+    assert len(plan.plan.cells.impossible) == 2 and "cannot compose cell (0, 0, 1)" in out
     assert (
         client.search_runs(
             [client.get_experiment_by_name("hc18_synthetic").experiment_id],

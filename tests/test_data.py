@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED_HC18, make_cfg, shared_hc18_count
+from helpers import SHARED_HC18, make_cfg, shared_hc18_count
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
@@ -27,9 +27,11 @@ from segexp.data import (
     load_arrays,
     scan_hc18,
     scan_lgg,
+    scan_listed,
     split_groups,
 )
 from segexp.evaluation import ramanujan_perimeter
+from segexp.files import atomic_folder, atomic_path, atomic_write_bytes, atomic_write_text
 
 
 def datamodule(root, layout="hc18", **kwargs) -> SegDataModule:
@@ -170,10 +172,10 @@ def torch_cat(loader):
     return torch.cat([b["image"] for b in loader])
 
 
-def test_predict_loader_reads_unannotated_hc18_test_set(hc18_root):
+def test_unannotated_hc18_test_set_loads_preprocessed_as_the_dataset(hc18_root):
     dm = datamodule(hc18_root)
     dm.setup()
-    batch = next(iter(dm.predict_dataloader()))
+    batch = next(iter(dm.loader_of(scan_hc18(hc18_root, "test"))))
     assert (
         "mask" not in batch
         and batch["image"].shape[1:] == (1, 32, 32)
@@ -251,6 +253,29 @@ def test_each_bad_input_is_named_with_its_file(kind, hc18_root, tmp_path):
     with pytest.raises(DataError) as err:
         datamodule(root).prepare_data()
     assert filename in str(err.value) and reason in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (None, "missing CSV"),
+        ('"a\n', "unreadable CSV"),
+        ("filename\n000_HC.png\n", "missing column(s) ['pixel size(mm)']"),
+    ],
+)
+def test_a_bad_pixel_size_csv_is_named_by_the_dataset_and_by_predict(
+    content, reason, hc18_root, tmp_path
+):
+    root = copy_root(hc18_root, tmp_path)
+    csv = root / "test_set_pixel_size.csv"
+    if content is None:
+        csv.unlink()
+    else:
+        csv.write_text(content)
+    for scan in (lambda: scan_hc18(root, "test"), lambda: scan_listed(root / "test_set", csv)):
+        with pytest.raises(DataError) as err:
+            scan()
+        assert csv.name in str(err.value) and reason in str(err.value)
 
 
 def test_every_offending_file_is_listed_in_one_error(hc18_root, tmp_path):
@@ -347,6 +372,26 @@ def test_cache_hit_and_invalidation(hc18_root, tmp_path):
     changed, _, _ = load(scan_hc18(root), 32)
     assert len(list(cache.iterdir())) == 3
     assert not np.array_equal(changed[0], images[0])
+
+
+def test_an_atomic_write_leaves_the_old_file_or_the_new_one_and_no_temporary(tmp_path):
+    path = tmp_path / "speed" / "entry.json"
+    atomic_write_text(path, "old")
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old" and os.listdir(path.parent) == ["entry.json"]
+    atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new" and os.listdir(path.parent) == ["entry.json"]
+
+
+def test_a_cache_folder_another_writer_finished_first_is_kept(tmp_path):
+    entry = tmp_path / "cache" / "key"
+    for content in ("first", "second"):
+        with atomic_folder(entry) as tmp:
+            (tmp / "meta.json").write_text(content)
+    assert (entry / "meta.json").read_text() == "first"
+    assert os.listdir(entry.parent) == ["key"]
 
 
 # ---------------------------------------------------------------- augmentation

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_cfg, only_run
-from skimage import draw
+import yaml
+from helpers import make_cfg, only_run
+from omegaconf import OmegaConf
 
+from segexp import config, report
 from segexp.data import SegDataModule
 from segexp.evaluation import (
+    Ellipse,
     clinical_table,
+    ellipse_mask,
     hc_from_mask,
     measure_hc,
     ramanujan_perimeter,
@@ -23,12 +28,7 @@ from segexp.models import UNet, flip_tta_logits
 from segexp.predict import SUBMISSION_COLUMNS, flags_path, load_run_model, predict
 from segexp.train import train
 
-
-def filled_ellipse(cy, cx, b, a, theta, shape=(540, 800)) -> np.ndarray:
-    mask = np.zeros(shape, bool)
-    rr, cc = draw.ellipse(cy, cx, b, a, shape=shape, rotation=-theta)  # skimage turns the other way
-    mask[rr, cc] = True
-    return mask
+HC18_SIZE = (540, 800)  # (H, W) of an HC18 image
 
 
 # drawn ellipses hold the pixels whose centres are inside: the moment fit sees the true axes, the
@@ -42,7 +42,7 @@ OFFSETS = {"moment": 0.0, "contour": 0.5}
 @pytest.mark.parametrize("defects", [False, True])
 def test_ellipse_fit_hc_within_half_a_percent(method, ratio, theta, defects):
     a, b = 170.0, 170.0 * ratio
-    mask = filled_ellipse(270, 400, b, a, theta)
+    mask = ellipse_mask(Ellipse(400, 270, a, b, theta), HC18_SIZE)
     if defects:
         mask[250:290, 380:420] = False  # a hole inside the head (unfilled: +2% HC)
         mask[10:40, 10:60] = True  # a spurious blob elsewhere
@@ -52,7 +52,9 @@ def test_ellipse_fit_hc_within_half_a_percent(method, ratio, theta, defects):
 
 def test_contour_fit_measures_a_head_cut_by_the_border_whole():
     a, b = 200.0, 140.0
-    mask = filled_ellipse(80, 400, b, a, 0.2)  # the top ~65 rows of the head are off the image
+    mask = ellipse_mask(
+        Ellipse(400, 80, a, b, 0.2), HC18_SIZE
+    )  # the top ~65 rows of the head are off the image
     truth = ramanujan_perimeter(a, b)
     assert hc_from_mask(mask, 1.0, 0.5, "contour") == pytest.approx(truth, rel=0.005)
     assert hc_from_mask(mask, 1.0, 0.0, "moment") < 0.99 * truth  # the moments see a cut head
@@ -159,7 +161,7 @@ def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir,
         "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false",
     )
-    assert cfg.dataset.flip_tta and cfg.dataset.single_object
+    assert cfg.evaluation.flip_tta and cfg.evaluation.single_object
     final = train(cfg)
     run = only_run(client, "hc18_synthetic")
     for key in ("val/hc_mae_mm", "val/hc_bias_mm", "val/hc_outliers_10mm", "val/hc_flagged"):
@@ -170,7 +172,9 @@ def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir,
     assert {"hc_error_mm", "eccentricity", "hc_flag"} <= set(cases.columns)
     assert final["val/hc_outliers_10mm_best"] == (cases.hc_abs_error_mm > 10).sum()
     # predict flags with the width limit of the validation epoch the best weights had
-    limit = load_run_model(client, run.info.run_id)[2]["hc_width_limit_px"]
+    evaluation = load_run_model(client, run.info.run_id)[2]  # what the checkpoint carries
+    assert evaluation["flip_tta"] and evaluation["single_object"]
+    limit = evaluation["hc_width_limit_px"]
     assert limit == pytest.approx(1.5 * cases.boundary_width_px.median())
 
     out = work_dir / "submission.csv"
@@ -188,3 +192,33 @@ def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir,
     ]
     assert flags.filename.tolist() == table.filename.tolist()
     assert all(math.isfinite(v) for v in flags.hc_mm)
+
+
+def test_a_config_stored_with_evaluation_settings_in_dataset_reads_them_in_evaluation(tmp_path):
+    old = make_cfg(tmp_path, "experiment=hc18_best", f"dataset.root={tmp_path}")
+    stored = OmegaConf.to_container(old, resolve=True)
+    stored["dataset"].update(stored.pop("evaluation"))  # where runs kept them before the node
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    read = config.read_stored(tmp_path / "config.yaml", "run")
+    assert read["evaluation"] == {
+        "flip_tta": True,
+        "single_object": True,
+        "hc_ellipse_fit": "moment",
+    }
+    assert not {"flip_tta", "single_object", "hc_ellipse_fit"} & set(read["dataset"])
+    SegDataModule(**{k: v for k, v in read["dataset"].items() if k != "_target_"})  # predict's way
+
+
+def test_hc_agreement_figure_plots_each_image_and_the_bias():
+    cases = pd.DataFrame({"hc_true_mm": [100.0, 200.0, 300.0], "hc_pred_mm": [102.0, 201.0, 303.0]})
+    fig = report.hc_agreement_figure(cases)
+    scatter, bland_altman = fig.axes
+    assert scatter.collections[0].get_offsets().tolist() == [[100, 102], [200, 201], [300, 303]]
+    assert (scatter.get_xlabel(), scatter.get_ylabel()) == (
+        "reference HC (mm)",
+        "predicted HC (mm)",
+    )
+    assert bland_altman.collections[0].get_offsets().tolist() == [[101, 2], [200.5, 1], [301.5, 3]]
+    assert bland_altman.get_title() == "bias +2.00 mm"
+    assert len(bland_altman.get_lines()) == 3  # the bias and its 95% limits of agreement
+    plt.close(fig)

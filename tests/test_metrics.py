@@ -5,32 +5,36 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
-from conftest import SHARED_HC18, make_cfg, shared_hc18_count
-from skimage import draw
+from helpers import SHARED_HC18, make_cfg, shared_hc18_count
 
+from segexp import report
 from segexp.data import filled_mask, read_image, scan_hc18
-from segexp.evaluation import ellipse_from_mask, hc_from_mask, hd95, ramanujan_perimeter
+from segexp.evaluation import (
+    Ellipse,
+    ellipse_from_mask,
+    ellipse_mask,
+    hc_from_mask,
+    hd95,
+    ramanujan_perimeter,
+)
 
-
-def filled_ellipse(cy, cx, b, a, theta, shape=(540, 800)) -> np.ndarray:
-    mask = np.zeros(shape, bool)
-    rr, cc = draw.ellipse(cy, cx, b, a, shape=shape, rotation=-theta)  # skimage turns the other way
-    mask[rr, cc] = True
-    return mask
+HC18_SIZE = (540, 800)  # (H, W) of an HC18 image
 
 
 @pytest.mark.parametrize("theta", [0.0, 0.5, -1.2])
 def test_ellipse_from_mask_recovers_centre_axes_and_angle(theta):
-    ellipse = ellipse_from_mask(filled_ellipse(260, 410, 90, 180, theta))
+    ellipse = ellipse_from_mask(ellipse_mask(Ellipse(410, 260, 180, 90, theta), HC18_SIZE))
     assert (ellipse.cx, ellipse.cy) == (pytest.approx(410, abs=0.5), pytest.approx(260, abs=0.5))
     assert (ellipse.a, ellipse.b) == (pytest.approx(180, rel=0.01), pytest.approx(90, rel=0.01))
     assert math.cos(2 * (ellipse.angle - theta)) > 0.999  # same axis
 
 
 def test_hc_uses_the_largest_component_with_holes_filled():
-    mask = filled_ellipse(270, 400, 100, 150, 0.3)
+    mask = ellipse_mask(Ellipse(400, 270, 150, 100, 0.3), HC18_SIZE)
     truth = hc_from_mask(mask, 0.1)
     assert truth == pytest.approx(ramanujan_perimeter(150, 100) * 0.1, rel=0.01)
     noisy = mask.copy()
@@ -83,3 +87,26 @@ def test_hc_calibration_on_every_real_annotation(tmp_path):
     assert mae <= 0.1 and abs(bias) <= 0.05
     # without the boundary offset the moment fit is biased by about +1 mm: the check can fail
     assert calibration_errors(SHARED_HC18, 0.0, every=10).mean() > 0.5
+
+
+def test_run_figures_show_each_curve_and_the_dice_and_accuracy_spread():
+    history = {
+        "train/loss": [(0, 0.9), (1, 0.5)],
+        "val/loss": [(0, 1.0), (1, 0.6)],
+        "val/dice": [(0, 0.3), (1, 0.7)],
+        "val/iou": [],  # not logged (yet): no line
+    }
+    fig = report.curves_figure(history)
+    ax_loss, ax_overlap = fig.axes
+    assert [line.get_label() for line in ax_loss.get_lines()] == ["train/loss", "val/loss"]
+    assert [line.get_label() for line in ax_overlap.get_lines()] == ["val/dice"]
+    assert list(ax_overlap.get_lines()[0].get_ydata()) == [0.3, 0.7]
+    assert ax_loss.get_xlabel() == "epoch" and ax_overlap.get_title() == "overlap"
+    plt.close(fig)
+    table = pd.DataFrame({"dice": [0.2, 0.8, 0.9], "accuracy": [0.97, 0.99, 1.0]})
+    fig = report.distributions_figure(table, "patient")
+    assert [ax.get_title() for ax in fig.axes] == ["dice per patient", "accuracy per patient"]
+    legend = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["mean 0.633", "median 0.800"]
+    assert len(fig.axes[1].collections[0].get_offsets()) == 3  # one point per patient
+    plt.close(fig)

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    TINY,
+from helpers import (
     an_epoch_is_logged,
     make_cfg,
     only_run,
     predict_args,
-    segexp_train,
+    run_segexp,
     start_long_run,
+    start_segexp,
     steps,
     wait_for,
 )
@@ -34,7 +34,7 @@ from segexp.train import train
 
 
 @pytest.mark.slow  # a whole process lifecycle: tens of seconds
-def test_kill_9_then_cleanup_then_resume_finishes_the_same_run(work_dir, client, hc18_root):
+def test_kill_9_then_cleanup_then_resume_finishes_the_same_run(cfg, work_dir, client, hc18_root):
     proc = start_long_run(work_dir, client, hc18_root)
     wait_for(lambda: (work_dir / "out" / "checkpoints" / "last.ckpt").is_file())
     proc.send_signal(signal.SIGKILL)
@@ -48,7 +48,9 @@ def test_kill_9_then_cleanup_then_resume_finishes_the_same_run(work_dir, client,
 
     done = steps(client, run.info.run_id, "val/dice")
     epochs = done[-1] + 3
-    resumed = segexp_train(work_dir, f"resume={run.info.run_id}", f"trainer.max_epochs={epochs}")
+    resumed = start_segexp(
+        "train", f"resume={run.info.run_id}", f"trainer.max_epochs={epochs}", work_dir=work_dir
+    )
     output, _ = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, output[-3000:]
     assert "Changing param values" not in output
@@ -58,15 +60,8 @@ def test_kill_9_then_cleanup_then_resume_finishes_the_same_run(work_dir, client,
     assert steps(client, run.info.run_id, "train/loss") == list(range(epochs))
 
     # exactly what an uninterrupted run of the same config ends with
-    straight = train(
-        make_cfg(
-            work_dir,
-            *TINY,
-            f"dataset.root={hc18_root}",
-            f"trainer.max_epochs={epochs}",
-            "run_name=straight",
-        )
-    )
+    cfg.trainer.max_epochs, cfg.run_name = epochs, "straight"
+    straight = train(cfg)
     straight_run = client.get_run(straight["run_id"])
 
     def artifacts(run_id, path=""):
@@ -90,14 +85,16 @@ def test_kill_9_then_cleanup_then_resume_finishes_the_same_run(work_dir, client,
         assert torch.allclose(best[0]["state_dict"][key], value), key
     assert not list((work_dir / "out" / "checkpoints").glob("best-v*.ckpt"))
     # resuming a FINISHED run with no epochs to add is refused, never a duplicate evaluation
-    again = segexp_train(work_dir, f"resume={run.info.run_id}", f"trainer.max_epochs={epochs}")
+    again = start_segexp(
+        "train", f"resume={run.info.run_id}", f"trainer.max_epochs={epochs}", work_dir=work_dir
+    )
     output, _ = again.communicate(timeout=120)
     assert again.returncode != 0 and f"FINISHED its {epochs} epochs" in output
     assert len(client.get_metric_history(run.info.run_id, "val/dice_best")) == 1
 
 
 def test_a_resumed_run_matches_the_uninterrupted_one(work_dir, client, hc18_root):
-    common = [*TINY, f"dataset.root={hc18_root}", "augment=buda", "dataset.batch_size=6"]
+    common = ["debug=tiny", f"dataset.root={hc18_root}", "augment=buda", "dataset.batch_size=6"]
     straight = train(make_cfg(work_dir, *common, "trainer.max_epochs=3", "run_name=straight"))
     first = train(make_cfg(work_dir, *common, "trainer.max_epochs=2", "run_name=interrupted"))
     resumed = train(
@@ -135,8 +132,9 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_malicious_checkpoint_is_refused_and_never_runs(work_dir, client, hc18_root):
-    first = train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1"))
+def test_a_malicious_checkpoint_is_refused_and_never_runs(cfg, work_dir, client, hc18_root):
+    cfg.trainer.max_epochs = 1
+    first = train(cfg)
     out = Path(client.get_run(first["run_id"]).data.tags["segexp.output_dir"])
     marker = work_dir / "pwned"
     torch.save({"state_dict": Payload(marker)}, out / "checkpoints" / "last.ckpt")
@@ -151,13 +149,13 @@ def test_a_malicious_checkpoint_is_refused_and_never_runs(work_dir, client, hc18
     assert not marker.exists()
 
 
-def test_an_exception_after_fit_marks_the_run_failed(work_dir, client, hc18_root, monkeypatch):
+def test_an_exception_after_fit_marks_the_run_failed(cfg, client, monkeypatch):
     def broken_plot(*args, **kwargs):
         raise RuntimeError("disk full while plotting")
 
     monkeypatch.setattr(report, "plot_curves", broken_plot)  # segexp's own code, not a library
     with pytest.raises(RuntimeError, match="disk full"):
-        train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}"))
+        train(cfg)
     run = only_run(client, "hc18_synthetic")
     assert run.info.status == "FAILED"
     assert "disk full while plotting" in run.data.tags["failure_reason"]
@@ -167,7 +165,7 @@ def test_an_exception_after_fit_marks_the_run_failed(work_dir, client, hc18_root
 def test_a_bad_augmentation_fails_before_any_run(work_dir, client, hc18_root):
     cfg = make_cfg(
         work_dir,
-        *TINY,
+        "debug=tiny",
         f"dataset.root={hc18_root}",
         "augment=buda",
         "+augment.transforms.0={_target_: albumentations.RandomCrop, height: 999, width: 999}",
@@ -187,12 +185,13 @@ def children_of(pid: int) -> list[int]:
 def test_a_dataloader_worker_killed_mid_epoch_fails_the_run_without_a_hang(
     work_dir, client, hc18_root
 ):
-    proc = segexp_train(
-        work_dir,
-        *TINY,
+    proc = start_segexp(
+        "train",
+        "debug=tiny",
         f"dataset.root={hc18_root}",
         "dataset.num_workers=2",
         "trainer.max_epochs=500",
+        work_dir=work_dir,
     )
     wait_for(lambda: an_epoch_is_logged(client))
     workers = []
@@ -212,7 +211,7 @@ def test_env_values_and_uri_passwords_never_reach_the_store(
     monkeypatch.setenv("SEGEXP_TEST_SECRET", secret)
     cfg = make_cfg(
         work_dir,
-        *TINY,
+        "debug=tiny",
         f"dataset.root={hc18_root}",
         "trainer.max_epochs=1",
         "+notes.api=${oc.env:SEGEXP_TEST_SECRET}",
@@ -269,7 +268,9 @@ def schema_is_at_head(db: Path) -> bool:
 def test_concurrent_writers_on_a_fresh_store(tmp_path, hc18_root, jobs):
     """`jobs` separate `segexp train` processes started at once on a store nobody created yet."""
     procs = [
-        segexp_train(tmp_path, *TINY, f"dataset.root={hc18_root}", f"seed={seed}")
+        start_segexp(
+            "train", "debug=tiny", f"dataset.root={hc18_root}", f"seed={seed}", work_dir=tmp_path
+        )
         for seed in range(jobs)
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -328,16 +329,13 @@ def test_a_signal_inside_a_store_commit_ends_the_run_killed_and_leaves_the_store
 def test_a_sweep_job_killed_like_the_oom_killer_is_killed_and_resume_finishes_it(
     work_dir, client, hc18_root
 ):
-    env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
     # 96 px makes an epoch last long enough to kill a job in the middle of the sweep
-    command = [
-        *[sys.executable, "-m", "segexp.cli", "train", "-m", *TINY, f"dataset.root={hc18_root}"],
-        *["dataset.image_size=96", "trainer.max_epochs=8", "optimizer.lr=1e-3,2e-3"],
+    args = [
+        *["train", "-m", "debug=tiny", f"dataset.root={hc18_root}", "dataset.image_size=96"],
+        *["trainer.max_epochs=8", "optimizer.lr=1e-3,2e-3"],
         *["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
     ]
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    proc = start_segexp(*args, work_dir=work_dir)
 
     def kids():
         found = client.get_experiment_by_name("hc18_synthetic")
@@ -356,9 +354,7 @@ def test_a_sweep_job_killed_like_the_oom_killer_is_killed_and_resume_finishes_it
     ]
     assert client.get_run(victim.info.run_id).info.status == "KILLED"
 
-    done = subprocess.run(
-        [*command, "sweep.resume=true"], env=env, capture_output=True, text=True, timeout=300
-    )
+    done = run_segexp(*args, "sweep.resume=true", work_dir=work_dir, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     [parent] = client.search_runs([experiment_id], "tags.`segexp.role` = 'sweep'")
     assert parent.info.status == "FINISHED"
@@ -368,13 +364,15 @@ def test_a_sweep_job_killed_like_the_oom_killer_is_killed_and_resume_finishes_it
     assert latest == {"0.001": "FINISHED", "0.002": "FINISHED"}
 
 
-def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(work_dir, client, hc18_root):
-    first = train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1"))
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(cfg, work_dir, client):
+    cfg.trainer.max_epochs = 1
+    first = train(cfg)
     checkpoints = (
         Path(client.get_run(first["run_id"]).data.tags["segexp.output_dir"]) / "checkpoints"
     )
     before = (checkpoints / "last.ckpt").read_bytes()
-    (checkpoints / ".last.ckpt.tmp").mkdir()  # the next save cannot write its temporary file
+    # the next save (this process: train runs in it) cannot write its temporary file
+    (checkpoints / f".last.ckpt.{os.getpid()}.tmp").mkdir()
     resume = [f"resume={first['run_id']}", "trainer.max_epochs=3"]
     with pytest.raises(OSError):
         train(make_cfg(work_dir, *resume), resume)
@@ -389,7 +387,7 @@ def test_a_loss_that_turns_nan_at_epoch_2_keeps_the_earlier_best_checkpoint(
     # lr x 1e30 from epoch 2 on: the weights blow up there, as a real divergence does
     cfg = make_cfg(
         work_dir,
-        *TINY,
+        "debug=tiny",
         f"dataset.root={hc18_root}",
         "optimizer=sgd",
         "trainer.max_epochs=4",
@@ -427,12 +425,12 @@ def test_bad_run_values_are_refused_by_key_before_a_run_exists(
     override, named, work_dir, client, hc18_root
 ):
     with pytest.raises(ConfigError, match=re.escape(named)):
-        train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}", override))
+        train(make_cfg(work_dir, "debug=tiny", f"dataset.root={hc18_root}", override))
     assert client.search_experiments(filter_string="name = 'hc18_synthetic'") == []
 
 
 def test_a_bad_value_on_the_command_line_is_one_line_and_exit_nonzero(work_dir, hc18_root):
-    proc = segexp_train(work_dir, f"dataset.root={hc18_root}", "seed=abc")
+    proc = start_segexp("train", f"dataset.root={hc18_root}", "seed=abc", work_dir=work_dir)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "Traceback" not in output
     assert "segexp train: seed='abc' must be an integer" in output

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, make_cfg, predict_args
+from helpers import make_cfg, predict_args
 from mlflow import MlflowClient
 
 from segexp import cli, config
@@ -28,9 +28,8 @@ def planted(tmp_path_factory, store_template, hc18_root):
     """A real run whose config.yaml was replaced by one that loads a planted `hubconf.py`."""
     work_dir = tmp_path_factory.mktemp("planted")
     shutil.copy(store_template, work_dir / "mlflow.db")
-    run_id = train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1"))[
-        "run_id"
-    ]
+    cfg = make_cfg(work_dir, "debug=tiny", f"dataset.root={hc18_root}", "trainer.max_epochs=1")
+    run_id = train(cfg)["run_id"]
     client = MlflowClient(tracking_uri=f"sqlite:///{work_dir / 'mlflow.db'}")
     marker = work_dir / "pwned"
     artifacts = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
@@ -68,7 +67,9 @@ def test_blame_refuses_a_planted_run_before_any_training(planted, capsys):
     work_dir, run_id, marker, hc18_root = planted
     client = MlflowClient(tracking_uri=f"sqlite:///{work_dir / 'mlflow.db'}")
     other = train(
-        make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1", "seed=3")
+        make_cfg(
+            work_dir, "debug=tiny", f"dataset.root={hc18_root}", "trainer.max_epochs=1", "seed=3"
+        )
     )["run_id"]
     before = len(
         client.search_runs([client.get_experiment_by_name("hc18_synthetic").experiment_id])
@@ -130,16 +131,13 @@ def test_every_shipped_config_target_and_library_class_is_allowed():
 
 
 def test_a_run_logged_before_performance_channels_last_still_predicts(
-    tmp_path, store_template, hc18_root
+    cfg, work_dir, client, hc18_root
 ):
-    shutil.copy(store_template, tmp_path / "mlflow.db")
-    run_id = train(make_cfg(tmp_path, *TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1"))[
-        "run_id"
-    ]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg.trainer.max_epochs = 1
+    run_id = train(cfg)["run_id"]
     artifacts = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
     stored = yaml.safe_load((artifacts / "config.yaml").read_text())
     stored["model"]["channels_last"] = stored.pop("performance")["channels_last"]  # old layout
     (artifacts / "config.yaml").write_text(yaml.safe_dump(stored))
-    assert cli.main(predict_args(run_id, hc18_root, tmp_path)) == 0
-    assert len((tmp_path / "sub.csv").read_text().splitlines()) == 1 + 3
+    assert cli.main(predict_args(run_id, hc18_root, work_dir)) == 0
+    assert len((work_dir / "sub.csv").read_text().splitlines()) == 1 + 3

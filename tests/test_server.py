@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, steps, wait_for
+from helpers import run_segexp, start_segexp, steps, wait_for
 from mlflow import MlflowClient
 
 from segexp import tracking
@@ -64,13 +63,7 @@ def postgres_work_dir() -> Path:
 def test_segexp_server_starts_postgres_and_mlflow_and_stops_both():
     work_dir, port = postgres_work_dir(), server.free_port()
     log = work_dir / "segexp-server.out"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "segexp.cli", "server", "--work-dir", str(work_dir)]
-            + ["--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_segexp("server", "--work-dir", str(work_dir), "--port", str(port), log=log)
     try:
         wait_for(lambda: "tracking.uri=" in log.read_text() or proc.poll() is not None, 300)
         assert f"tracking.uri=http://127.0.0.1:{port}" in log.read_text(), log.read_text()
@@ -100,20 +93,16 @@ def team():
 
 
 def segexp(logs: Path, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """`segexp ARGS` in the background, its output in logs/<name>.log (a pipe could fill)."""
+    """`segexp ARGS` in the background on one thread, its output in logs/<name>.log."""
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SEGEXP_THREADS": "1", **(env or {})}
-    with open(logs / f"{name}.log", "w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "segexp.cli", *args], env=env, stdout=out, stderr=out
-        )
+    return start_segexp(*args, env={"SEGEXP_THREADS": "1", **(env or {})}, log=logs / f"{name}.log")
 
 
 def train_args(team: Team, client_dir: Path, hc18_root: Path, experiment: str) -> list[str]:
     return [
         "train",
         f"work_dir={client_dir}",
-        *TINY,
+        "debug=tiny",
         f"dataset.root={hc18_root}",
         f"tracking.uri={team.url}",
         f"tracking.experiment={experiment}",
@@ -256,12 +245,7 @@ def test_server_gone_for_10_s_mid_training_loses_no_run(team, hc18_root, tmp_pat
     assert codes["fragile"] != 0, log_tail(tmp_path / "logs", "fragile")
 
     # runs whose end could not be recorded are marked by cleanup, once the server is back
-    cleanup = subprocess.run(
-        [sys.executable, "-m", "segexp.cli", "runs", "cleanup", "--tracking-uri", team.url],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cleanup = run_segexp("runs", "cleanup", "--tracking-uri", team.url, timeout=300)
     assert cleanup.returncode == 0, cleanup.stderr
     runs = runs_of(client, "outage")
     assert "RUNNING" not in {r.info.status for r in runs}, [(r.info.run_name, r.info.status)
@@ -279,12 +263,10 @@ def test_server_gone_for_10_s_mid_training_loses_no_run(team, hc18_root, tmp_pat
             epochs_of[run.info.run_id] = len(steps(client, run.info.run_id, "val/dice")) + 1
             more = [f"trainer.max_epochs={epochs_of[run.info.run_id]}"]
         # resume trains on from last.ckpt, into the same run
-        done = subprocess.run(
-            [sys.executable, "-m", "segexp.cli", "train", f"resume={run.info.run_id}", *more]
-            + [f"tracking.uri={team.url}", f"work_dir={tmp_path}"],
-            env={**os.environ, "SEGEXP_THREADS": "2"},
-            capture_output=True,
-            text=True,
+        done = run_segexp(
+            *["train", f"resume={run.info.run_id}", *more, f"tracking.uri={team.url}"],
+            work_dir=tmp_path,
+            env={"SEGEXP_THREADS": "2"},
             timeout=TRAINING_TIMEOUT,
         )
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]

@@ -1,4 +1,4 @@
-"""segexp.speed's probe and cache, compile and BN folding, and the benchmark's own pieces."""
+"""Speed settings: the probe and its cache, compile and BN folding, the benchmark's own pieces."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from segexp.models import UNet
-from segexp.performance import runtime, speed
+from segexp.performance import Mode, probe, runtime, speed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is not installed
-from benchmarks import bench, reference  # noqa: E402
+from benchmarks import bench, bounds, reference  # noqa: E402
 
 SHAPE = (2, 3, 32, 32)
 AUTO = {"channels_last": "auto", "compile": "false"}
@@ -52,7 +52,7 @@ def test_auto_probes_once_then_reads_the_cache(tmp_path):
     }
     assert "32-true/contiguous" in measured and "32-true/channels_last" in measured
     best = max(measured, key=measured.get)
-    assert speed.mode_name(first.precision, first.channels_last) == best
+    assert Mode(first.precision, first.channels_last).name == best
     again = speed.resolve("auto", AUTO, net, SHAPE, tmp_path)
     assert again.figures["speed.source"] == "cache"
     assert (again.precision, again.channels_last) == (first.precision, first.channels_last)
@@ -65,10 +65,14 @@ def test_auto_probes_once_then_reads_the_cache(tmp_path):
 def test_auto_follows_the_measurement_not_the_cpu_flags(tmp_path, fastest):
     net = tiny_net()
     path = tmp_path / "speed" / f"{speed.cache_key(net, SHAPE, torch.device('cpu'))}.json"
-    modes = [speed.mode_name(p, cl) for p in speed.CPU_PRECISIONS for cl in (False, True)]
+    # the cache keeps modes by name, as caches written before `Mode` have them
+    modes = [
+        f"{p}/{layout}" for p in speed.CPU_PRECISIONS for layout in ("contiguous", "channels_last")
+    ]
     speed.save_cache(path, {"img_s": {m: 9.0 if m == fastest else 3.0 for m in modes}})
     choice = speed.resolve("auto", AUTO, net, SHAPE, tmp_path)
-    assert speed.mode_name(choice.precision, choice.channels_last) == fastest
+    assert Mode(choice.precision, choice.channels_last).name == fastest
+    assert choice.figures["speed.choice"] == fastest
     assert choice.figures["speed.source"] == "cache"
     # an explicit precision narrows the choice to that precision's layouts
     pinned = speed.resolve("32-true", AUTO, net, SHAPE, tmp_path)
@@ -108,7 +112,7 @@ def test_compiled_net_trains_to_the_same_loss_and_saves_plain_keys():
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     losses = []
     for compiled in (False, True):
-        net = speed.compile_net(tiny_net()) if compiled else tiny_net()
+        net = runtime.compile_net(tiny_net()) if compiled else tiny_net()
         optimizer = torch.optim.Adam(net.parameters(), 1e-2)
         for _ in range(2):
             optimizer.zero_grad()
@@ -219,10 +223,34 @@ def test_reference_port_matches_the_reference_model_and_loss():
 
 def test_probe_extrapolates_a_fixed_plus_per_pixel_step_time():
     sample = (16, 3, 256, 256)
-    n0, n1 = speed.probe_batches(sample)
-    assert speed.probe_shape(sample)[2:] == (128, 128) and (n0, n1) == (1, speed.PROBE_BATCH)
+    n0, n1 = probe.probe_batches(sample)
+    assert probe.probe_shape(sample)[2:] == (128, 128) and (n0, n1) == (1, probe.PROBE_BATCH)
     fixed, per_image = 0.5, 0.1  # seconds per step, per 128 x 128 image
-    img_s = speed.extrapolate(fixed + per_image * n0, fixed + per_image * n1, (n0, n1), sample)
+    img_s = probe.extrapolate(fixed + per_image * n0, fixed + per_image * n1, (n0, n1), sample)
     # the real step: the same fixed cost plus 16 images of 4x the pixels
     assert img_s == pytest.approx(16 / (fixed + per_image * 16 * 4))
-    assert speed.probe_batches((2, 3, 32, 32)) == (2, 2)  # small enough to time as it is
+    assert probe.probe_batches((2, 3, 32, 32)) == (2, 2)  # small enough to time as it is
+
+
+def test_bench_summary_compares_auto_with_the_reference_and_the_best():
+    reference_name = "reference (fp32, its loop)"
+    img_s = {reference_name: 2.0, "32-true/contiguous": 3.0, "32-true/channels_last": 4.0}
+    img_s.update({"bf16-mixed/contiguous": 5.0, "bf16-mixed/channels_last": 6.0})
+    auto, fp32 = speed.Choice("bf16-mixed", True, False), speed.Choice("32-true", False, False)
+    race = bench.RaceFigures(
+        img_s, reference_name, "bf16-mixed/channels_last", auto, fp32, math.nan
+    )
+    runs = {"auto": bench.RunFigures(steady=5.0, e2e=4.0, rss_mb=2048.0, choice="")}
+    data = bench.DataFigures([], loader_img_s=50.0, gflop=10.0)
+    bounds = bench.Bounds({"fp32": 100.0, "bf16": 200.0}, {"ACTIVE": 1.0, "PASSIVE": 2.0})
+    summary = bench.summarize(bounds, runs, data, race)
+    assert summary["vs_reference"] == 3.0 and summary["fp32_vs_reference"] == 1.5
+    assert summary["vs_reference_e2e"] == 2.0 and summary["auto_vs_best"] == 1.0
+    assert summary["peak_share"] == pytest.approx(10 * 6 / 200)
+    assert summary["loader_margin"] == 10.0 and summary["rss_gb"] == 2.0
+    assert summary["omp_passive_speedup"] == 2.0 and math.isnan(summary["compile_speedup"])
+
+
+def test_bench_omp_probe_runs_a_step(capsys):
+    exec(bounds.OMP_PROBE, {})  # the script each OpenMP-policy process runs
+    assert float(capsys.readouterr().out.split()[-1]) > 0

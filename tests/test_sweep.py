@@ -17,27 +17,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY, steps
+from helpers import run_segexp, start_segexp, steps
 from mlflow import MlflowClient
 
-from segexp import cli, compare
+from segexp import cli, compare, tracking
 
 GRID = ["optimizer.lr=1e-3,-1", "seed=1,2"]  # lr=-1 makes torch.optim.Adam raise: a FAILED job
 
 
-def segexp(work_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "segexp.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def sweep_args(hc18_root: Path, *extra: str) -> list[str]:
-    return ["train", "-m", *TINY, f"dataset.root={hc18_root}", *extra, *GRID]
+    return ["train", "-m", "debug=tiny", f"dataset.root={hc18_root}", *extra, *GRID]
 
 
 def sweep_parents(client: MlflowClient, experiment: str = "hc18_synthetic"):
@@ -49,9 +38,9 @@ def sweep_parents(client: MlflowClient, experiment: str = "hc18_synthetic"):
 def swept(tmp_path_factory, hc18_root) -> Path:
     """4 jobs at once (joblib, n_jobs=4) on a fresh store that no one created beforehand."""
     work_dir = tmp_path_factory.mktemp("sweep")
-    done = segexp(
-        work_dir,
+    done = run_segexp(
         *sweep_args(hc18_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=4"),
+        work_dir=work_dir,
     )
     assert done.returncode != 0, "a sweep with a FAILED job must exit non-zero"
     assert "Invalid learning rate: -1" in done.stderr + done.stdout
@@ -77,7 +66,7 @@ def test_parallel_sweep_is_one_parent_with_a_child_per_job(swept):
         r"job [1-4]/4 done \(lr=1e-3 s=([12])\): val/dice_best \d\.\d{3}, ETA \d+ min", log
     )
     assert sorted(progress) == ["1", "2"], log[-3000:]
-    kids = compare.children(client, parent)
+    kids = tracking.children(client, parent)
     assert len(kids) == 4, log[-3000:]
     by_lr = {}
     for kid in kids:
@@ -118,11 +107,11 @@ def test_sweep_resume_skips_finished_configs_and_reruns_failed(swept, hc18_root,
     shutil.copytree(swept, work_dir)
     client = store(work_dir)
     before = {r.info.run_id for r in client.search_runs(["1"], max_results=100)}
-    done = segexp(work_dir, *sweep_args(hc18_root, "sweep.resume=true"))
+    done = run_segexp(*sweep_args(hc18_root, "sweep.resume=true"), work_dir=work_dir)
     assert done.returncode != 0  # lr=-1 still fails
     assert done.stdout.count("sweep.resume: reusing FINISHED run") == 2, done.stdout[-3000:]
     [parent] = sweep_parents(client)  # the same parent, re-opened
-    new = [r for r in compare.children(client, parent) if r.info.run_id not in before]
+    new = [r for r in tracking.children(client, parent) if r.info.run_id not in before]
     assert sorted((r.data.params["optimizer.lr"], r.info.status) for r in new) == [
         ("-1", "FAILED"),
         ("-1", "FAILED"),
@@ -157,19 +146,8 @@ def test_compare_shows_only_differing_params_and_logs_the_plot(swept, capsys, tm
 
 
 def test_sigterm_during_a_sweep_leaves_no_run_running(work_dir, client, hc18_root):
-    env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "segexp.cli",
-            *sweep_args(hc18_root, "trainer.max_epochs=500")[:-2],
-            "seed=1,2",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = start_segexp(
+        *sweep_args(hc18_root, "trainer.max_epochs=500")[:-2], "seed=1,2", work_dir=work_dir
     )
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -317,7 +295,9 @@ def test_mlflow_ui_in_headless_chromium_shows_children_and_val_dice(server, swep
 
 
 def test_slurm_launcher_config_composes(tmp_path):
-    done = segexp(tmp_path, "train", "hydra/launcher=slurm", "--cfg", "hydra", timeout=120)
+    done = run_segexp(
+        "train", "hydra/launcher=slurm", "--cfg", "hydra", work_dir=tmp_path, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in done.stdout
     assert "export SEGEXP_THREADS=" in done.stdout
@@ -326,18 +306,14 @@ def test_slurm_launcher_config_composes(tmp_path):
 @pytest.mark.slow  # a whole process lifecycle: tens of seconds
 def test_submitit_local_executor_runs_the_sweep(work_dir, client, hc18_root):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install .[cluster]")
-    done = segexp(
-        work_dir,
-        "train",
-        "-m",
-        "hydra/launcher=local",
-        *TINY,
-        f"dataset.root={hc18_root}",
+    done = run_segexp(
+        *["train", "-m", "hydra/launcher=local", "debug=tiny", f"dataset.root={hc18_root}"],
         "optimizer.lr=1e-3,3e-3",
+        work_dir=work_dir,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     [parent] = sweep_parents(client)
-    kids = compare.children(client, parent)
+    kids = tracking.children(client, parent)
     assert parent.info.status == "FINISHED" and len(kids) == 2
     assert {k.info.status for k in kids} == {"FINISHED"}
     assert {k.data.tags["segexp.pid"] for k in kids}.isdisjoint({str(os.getpid())})
@@ -347,15 +323,12 @@ def test_submitit_local_executor_runs_the_sweep(work_dir, client, hc18_root):
 def test_kill_9_of_a_joblib_sweep_ends_its_workers_and_their_runs(work_dir, client, hc18_root):
     from segexp.tracking import process_alive
 
-    env = {**os.environ, "SEGEXP_WORK_DIR": str(work_dir), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "segexp.cli",
-            *sweep_args(hc18_root, "trainer.max_epochs=500", "hydra/launcher=joblib")[:-2],
-            "hydra.launcher.n_jobs=2", "seed=1,2",
-        ],
-        env=env, stdout=(work_dir / "sweep.log").open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    proc = start_segexp(
+        *sweep_args(hc18_root, "trainer.max_epochs=500", "hydra/launcher=joblib")[:-2],
+        *["hydra.launcher.n_jobs=2", "seed=1,2"],
+        work_dir=work_dir,
+        log=work_dir / "sweep.log",
+    )
     deadline = time.time() + 180
     kids = []
     while time.time() < deadline:

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import (
-    TINY,
+from helpers import (
     an_epoch_is_logged,
     make_cfg,
     only_run,
-    segexp_train,
+    run_segexp,
     start_long_run,
+    start_segexp,
     steps,
     wait_for,
 )
@@ -74,7 +71,11 @@ def test_lgg_experiments_state_the_reference_configs(tmp_path):
     assert one.loss._target_.endswith("DiceLoss")
     assert list(one.augment.transforms[0].rotate) == [-15, 15]
     seed = make_cfg(tmp_path, "experiment=hc18_seed")
-    assert (seed.dataset.image_size, seed.dataset.batch_size, seed.early_stopping.patience) == (
+    assert (
+        seed.dataset.image_size,
+        seed.dataset.batch_size,
+        seed.callbacks.early_stopping.patience,
+    ) == (
         128,
         20,
         5,
@@ -105,9 +106,9 @@ def test_dice_rule_for_empty_masks():
     assert table.iou.tolist() == [1.0, 0.0, pytest.approx(2 / 4)]
 
 
-def test_two_epoch_run_lands_in_mlflow(work_dir, client, hc18_root):
+def test_two_epoch_run_lands_in_mlflow(cfg, work_dir, client):
     long_name = "x" * 400  # params are logged whole, not cut at 250 characters
-    cfg = make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}", f"run_name={long_name}")
+    cfg.run_name = long_name
     final = train(cfg, ["optimizer.lr=1e-3"])
     run = only_run(client, "hc18_synthetic")
     assert run.info.status == "FINISHED"
@@ -168,7 +169,11 @@ def test_two_epoch_run_lands_in_mlflow(work_dir, client, hc18_root):
 
 def test_lgg_run_logs_per_patient_dice(work_dir, client, lgg_root):
     cfg = make_cfg(
-        work_dir, "experiment=lgg_buda_1", *TINY, f"dataset.root={lgg_root}", "dataset.val_count=1"
+        work_dir,
+        "experiment=lgg_buda_1",
+        "debug=tiny",
+        f"dataset.root={lgg_root}",
+        "dataset.val_count=1",
     )
     train(cfg)
     run = only_run(client, "lgg")
@@ -183,16 +188,10 @@ def test_lgg_run_logs_per_patient_dice(work_dir, client, lgg_root):
     )  # header + one validation patient
 
 
-def test_best_epoch_weights_are_restored_for_the_final_evaluation(work_dir, client, hc18_root):
+def test_best_epoch_weights_are_restored_for_the_final_evaluation(cfg, client):
     # lr far too high: later epochs get worse, so the best epoch is not the last
-    cfg = make_cfg(
-        work_dir,
-        *TINY,
-        f"dataset.root={hc18_root}",
-        "trainer.max_epochs=4",
-        "checkpoint.monitor=val/loss",
-        "checkpoint.mode=min",
-    )
+    cfg.trainer.max_epochs = 4
+    cfg.checkpoint.monitor, cfg.checkpoint.mode = "val/loss", "min"
     train(cfg)
     run = only_run(client, "hc18_synthetic")
     history = dict(
@@ -207,10 +206,11 @@ def test_best_epoch_weights_are_restored_for_the_final_evaluation(work_dir, clie
 def test_early_stopping_stops_and_restores(work_dir, client, hc18_root):
     cfg = make_cfg(
         work_dir,
-        *TINY,
+        "debug=tiny",
         f"dataset.root={hc18_root}",
         "trainer.max_epochs=30",
-        "+early_stopping.patience=1",
+        "callbacks=early_stopping",
+        "callbacks.early_stopping.patience=1",
         "checkpoint.monitor=val/loss",
         "checkpoint.mode=min",
         "optimizer.lr=0.5",
@@ -225,7 +225,7 @@ def test_early_stopping_stops_and_restores(work_dir, client, hc18_root):
 def test_non_finite_loss_fails_the_run_with_its_reason(work_dir, client, hc18_root):
     cfg = make_cfg(
         work_dir,
-        *TINY,
+        "debug=tiny",
         f"dataset.root={hc18_root}",
         "optimizer=sgd",
         "optimizer.lr=1e30",
@@ -242,13 +242,14 @@ def test_non_finite_loss_fails_the_run_with_its_reason(work_dir, client, hc18_ro
         ), key
 
 
-def test_bad_data_fails_before_any_run_is_created(work_dir, client, hc18_root, tmp_path):
+def test_bad_data_fails_before_any_run_is_created(cfg, client, hc18_root, tmp_path):
     import shutil
 
     root = shutil.copytree(hc18_root, tmp_path / "broken")
     (root / "training_set" / "000_HC_Annotation.png").unlink()
+    cfg.dataset.root = str(root)
     with pytest.raises(DataError, match="000_HC.png: missing annotation"):
-        train(make_cfg(work_dir, *TINY, f"dataset.root={root}"))
+        train(cfg)
     experiments = client.search_experiments()
     assert not client.search_runs([e.experiment_id for e in experiments])
 
@@ -263,7 +264,7 @@ def test_targets_outside_the_allowlist_are_rejected_before_anything_runs(work_di
 
 def test_secrets_never_reach_params_tags_or_config(work_dir, client, hc18_root):
     overrides = ["+db_password=hunter2", "+notes=postgresql://alice:s3cret@db.example/mlflow"]
-    train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}", *overrides), overrides)
+    train(make_cfg(work_dir, "debug=tiny", f"dataset.root={hc18_root}", *overrides), overrides)
     run = only_run(client, "hc18_synthetic")
     logged = " ".join([*run.data.params.values(), *run.data.tags.values()])
     config = Path(
@@ -274,8 +275,8 @@ def test_secrets_never_reach_params_tags_or_config(work_dir, client, hc18_root):
     assert run.data.params["db_password"] == "***" and "alice:***@" in run.data.params["notes"]
 
 
-def test_resume_continues_the_same_run_without_gaps_or_duplicates(work_dir, client, hc18_root):
-    train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}"))
+def test_resume_continues_the_same_run_without_gaps_or_duplicates(cfg, work_dir, client):
+    train(cfg)
     run_id = only_run(client, "hc18_synthetic").info.run_id
     overrides = [f"resume={run_id}", "trainer.max_epochs=4"]
     train(make_cfg(work_dir, *overrides), overrides)
@@ -285,8 +286,8 @@ def test_resume_continues_the_same_run_without_gaps_or_duplicates(work_dir, clie
         assert steps(client, run_id, key) == [0, 1, 2, 3], key
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(work_dir, client, hc18_root):
-    train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}"))
+def test_resume_without_a_checkpoint_is_a_clear_error(cfg, work_dir, client):
+    train(cfg)
     run = only_run(client, "hc18_synthetic")
     last = Path(run.data.tags["segexp.output_dir"]) / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk
@@ -310,8 +311,11 @@ def test_sigterm_marks_the_run_killed_and_resume_finishes_it(work_dir, client, h
     assert (work_dir / "out" / "checkpoints" / "on_exception.ckpt").is_file()
 
     done = steps(client, run.info.run_id, "val/dice")
-    resumed = segexp_train(
-        work_dir, f"resume={run.info.run_id}", f"trainer.max_epochs={done[-1] + 3}"
+    resumed = start_segexp(
+        "train",
+        f"resume={run.info.run_id}",
+        f"trainer.max_epochs={done[-1] + 3}",
+        work_dir=work_dir,
     )
     output, _ = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, output[-3000:]
@@ -333,7 +337,9 @@ def test_an_unreachable_tracking_server_fails_fast_naming_its_uri(tmp_path, hc18
     with pytest.raises(tracking.StoreError, match="http://127.0.0.1:9"):
         tracking.open_store({"uri": "http://127.0.0.1:9"}, tmp_path)
     assert time.monotonic() - start < 10
-    proc = segexp_train(tmp_path, f"dataset.root={hc18_root}", "tracking.uri=http://127.0.0.1:9")
+    proc = start_segexp(
+        "train", f"dataset.root={hc18_root}", "tracking.uri=http://127.0.0.1:9", work_dir=tmp_path
+    )
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "Traceback" not in output
     assert "segexp train: tracking server http://127.0.0.1:9 is unreachable" in output
@@ -341,12 +347,12 @@ def test_an_unreachable_tracking_server_fails_fast_naming_its_uri(tmp_path, hc18
 
 
 def test_predict_writes_the_hc18_submission_and_plots_are_logged(
-    work_dir, client, hc18_root, capsys
+    cfg, work_dir, client, hc18_root, capsys
 ):
     from segexp import cli
     from segexp.predict import SUBMISSION_COLUMNS
 
-    train(make_cfg(work_dir, *TINY, f"dataset.root={hc18_root}"))
+    train(cfg)
     run = only_run(client, "hc18_synthetic")
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {
@@ -386,7 +392,11 @@ def test_predict_writes_the_hc18_submission_and_plots_are_logged(
 
 def test_lgg_run_logs_per_patient_plots(work_dir, client, lgg_root):
     cfg = make_cfg(
-        work_dir, "experiment=lgg_buda_1", *TINY, f"dataset.root={lgg_root}", "dataset.val_count=2"
+        work_dir,
+        "experiment=lgg_buda_1",
+        "debug=tiny",
+        f"dataset.root={lgg_root}",
+        "dataset.val_count=2",
     )
     train(cfg)
     run = only_run(client, "lgg")
@@ -394,15 +404,9 @@ def test_lgg_run_logs_per_patient_plots(work_dir, client, lgg_root):
     assert {"plots/per_patient.png", "plots/overlays.png"} <= plots
 
 
-def test_bf16_mixed_and_channels_last_train_on_cpu(work_dir, client, hc18_root):
-    cfg = make_cfg(
-        work_dir,
-        *TINY,
-        f"dataset.root={hc18_root}",
-        "trainer.precision=bf16-mixed",
-        "performance.channels_last=true",
-        "trainer.max_epochs=1",
-    )
+def test_bf16_mixed_and_channels_last_train_on_cpu(cfg, client):
+    cfg.trainer.precision, cfg.performance.channels_last = "bf16-mixed", True
+    cfg.trainer.max_epochs = 1
     datamodule = build_datamodule(cfg)
     net = build_module(cfg, datamodule).net
     convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -422,7 +426,7 @@ def test_schedulers_step_during_training(scheduler, work_dir, client, hc18_root)
     train(
         make_cfg(
             work_dir,
-            *TINY,
+            "debug=tiny",
             f"dataset.root={hc18_root}",
             f"scheduler={scheduler}",
             "trainer.max_epochs=4",
@@ -451,7 +455,13 @@ def test_schedulers_step_during_training(scheduler, work_dir, client, hc18_root)
 
 
 def test_ctrl_c_marks_the_run_killed(work_dir, client, hc18_root):
-    proc = segexp_train(work_dir, *TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=200")
+    proc = start_segexp(
+        "train",
+        "debug=tiny",
+        f"dataset.root={hc18_root}",
+        "trainer.max_epochs=200",
+        work_dir=work_dir,
+    )
 
     wait_for(lambda: an_epoch_is_logged(client))
     proc.send_signal(signal.SIGINT)
@@ -467,7 +477,7 @@ def test_bf16_dice_matches_fp32_after_the_same_epochs(work_dir, client, tmp_path
     # fp32 seeds already differ by more than 0.01
     root = data.make_hc18(tmp_path / "hc18", n=120, seed=3, n_test=0)
     common = [
-        *TINY,
+        "debug=tiny",
         f"dataset.root={root}",
         "dataset.image_size=64",
         "dataset.batch_size=8",
@@ -484,10 +494,10 @@ def test_bf16_dice_matches_fp32_after_the_same_epochs(work_dir, client, tmp_path
     assert gap < 0.01, (fp32["val/dice_best"], bf16["val/dice_best"])
 
 
-def test_precision_and_channels_last_auto_are_resolved_and_recorded(work_dir, client, hc18_root):
-    overrides = [*TINY, f"dataset.root={hc18_root}", "trainer.max_epochs=1"]
-    auto = ["trainer.precision=auto", "performance.channels_last=auto"]  # TINY fixes them
-    cfg = make_cfg(work_dir, *overrides, *auto, "performance.compile=false")
+def test_precision_and_channels_last_auto_are_resolved_and_recorded(cfg, client):
+    cfg.trainer.max_epochs = 1
+    # debug=tiny fixes them; compile stays off
+    cfg.trainer.precision, cfg.performance.channels_last = "auto", "auto"
     choice = resolve_speed(cfg, build_datamodule(cfg), build_net(cfg.model))
     train(cfg)
     run = only_run(client, "hc18_synthetic")
@@ -505,16 +515,12 @@ def test_precision_and_channels_last_auto_are_resolved_and_recorded(work_dir, cl
 @pytest.mark.slow  # a whole process lifecycle: tens of seconds
 def test_ddp_preset_on_two_cpu_processes_makes_one_run(work_dir, client, hc18_root):
     """trainer=ddp, run on CPU with gloo: two ranks train, only rank 0 writes to MLflow."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SEGEXP_THREADS": "1"}
-    done = subprocess.run(
-        [
-            *[sys.executable, "-m", "segexp.train", f"work_dir={work_dir}", *TINY],
-            *[f"dataset.root={hc18_root}", "trainer=ddp", "trainer.accelerator=cpu"],
-            *["trainer.devices=2", "trainer.sync_batchnorm=false", "trainer.precision=32-true"],
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    done = run_segexp(
+        *["debug=tiny", f"dataset.root={hc18_root}", "trainer=ddp", "trainer.accelerator=cpu"],
+        *["trainer.devices=2", "trainer.sync_batchnorm=false", "trainer.precision=32-true"],
+        module="segexp.train",  # not `segexp`: the DDP launcher re-runs argv[0] for rank 1
+        work_dir=work_dir,
+        env={"SEGEXP_THREADS": "1"},
         timeout=240,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]

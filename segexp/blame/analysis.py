@@ -1,28 +1,55 @@
-"""Statistics of `segexp blame` v2: effects for any two-level design, Holm verdicts, the report.
+"""Statistics of `segexp blame`: effects for any two-level design, robust to runs that failed to
+learn, Holm verdicts; also the ablation path's analysis and the `--seeds auto` stopping rule.
 
-Effects come from least squares on -1/2 / +1/2 coded factors (segexp.ols), so a main effect is
-"B's level minus A's level" averaged over the other factors' levels, unbiased for any set of
+Effects come from least squares on -1/2 / +1/2 coded factors (segexp.blame.ols), so a main effect
+is "B's level minus A's level" averaged over the other factors' levels, unbiased for any set of
 finished cells; terms those cells cannot separate are reported `inestimable` or `aliased`, never
-dropped. Also the ablation path's analysis, the `--seeds auto` stopping rule and from_table.
+dropped. Runs that never learned or disagree with their twins far beyond the rest are named and
+left out first (segexp.blame.robust); the least squares of every run is kept beside, as `plain`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from segexp.evaluation import lower_is_better
-from segexp.plots import figure, save
 
+from . import robust
 from .designs import path_steps
-from .ols import estimate, model, seed_blocks, t_tests, verdicts
+from .ols import Model, estimate, holm, model, seed_blocks, t_tests, verdicts
 
 SIGNIFICANT = ("hurt", "helped")
-COLORS = {"hurt": "tab:red", "helped": "tab:green"}
+COLUMNS = ("effect", "se", "ci_low", "ci_high", "p", "p_holm")
+
+
+@dataclass
+class LeftOut:
+    """A run the robust analysis leaves out, with what it scored against its twins."""
+
+    row: int  # index label in the results table
+    levels: tuple[int, ...]
+    seed: int | None
+    run_id: str | None
+    value: float
+    twins: float  # median of the kept runs of the same cell (NaN: none)
+    predicted: float  # the model's value for it, fitted without it (NaN: not tested)
+    reason: str  # "constant prediction", "train/loss flat" (never learned) or "unusual"
+    why: str = ""  # what its history shows (the blame command fills it in)
+
+
+@dataclass
+class Takeoff:
+    """A factor whose level changes how often training takes off (or runs are unusual)."""
+
+    factor: str
+    what: str  # "learned" or "unusual"
+    hits: tuple[int, int]  # runs that learned (or were unusual) at A's and B's level
+    runs: tuple[int, int]
+    p_holm: float
 
 
 @dataclass
@@ -32,10 +59,50 @@ class Analysis:
     factors: list[str]
     seed_sd: float  # residual SD of one run (NaN without replicates)
     dof: int  # residual degrees of freedom
-    runs: int  # runs with a metric value
-    failed: pd.DataFrame  # rows of the input whose metric is missing
+    runs: int  # runs the estimates use
+    failed: pd.DataFrame  # rows of the input whose metric is missing or not finite
     alpha: float = 0.05
     notes: list[str] = field(default_factory=list)
+    plain: pd.DataFrame | None = None  # the effects of least squares on every finished run
+    plain_seed_sd: float = float("nan")
+    left_out: list[LeftOut] = field(default_factory=list)
+    takeoff: list[Takeoff] = field(default_factory=list)
+
+
+def constant_levels(metric: str) -> tuple[float, ...]:
+    """The metric's value for a constant prediction where the name tells it (Dice, IoU: empty)."""
+    return (0.0,) if any(word in metric.lower() for word in ("dice", "iou")) else ()
+
+
+def finite_table(results: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str]]:
+    """The table with inf metrics as failed (NaN), and a note naming them."""
+    values = pd.to_numeric(results[metric], errors="coerce")
+    infinite = values.notna() & ~np.isfinite(values.to_numpy(float))
+    notes = []
+    if infinite.any():
+        rows = ", ".join(str(i) for i in results.index[infinite][:10])
+        notes.append(f"{int(infinite.sum())} runs with an infinite {metric} (rows {rows}) failed")
+    return results.assign(**{metric: values.where(~infinite)}), notes
+
+
+def without(results: pd.DataFrame, metric: str, rows) -> pd.DataFrame:
+    """The table with these rows' metric emptied: left out as failed runs are (seeds intact)."""
+    return results.assign(**{metric: results[metric].mask(results.index.isin(rows))})
+
+
+def lost(out: dict, plain: dict) -> bool:
+    """Whether leaving runs out made a term inestimable that every run estimates."""
+    return bool(((out["verdict"] == "inestimable") & (plain["verdict"] != "inestimable")).any())
+
+
+def effects_table(fit: Model, out: dict) -> pd.DataFrame:
+    table = fit.terms.drop(columns="column")
+    fitted = (fit.terms.column >= 0).to_numpy()
+    for key in COLUMNS:
+        table.insert(len(table.columns) - 2, key, np.nan)
+        table.loc[fitted, key] = out[key][:, 0]
+    table.loc[fitted, "verdict"] = out["verdict"][:, 0]
+    return table
 
 
 def analyze(
@@ -44,44 +111,141 @@ def analyze(
     metric: str,
     interactions: bool = True,
     alpha: float = 0.05,
+    floors: tuple[float, ...] | None = None,
+    stalled: pd.Series | None = None,
 ) -> Analysis:
-    """Main effects and two-way interactions by OLS with Holm-adjusted verdicts.
+    """Main effects and two-way interactions by OLS with Holm verdicts, unusual runs left out.
 
     Args:
         results: one row per planned run: a 0/1 column per factor (0 = A's level), optionally
-            `seed`, and the metric (NaN = failed run); other columns are ignored.
+            `seed` and `run_id`, and the metric (NaN = failed run); other columns are ignored.
         interactions: fit two-way interactions where the observed cells allow (see `model`).
         alpha: family-wise error rate of the verdicts; CIs are per term (1 - alpha).
+        floors: the metric's values for constant predictions (default: constant_levels).
+        stalled: per row of results (same index), whether the run's training loss never fell.
     """
+    results, notes = finite_table(results, metric)
     if results[metric].notna().sum() == 0:
         raise ValueError(f"no run has a value of {metric}: nothing to analyse")
     fit = model(results, factors, metric, interactions)
-    y = results[metric].dropna().to_numpy(float)
-    out = estimate(fit, y, metric, alpha)
-    table = fit.terms.drop(columns="column")
-    fitted = (fit.terms.column >= 0).to_numpy()
-    for key in ("effect", "se", "ci_low", "ci_high", "p", "p_holm"):
-        table.insert(len(table.columns) - 2, key, np.nan)
-        table.loc[fitted, key] = out[key][:, 0]
-    table.loc[fitted, "verdict"] = out["verdict"][:, 0]
-    seed_sd = (
-        float(np.sqrt(((y - fit.x @ np.linalg.pinv(fit.x) @ y) ** 2).sum() / fit.dof))
-        if fit.dof > 0
-        else float("nan")
-    )
-    failed = results[results[metric].isna()]
-    return Analysis(
-        table, metric, list(factors), seed_sd, fit.dof, len(y), failed, alpha, fit.notes
-    )
+    observed = results[results[metric].notna()]
+    y = observed[metric].to_numpy(float)
+    plain = estimate(fit, y, metric, alpha)
+    result = Analysis(
+        effects_table(fit, plain), metric, list(factors), float(plain["sd"][0]),
+        int(plain["dof"][0]), len(y), results[results[metric].isna()], alpha, notes + fit.notes,
+    )  # fmt: skip
+    if fit.dof <= 0:
+        return result
+    floors = constant_levels(metric) if floors is None else floors
+    levels = observed[factors].to_numpy(int)
+    flat = None if stalled is None else stalled.reindex(observed.index, fill_value=False)
+    flat = None if flat is None else flat.to_numpy(bool)
+    out, screen = robust.robust_estimate(fit, y, levels, metric, alpha, floors, stalled=flat)
+    if lost(out, plain):  # a level or cell where no run learned: those runs are its effect
+        whole = pd.Series(screen.dead[:, 0]).groupby(fit.cells).transform("all").to_numpy()
+        out, screen = robust.robust_estimate(
+            fit, y, levels, metric, alpha, floors, whole[:, None], flat
+        )
+    result.left_out = left_out_runs(observed, factors, metric, screen, flat)
+    result.takeoff = takeoffs(observed, factors, screen, alpha)
+    if not result.left_out:
+        return result
+    kept = screen.kept[:, 0]
+    if lost(out, plain):  # a cell lost every run: model what is left
+        fit = model(without(results, metric, observed.index[~kept]), factors, metric, interactions)
+        out = estimate(fit, y[kept], metric, alpha)
+    result.plain, result.plain_seed_sd = result.effects, result.seed_sd
+    result.effects, result.seed_sd = effects_table(fit, out), float(out["sd"][0])
+    result.dof, result.runs, result.notes = int(out["dof"][0]), int(kept.sum()), notes + fit.notes
+    return result
 
 
-def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha: float = 0.05):
+def left_out_runs(observed, factors, metric: str, screen, stalled=None) -> list[LeftOut]:
+    """The runs the screen left out, each with its twins' median and the model's value."""
+    out = []
+    kept = screen.kept[:, 0]
+    cells = [tuple(int(v) for v in row) for row in observed[factors].to_numpy()]
+    values = observed[metric].to_numpy(float)
+    for i in np.flatnonzero(~kept):
+        twins = [values[j] for j in range(len(values)) if kept[j] and cells[j] == cells[i]]
+        out.append(
+            LeftOut(
+                observed.index[i],
+                cells[i],
+                int(observed.seed.iloc[i]) if "seed" in observed else None,
+                observed.run_id.iloc[i] if "run_id" in observed else None,
+                float(values[i]),
+                float(np.median(twins)) if twins else float("nan"),
+                float(screen.predicted[i, 0]),
+                reason(screen, i, stalled),
+            )
+        )
+    return out
+
+
+def reason(screen, i: int, stalled) -> str:
+    """Why run i is out: "constant prediction", "train/loss flat" or "unusual"."""
+    if not screen.dead[i, 0]:
+        return "unusual"
+    return "train/loss flat" if stalled is not None and stalled[i] else "constant prediction"
+
+
+def takeoffs(observed: pd.DataFrame, factors, screen, alpha: float) -> list[Takeoff]:
+    """Factors whose levels differ in how many runs learned, or were unusual (Fisher, Holm)."""
+    levels = observed[factors].to_numpy(int)
+    keep = np.ones(screen.kept.shape, bool)
+    tests = [("learned", screen.dead, screen.takeoff_p[:, 0])]
+    if screen.unusual.any():
+        p = holm(robust.fisher_p(screen.unusual, levels, keep))[:, 0]
+        tests.append(("unusual", screen.unusual, p))
+    found = []
+    for what, hit, p in tests:
+        for j in np.flatnonzero(p < alpha):
+            at = [levels[:, j] == 0, levels[:, j] == 1]
+            hits = [int(hit[a, 0].sum()) for a in at]
+            runs = [int(a.sum()) for a in at]
+            if what == "learned":
+                hits = [r - h for r, h in zip(runs, hits, strict=True)]
+            found.append(Takeoff(factors[j], what, tuple(hits), tuple(runs), float(p[j])))
+    return found
+
+
+def path_screen(results: pd.DataFrame, factors: list[str], metric: str, floors):
+    """The ablation path's runs that never learned or are unusual, and the table without them."""
+    observed = results[results[metric].notna()]
+    cells = np.unique(observed[factors].to_numpy(int), axis=0, return_inverse=True)[1].ravel()
+    z = observed[factors].to_numpy(float) - 0.5
+    additive = np.column_stack([np.ones(len(z)), seed_blocks(results, factors, observed), z])
+    x = np.column_stack([additive, np.eye(cells.max(initial=0) + 1)[cells]])  # + cell means
+    dof = len(z) - np.linalg.matrix_rank(x)
+    if dof <= 0:
+        return [], results
+    fit = Model(x, pd.DataFrame(), int(dof), [], additive.shape[1], cells)
+    y = observed[metric].to_numpy(float)
+    floors = constant_levels(metric) if floors is None else floors
+    screen = robust.screen(fit, y, observed[factors].to_numpy(int), floors)
+    left = left_out_runs(observed, factors, metric, screen)
+    return left, without(results, metric, [r.row for r in left])
+
+
+def path_analysis(
+    results: pd.DataFrame,
+    factors: list[str],
+    metric: str,
+    alpha: float = 0.05,
+    floors: tuple[float, ...] | None = None,
+) -> Analysis:
     """A finished ablation path as an Analysis: one row per step in path order.
 
     A step's effect is its cell's mean minus the previous cell's, from OLS on cell means plus
     seed blocks (when every cell ran the same seeds), t CI on the residual dof; Holm over the
     steps. The order is picked on the same runs, so early steps lean towards B (winner's curse).
+    Runs that never learned or are unusual are left out first, as in `analyze`.
     """
+    results, notes = finite_table(results, metric)
+    failed = results[results[metric].isna()]
+    left, results = path_screen(results, factors, metric, floors)
     steps, missing = path_steps(results, factors, metric, lower_is_better(metric))
     if missing:
         raise ValueError(f"the ablation path is not finished: still needs cells {missing}")
@@ -114,9 +278,10 @@ def path_analysis(results: pd.DataFrame, factors: list[str], metric: str, alpha:
     if dof > 0:
         table.loc[fitted, "verdict"] = verdicts(out["effect"], out["p_holm"], metric, alpha)[:, 0]
     table["aliased_with"] = ""
-    failed = results[results[metric].isna()]
     seed_sd = math.sqrt(s2) if dof > 0 else float("nan")
-    return Analysis(table, metric, list(factors), seed_sd, int(dof), len(y), failed, alpha)
+    result = Analysis(table, metric, list(factors), seed_sd, int(dof), len(y), failed, alpha, notes)
+    result.left_out = left
+    return result
 
 
 def seeds_decision(
@@ -155,196 +320,3 @@ def seeds_decision(
         "alpha": level,
         "analysis": result,
     }
-
-
-def short_number(value: float) -> str:
-    return f"{value:.3g}" if abs(value) >= 1 else f"{value:.3f}"
-
-
-def p_text(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"= {p:.2g}"
-
-
-def headline(
-    analysis: Analysis,
-    factor_labels: dict[str, str] | None = None,
-    trainings: int | None = None,
-    minutes: float | None = None,
-) -> str:
-    """The report's first sentence: what hurt or helped by how much, the rest within noise."""
-    labels = factor_labels or {}
-    table, metric = analysis.effects, analysis.metric
-    sig = table[table.verdict.isin(SIGNIFICANT)].sort_values("p_holm")
-    level, parts = f"{100 * (1 - analysis.alpha):.4g}%", []
-    for row in sig.itertuples():
-        lo, hi = (
-            sorted((abs(row.ci_low), abs(row.ci_high)))
-            if row.ci_low * row.ci_high > 0
-            else (0.0, max(abs(row.ci_low), abs(row.ci_high)))
-        )
-        what = (
-            labels.get(row.term, row.term)
-            if row.kind != "interaction"
-            else f"the interaction {row.term}"
-        )
-        parts.append(
-            f"{what} {row.verdict} {metric} by {short_number(abs(row.effect))} "
-            f"({level} CI {short_number(lo)} to {short_number(hi)}, Holm p {p_text(row.p_holm)})"
-        )
-    steps = table[table.kind != "interaction"]
-    rest = steps[steps.verdict == "within noise"]
-    noise = f"seed SD {short_number(analysis.seed_sd)}"
-    if not len(table[table.verdict != "inestimable"]) or (table.verdict == "no replicates").any():
-        text = f"No verdicts on {metric}: no replicates (one finished seed per cell); add seeds"
-    elif parts:
-        text = "; ".join(parts)
-        if len(rest):
-            other = "change is" if len(rest) == 1 else "changes are"
-            text += f"; the other {len(rest)} {other} within noise ({noise})"
-    else:
-        which = "the change is" if len(rest) == 1 else f"all {len(rest)} changes are"
-        text = f"No change moved {metric} beyond seed noise: {which} within noise ({noise})"
-    lost = steps[steps.verdict == "inestimable"]
-    if len(lost):
-        text += f"; {', '.join(labels.get(t, t) for t in lost.term)} could not be estimated"
-    text += "."
-    counts = [
-        f"{trainings} trainings" if trainings is not None else "",
-        f"{minutes:.0f} min" if minutes is not None else "",
-    ]
-    if any(counts):
-        text += " " + ", ".join(c for c in counts if c) + "."
-    return text
-
-
-def plot_forest(
-    analysis: Analysis, path: Path, factor_labels: dict[str, str] | None = None
-) -> Path:
-    """Forest plot: one row per term, point and CI coloured by verdict, zero line."""
-    table = analysis.effects
-    table = table[(table.kind != "interaction") | table.effect.notna()]  # no rows of NaN pairs
-    fig, ax = figure(figsize=(8, 1.2 + 0.35 * len(table)))
-    y = np.arange(len(table))[::-1]
-    for yi, row in zip(y, table.itertuples(), strict=True):
-        if np.isnan(row.effect):
-            ax.text(0, yi, row.verdict, ha="center", va="center", color="tab:gray", fontsize=8)
-            continue
-        color = COLORS.get(row.verdict, "tab:gray")
-        if not np.isnan(row.ci_low):
-            ax.plot([row.ci_low, row.ci_high], [yi, yi], color=color, lw=2)
-        ax.plot(row.effect, yi, "o", color=color)
-    ax.axvline(0, color="black", lw=0.8)
-    names = [(factor_labels or {}).get(t, t) for t in table.term]
-    labels = (
-        [f"{s}. {t}" for s, t in zip(table.step, names, strict=True)] if "step" in table else names
-    )
-    level = f"{100 * (1 - analysis.alpha):.4g}%"
-    ax.set(yticks=y, yticklabels=labels, xlabel=f"effect on {analysis.metric} (B - A), {level} CI")
-    ax.set_title("red: hurt, green: helped, grey: within noise (Holm-adjusted)", fontsize=9)
-    return save(fig, path)
-
-
-def write_report(
-    analysis: Analysis,
-    out_dir: Path,
-    title: str = "blame",
-    factor_labels: dict[str, str] | None = None,
-    trainings: int | None = None,
-    minutes: float | None = None,
-    context: list[str] | None = None,
-    paired: pd.DataFrame | None = None,
-) -> Path:
-    """Write effects.csv, effects.png and report.md into out_dir; returns report.md's path.
-
-    Args:
-        factor_labels: term -> "optimizer: adam -> sgd", used in the headline and listed.
-        context: extra lines for the report (design, seeds, reasons of failed cells).
-        paired: per-case paired tests table, printed after the effects.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = analysis.effects
-    table.to_csv(out_dir / "effects.csv", index=False)
-    plot_forest(analysis, out_dir / "effects.png", factor_labels)
-    shown = table[table.effect.notna()].copy()
-    for key in ("effect", "ci_low", "ci_high"):
-        shown[key] = shown[key].map(lambda v: f"{v:+.4f}")
-    for key in ("p", "p_holm"):
-        shown[key] = shown[key].map(lambda v: f"{v:.2g}")
-    columns = [c for c in ("step", "term", "effect", "ci_low", "ci_high", "p", "p_holm", "verdict")]
-    level = f"{100 * (1 - analysis.alpha):.4g}%"
-    better = "lower" if lower_is_better(analysis.metric) else "higher"
-    meaning = (
-        "the step's cell minus the previous cell on the path (the order was picked on the same"
-        " runs, so early steps lean towards B)"
-        if "step" in table
-        else "B's level minus A's level"
-    )
-    lines = [f"# {title}", "", headline(analysis, factor_labels, trainings, minutes), ""]
-    lines += [f"- {term}: {label}" for term, label in (factor_labels or {}).items()]
-    lines += [f"- {line}" for line in (context or [])] + [
-        f"- runs analysed: {analysis.runs}; seed SD of {analysis.metric} ({better} is better): "
-        f"{short_number(analysis.seed_sd)}, residual dof {analysis.dof}",
-        f"- effect = {meaning}, {level} CI per term; verdicts from Holm-adjusted p "
-        f"over the {int(table.p.notna().sum())} tested terms (family-wise error {analysis.alpha:.3g})",
-        *(
-            ["- f x g = f's effect at g's B level minus at its A level"]
-            if "interaction" in set(table.kind)
-            else []
-        ),
-        *[f"- {note}" for note in analysis.notes],
-        "",
-        "```",
-        shown[[c for c in columns if c in shown]].to_string(index=False),
-        "```",
-        "",
-        "![effects](effects.png)",
-        "",
-    ]
-    if len(analysis.failed):
-        cells = analysis.failed.drop(columns=[analysis.metric]).to_string(index=False)
-        lines += [f"## Failed runs ({len(analysis.failed)}), left out", "", "```", cells, "```", ""]
-    aliased = table[table.verdict == "aliased"]
-    chains = {
-        " = ".join(sorted([r.term, *r.aliased_with.split(", ")])) for r in aliased.itertuples()
-    }
-    lost = table.term[table.verdict == "inestimable"].tolist()
-    if chains or lost:
-        lines += ["## Not estimable from the observed cells", ""]
-        lines += [
-            f"- aliased (the data hold only their sum or difference): {c}" for c in sorted(chains)
-        ]
-        lines += [f"- inestimable: {', '.join(lost)}"] if lost else []
-        lines += [""]
-    if paired is not None:
-        lines += ["## Per-case paired tests", "", "```", paired.to_string(index=False), "```", ""]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-def factor_columns(table: pd.DataFrame, metric: str) -> list[str]:
-    """The 0/1 columns that are not the seed, the metric or a run id."""
-    skip = {"seed", metric, "run_id"}
-    return [
-        c
-        for c in table.columns
-        if c not in skip
-        and pd.api.types.is_numeric_dtype(table[c])
-        and set(table[c].dropna().unique()) <= {0, 1}
-    ]
-
-
-def from_table(
-    path_or_df, metric: str, out_dir: Path, factors: list[str] | None = None
-) -> Analysis:
-    """Re-analyse a runs table without training: writes effects.csv, report.md, effects.png."""
-    table = path_or_df if isinstance(path_or_df, pd.DataFrame) else pd.read_csv(path_or_df)
-    if metric not in table:
-        raise ValueError(f"no column {metric!r}; columns: {', '.join(table.columns)}")
-    factors = factors or factor_columns(table, metric)
-    if not factors:
-        raise ValueError("no 0/1 factor columns found: name them with factors=[...]")
-    result = analyze(table, factors, metric)
-    write_report(result, out_dir, title=f"blame re-analysis of {metric}")
-    return result

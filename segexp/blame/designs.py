@@ -2,7 +2,7 @@
 
 A cell is a tuple of 0/1 levels, one per changed key (0 = A's value, 1 = B's). Full factorials for
 few changes, regular fractional factorials of resolution IV or higher for 5 to 8, the adaptive
-ablation path (Fawcett & Hoos 2016) and v1's one-at-a-time design on request. The path is
+ablation path (Fawcett & Hoos 2016) and the one-at-a-time design (each change alone) on request. The path is
 adaptive: `path_next` says which cells to train next; analysis.path_analysis reads it.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 KINDS = ("auto", "full", "fractional", "path", "oat")
+ALIASES = {"factorial": "full"}  # other names `--design` accepts
 
 # Minimum-aberration generators (Montgomery, Design and Analysis of Experiments, table 8.14):
 # the generated factor's column is the product of the named base columns in -1/+1 coding.
@@ -29,6 +30,7 @@ GENERATORS = {
 
 @dataclass
 class Design:
+    kind: str  # one of KINDS but auto
     name: str
     cells: list[tuple[int, ...]]  # one 0/1 level per factor (0 = A's value, 1 = B's)
     note: str
@@ -104,6 +106,7 @@ def fractional(k: int) -> Design:
     if added:
         note += f"; run {' and '.join('A' if sum(c) == 0 else 'B' for c in added)} added"
     return Design(
+        "fractional",
         f"fractional factorial 2^({k}-{len(generators)}) {roman(resolution)}, {len(cells)} cells",
         cells,
         note,
@@ -125,11 +128,12 @@ def oat(k: int) -> Design:
         cells.add(tuple(int(i == j) for i in range(k)))
         cells.add(tuple(int(i != j) for i in range(k)))
     note = "one-at-a-time from both ends: main effects only (unbiased by OLS), interactions not estimable"
-    return Design(f"one-at-a-time ({len(cells)} cells)", sorted(cells), note)
+    return Design("oat", f"one-at-a-time ({len(cells)} cells)", sorted(cells), note)
 
 
 def make_design(k: int, kind: str = "auto") -> Design:
     """The cells to train for `k` changes; `path` returns only A and B (drive it with path_next)."""
+    kind = ALIASES.get(kind, kind)
     if kind not in KINDS:
         raise ValueError(f"--design must be one of {', '.join(KINDS)}, got {kind!r}")
     if k < 1:
@@ -143,7 +147,7 @@ def make_design(k: int, kind: str = "auto") -> Design:
         kind = "full" if k <= 4 else "fractional"
     if kind == "full":
         cells = list(itertools.product((0, 1), repeat=k))
-        return Design(f"full factorial 2^{k}", cells, "no aliasing; contains A and B")
+        return Design("full", f"full factorial 2^{k}", cells, "no aliasing; contains A and B")
     if kind == "fractional":
         return fractional(k)
     if kind == "oat":
@@ -151,7 +155,8 @@ def make_design(k: int, kind: str = "auto") -> Design:
     note = (
         f"ablation path: adaptive, {k * (k + 1) // 2} configurations beyond A; drive with path_next"
     )
-    return Design(f"ablation path ({k * (k + 1) // 2 + 1} cells)", [(0,) * k, (1,) * k], note)
+    cells = [(0,) * k, (1,) * k]
+    return Design("path", f"ablation path ({k * (k + 1) // 2 + 1} cells)", cells, note)
 
 
 def cell_means(

@@ -23,6 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from segexp import config
 from segexp.config import ConfigError
+from segexp.tracking import run_label, short_value, tags
+
+from .nested import value_at_budget
 
 ABSENT = "<default>"  # a leaf the run did not override: the group's own default
 PLAIN = re.compile(r"[A-Za-z_][\w./:-]*")
@@ -37,7 +40,7 @@ class Factor:
     levels: tuple[Any, Any]  # A's and B's option / value / node; None: not overridden
 
     def label(self) -> str:
-        a, b = (ABSENT if v is None else short(v) for v in self.levels)
+        a, b = (ABSENT if v is None else short_value(v) for v in self.levels)
         return f"{self.name}: {a} -> {b}"
 
     def overrides(self, level: int) -> list[str]:
@@ -75,15 +78,10 @@ class Change:
             return OmegaConf.merge(cfg, OmegaConf.from_dotlist(extra))
         except Exception as err:  # Hydra and OmegaConf raise many types for a bad composition
             names = ", ".join(
-                f"{f.name}={short(f.levels[lv])}"
+                f"{f.name}={short_value(f.levels[lv])}"
                 for f, lv in zip(self.factors, levels, strict=True)
             )
             raise ConfigError(f"cell ({names}) cannot be composed: {err}") from err
-
-
-def short(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, dict | list) else str(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def override_value(value: Any) -> str:
@@ -104,16 +102,6 @@ def override_value(value: Any) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def parse_overrides(text: str) -> dict[str, str]:
-    """`hydra.overrides` tag -> {key: value}, group options and leaves alike (`+`/`++` dropped)."""
-    parsed = {}
-    for item in text.split():
-        if "=" in item and not item.startswith("~"):
-            key, value = item.split("=", 1)
-            parsed[key.lstrip("+")] = value
-    return parsed
-
-
 def select(node: dict, key: str) -> Any:
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -125,18 +113,18 @@ def select(node: dict, key: str) -> Any:
 def between(run_a, run_b, config_a: dict, config_b: dict) -> Change:
     """The factors that turn run A into run B (see the module docstring)."""
     tags_a, tags_b = run_a.data.tags, run_b.data.tags
-    if "segexp.choices" in tags_a and "segexp.choices" in tags_b:
+    if tags.CHOICES in tags_a and tags.CHOICES in tags_b:
         return from_choices(tags_a, tags_b, config_a, config_b)
     return from_leaves(config_a, config_b)
 
 
 def from_choices(tags_a: dict, tags_b: dict, config_a: dict, config_b: dict) -> Change:
     choices_a, choices_b = (
-        json.loads(tags_a["segexp.choices"]),
-        json.loads(tags_b["segexp.choices"]),
+        json.loads(tags_a[tags.CHOICES]),
+        json.loads(tags_b[tags.CHOICES]),
     )
-    over_a = parse_overrides(tags_a.get("hydra.overrides", ""))
-    over_b = parse_overrides(tags_b.get("hydra.overrides", ""))
+    over_a = config.assigned(tags_a.get("hydra.overrides", "").split())
+    over_b = config.assigned(tags_b.get("hydra.overrides", "").split())
     groups = set(choices_a) | set(choices_b)
     # the experiment bundles leaf and group changes: those are the factors, not its name
     changed = sorted(
@@ -203,24 +191,34 @@ def from_leaves(config_a: dict, config_b: dict) -> Change:
 
 
 def cell_name(change: Change, levels: tuple[int, ...], seed: int) -> str:
-    """A short, distinct run name: the factors at B's level, e.g. `optimizer=sgd lr=0.001 s=43`."""
-    parts = [
-        f"{f.name.rsplit('.', 1)[-1]}={short(f.levels[1])}"
-        for f, level in zip(change.factors, levels, strict=True)
-        if level == 1
-    ]
-    return " ".join(parts or ["A"]) + f" s={seed}"
+    """A short, distinct run name: the factors at B's level, e.g. `optimizer=sgd lr=1e-3 s=43`."""
+    at_b = [(f.name, f.levels[1]) for f, level in zip(change.factors, levels, strict=True) if level]
+    return run_label(at_b, seed) if at_b else f"A {run_label([], seed)}"
+
+
+@dataclass
+class Cell:
+    """One (cell, seed) of the design: its composed config, hash, and run once known."""
+
+    levels: tuple[int, ...]
+    seed: int
+    name: str
+    overrides: list[str]
+    cfg: DictConfig
+    hash: str
+    run_id: str | None = None
+    source: Cell | None = None  # a cell to more epochs whose history holds this one's value
 
 
 class Cells:
-    """Every (cell, seed) of the design: its composed config, hash, and run once known."""
+    """Every (cell, seed) of the design, by (levels, seed), and the cells that cannot exist."""
 
     def __init__(self, change: Change, extra: list[str]):
         self.change, self.extra = change, extra
-        self.rows: dict[tuple, dict] = {}  # (levels, seed) -> row
+        self.rows: dict[tuple, Cell] = {}  # (levels, seed) -> cell
         self.impossible: dict[tuple, str] = {}  # levels -> why it cannot be composed
 
-    def add(self, levels: tuple[int, ...], seed: int) -> dict | None:
+    def add(self, levels: tuple[int, ...], seed: int) -> Cell | None:
         key = (levels, seed)
         if key in self.rows or levels in self.impossible:
             return self.rows.get(key)
@@ -230,30 +228,40 @@ class Cells:
         except ConfigError as err:
             self.impossible[levels] = str(err)
             return None
-        self.rows[key] = {
-            "levels": levels,
-            "seed": seed,
-            "name": cell_name(self.change, levels, seed),
-            "overrides": self.change.cell_overrides(levels, overrides),
-            "cfg": cfg,
-            "hash": config.config_hash(config.redacted(cfg)),
-            "run_id": None,
-        }
+        self.rows[key] = Cell(
+            levels,
+            seed,
+            cell_name(self.change, levels, seed),
+            self.change.cell_overrides(levels, overrides),
+            cfg,
+            config.config_hash(config.redacted(cfg)),
+        )
         return self.rows[key]
 
-    def table(self, names: list[str], client, metric: str) -> pd.DataFrame:
-        """runs.csv: a 0/1 column per factor, seed, run_id, the metric (empty = failed)."""
+    def table(self, names: list[str], client, metric: str, nest=None) -> pd.DataFrame:
+        """runs.csv: a 0/1 column per factor, seed, run_id, the metric (empty = failed).
+
+        A cell read from a longer run's history (`nest`, see nested.py) has no run of its own:
+        `read_from` names the run it was read from.
+        """
         records = []
-        for row in self.rows.values():
+        for cell in self.rows.values():
+            run_id = cell.source.run_id if cell.source else cell.run_id
             value = None
-            if row["run_id"]:
-                run = client.get_run(row["run_id"])
-                value = run.data.metrics.get(metric) if run.info.status == "FINISHED" else None
+            if run_id:
+                run = client.get_run(run_id)
+                if run.info.status == "FINISHED":
+                    value = (
+                        value_at_budget(client, run_id, nest)
+                        if cell.source
+                        else run.data.metrics.get(metric)
+                    )
             records.append(
                 {
-                    **dict(zip(names, row["levels"], strict=True)),
-                    "seed": row["seed"],
-                    "run_id": row["run_id"],
+                    **dict(zip(names, cell.levels, strict=True)),
+                    "seed": cell.seed,
+                    "run_id": None if cell.source else cell.run_id,
+                    "read_from": run_id if cell.source else None,
                     metric: value,
                 }
             )

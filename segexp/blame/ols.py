@@ -17,6 +17,7 @@ from scipy import stats
 from segexp.evaluation import lower_is_better
 
 MIN_DOF = 4  # residual dof needed before two-way interactions are worth fitting
+MAX_SEED_BLOCKS = 64  # more seeds than this: no seed blocks (they would cost a column each)
 
 
 def holm(p: np.ndarray) -> np.ndarray:
@@ -36,14 +37,17 @@ def verdicts(effect: np.ndarray, p_holm: np.ndarray, metric: str, alpha: float) 
     return np.where(p_holm < alpha, np.where(good, "helped", "hurt"), "within noise")
 
 
-def t_tests(effect, se, dof: int, alpha: float, scale: float) -> dict[str, np.ndarray]:
-    """CIs, p and Holm p from the t distribution, arrays (terms, reps); zero noise gives p 0 or 1."""
+def t_tests(effect, se, dof, alpha: float, scale: float) -> dict[str, np.ndarray]:
+    """CIs, p and Holm p from the t distribution, arrays (terms, reps); zero noise gives p 0 or 1.
+
+    dof: one number, or one per replication (reps,); a replication without dof gets NaN.
+    """
     tol = 1e-9 * max(1.0, scale)  # below this an effect or SE is rounding error
     effect = np.where(np.abs(effect) < tol, 0.0, effect)
-    if dof <= 0:
-        nan = np.full_like(effect, np.nan)
-        return {"effect": effect, "se": nan, "ci_low": nan, "ci_high": nan, "p": nan, "p_holm": nan}
-    se = np.where(se < tol, 0.0, se)
+    dof = np.broadcast_to(np.asarray(dof, float), effect.shape[1:])
+    usable = dof > 0
+    dof = np.where(usable, dof, np.nan)
+    se = np.where(usable, np.where(se < tol, 0.0, se), np.nan)
     half = stats.t.ppf(1 - alpha / 2, dof) * se
     with np.errstate(divide="ignore", invalid="ignore"):
         p = 2 * stats.t.sf(np.abs(effect) / se, dof)
@@ -71,16 +75,20 @@ def seed_blocks(results: pd.DataFrame, factors: list[str], observed: pd.DataFram
         return np.zeros((len(observed), 0))
     if results.groupby(factors).seed.agg(frozenset).nunique() > 1:
         return np.zeros((len(observed), 0))
+    if results.seed.nunique() > MAX_SEED_BLOCKS:  # a column per seed would outgrow the runs
+        return np.zeros((len(observed), 0))
     seeds = sorted(results.seed.unique())
     return np.stack([(observed.seed == s).to_numpy(float) for s in seeds[1:]], axis=1)
 
 
 @dataclass
 class Model:
-    x: np.ndarray  # (runs with a value, coefficients)
+    x: np.ndarray  # (runs with a value, coefficients): intercept, seed blocks, mains, pairs
     terms: pd.DataFrame  # term, kind, column (of x; -1 when not estimable), verdict, aliased_with
     dof: int
     notes: list[str]
+    additive: int = 0  # x[:, :additive] is the model without interactions
+    cells: np.ndarray | None = None  # (runs,) a cell number per run (same levels, same number)
 
 
 def model(results: pd.DataFrame, factors: list[str], metric: str, interactions: bool = True):
@@ -138,25 +146,87 @@ def model(results: pd.DataFrame, factors: list[str], metric: str, interactions: 
     if not replicated:
         dof = 0
         notes.append("no replicates: no cell has two finished seeds, so no verdicts")
-    return Model(x, terms, int(dof), notes)
+    cells = np.unique(observed[factors].to_numpy(int), axis=0, return_inverse=True)[1]
+    return Model(x, terms, int(dof), notes, base.shape[1] + k, cells.reshape(-1))
 
 
-def estimate(fit: Model, y: np.ndarray, metric: str, alpha: float = 0.05) -> dict[str, np.ndarray]:
+@dataclass
+class Fits:
+    """Weighted least squares of many responses at once; arrays over replications R."""
+
+    beta: np.ndarray  # (R, coefficients)
+    resid: np.ndarray  # (runs, R): y minus the fit, for kept and left-out runs alike
+    leverage: np.ndarray  # (runs, R): x_i (X'WX)^- x_i'
+    ginv: np.ndarray  # (R, coefficients, coefficients): (X'WX)^-
+    dof: np.ndarray  # (R,) kept runs minus the rank
+    sd: np.ndarray  # (R,) residual SD of the kept runs (NaN without dof)
+
+
+def gram(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(R, p, p): X'WX for each column of weights w (runs, R), as one matrix product."""
+    outer = (x[:, :, None] * x[:, None, :]).reshape(len(x), -1)  # (runs, p * p)
+    return (w.T @ outer).reshape(w.shape[1], x.shape[1], x.shape[1])
+
+
+def wls(x: np.ndarray, y: np.ndarray, keep: np.ndarray | None = None) -> Fits:
+    """Least squares of y (runs, R) on x (runs, p) over the kept runs (runs, R) of each column.
+
+    Memory and time are linear in the runs: only p x p matrices are inverted, and only once
+    when every replication keeps every run.
+    """
+    same = keep is None or keep.all()
+    keep = np.ones(y.shape, bool) if keep is None else keep
+    w = keep.astype(float)
+    xtwx = gram(x, w[:, :1]) if same else gram(x, w)
+    ginv = np.linalg.pinv(xtwx, rcond=1e-10, hermitian=True)
+    rank = np.linalg.matrix_rank(xtwx, rtol=1e-10, hermitian=True) if len(xtwx) else 0
+    leverage = ((x @ ginv) * x).sum(axis=-1).T  # (R, runs, p) -> (runs, R)
+    if same:  # one inverse for all replications
+        ginv, leverage = (
+            np.broadcast_to(ginv, (y.shape[1], *ginv.shape[1:])),
+            leverage[:, [0] * y.shape[1]],
+        )
+    beta = np.einsum("rij,rj->ri", ginv, (w * y).T @ x)
+    resid = y - x @ beta.T
+    dof = w.sum(axis=0) - rank
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sd = np.sqrt(np.where(dof > 0, (w * resid**2).sum(axis=0) / dof, np.nan))
+    return Fits(beta, resid, leverage, ginv, dof.astype(int), sd)
+
+
+def estimable_in(fits: Fits, x: np.ndarray, keep: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(terms, R): is each column still estimable from each replication's kept runs?"""
+    xtwx = gram(x, keep.astype(float))
+    projector = fits.ginv @ xtwx  # (R, p, p)
+    eye = np.eye(x.shape[1])[:, cols]
+    return (np.abs(projector[:, :, cols] - eye).max(axis=1) < 1e-8).T
+
+
+def estimate(
+    fit: Model, y: np.ndarray, metric: str, alpha: float = 0.05, keep: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Effects, CIs, p, Holm p and verdicts of the estimable terms for many responses at once.
 
     Args:
         y: (runs with a value,) or (runs, replications), in the order of the model's rows.
-    Returns arrays (estimable terms, replications), terms in fit.terms order.
+        keep: (runs, replications) bool, the runs each replication uses (default all).
+    Returns arrays (estimable terms, replications), terms in fit.terms order, and `sd` (reps,),
+    the residual SD of one run.
     """
     y = y.reshape(len(y), -1)
-    pinv = np.linalg.pinv(fit.x)
-    beta = pinv @ y  # (coefficients, reps); estimable coefficients do not depend on the g-inverse
-    s2 = ((y - fit.x @ beta) ** 2).sum(axis=0) / fit.dof if fit.dof > 0 else np.nan
+    keep = np.ones(y.shape, bool) if keep is None else keep
+    fits = wls(fit.x, y, keep)
     cols = fit.terms.column[fit.terms.column >= 0].to_numpy()
-    var = np.diag(pinv @ pinv.T)[cols]  # = diag((x'x)^-) for these columns
-    se = np.sqrt(var[:, None] * s2)
-    out = t_tests(beta[cols], se, fit.dof, alpha, float(np.abs(y).max(initial=1.0)))
+    dof = fits.dof if fit.dof > 0 else np.zeros_like(fits.dof)
+    var = np.diagonal(fits.ginv, axis1=1, axis2=2)[:, cols].T  # (terms, reps)
+    effect, se = fits.beta[:, cols].T, np.sqrt(var) * fits.sd
+    # leaving runs out can lose a term in some replications (the screen avoids it for real data)
+    lost = np.zeros(effect.shape, bool) if keep.all() else ~estimable_in(fits, fit.x, keep, cols)
+    effect, se = np.where(lost, np.nan, effect), np.where(lost, np.nan, se)
+    out = t_tests(effect, se, dof, alpha, float(np.abs(y).max(initial=1.0)))
     out["verdict"] = verdicts(out["effect"], out["p_holm"], metric, alpha)
-    if fit.dof <= 0:
-        out["verdict"] = np.full(out["effect"].shape, "no replicates")
+    out["verdict"] = np.where(dof > 0, out["verdict"], "no replicates")
+    out["verdict"] = np.where(lost, "inestimable", out["verdict"])
+    out["sd"] = np.where(dof > 0, fits.sd, np.nan)
+    out["dof"] = np.maximum(dof, 0)
     return out

@@ -3,7 +3,6 @@
 from .importance import importance_table, marginal_means, plot_marginal_means
 from .runs import (
     by_replicates,
-    children,
     compare,
     effects,
     expand,
@@ -18,7 +17,6 @@ __all__ = [
     "marginal_means",
     "plot_marginal_means",
     "by_replicates",
-    "children",
     "compare",
     "effects",
     "expand",

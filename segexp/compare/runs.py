@@ -8,19 +8,9 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from segexp import config
+from segexp import config, tracking
 from segexp.evaluation import lower_is_better
 from segexp.plots import epoch_axis, figure, run_styles, save
-
-
-def children(client: MlflowClient, parent: Run) -> list[Run]:
-    """Child runs of `parent` (a sweep or a blame), oldest first."""
-    return client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=5000,
-    )
 
 
 def expand(client: MlflowClient, ids: list[str]) -> tuple[list[Run], list[Run]]:
@@ -28,7 +18,7 @@ def expand(client: MlflowClient, ids: list[str]) -> tuple[list[Run], list[Run]]:
     runs, parents = [], []
     for run_id in ids:
         run = client.get_run(run_id)
-        kids = children(client, run)
+        kids = tracking.children(client, run)
         if kids:
             parents.append(run)
             runs.extend(kids)
@@ -47,8 +37,12 @@ def differing_params(runs: list[Run]) -> list[str]:
     ]
 
 
-def runs_table(runs: list[Run], metric: str = "val/dice_best") -> pd.DataFrame:
-    """One row per run: name, differing params, seed, metric, best_epoch, status, seconds."""
+def runs_table(runs: list[Run], metric: str | None = None) -> pd.DataFrame:
+    """One row per run: name, differing params, seed, metric, best_epoch, status, seconds.
+
+    `metric` None: the runs' `optimized_metric`.
+    """
+    metric = metric or tracking.optimized_metric(runs)
     params = differing_params(runs)
     seeds = {r.data.params.get("seed") for r in runs}
     rows = []
@@ -101,7 +95,7 @@ def by_replicates(table: pd.DataFrame, by: str = "seed") -> pd.DataFrame:
     """Mean, sd, count and a 95% t CI of the metric per config over its replicates (`by`)."""
     from scipy import stats
 
-    metric = table.attrs.get("metric", "val/dice_best")
+    metric = table.attrs["metric"]
     params = [p for p in table.attrs.get("params", []) if p != by]
     finished = table[table.status == "FINISHED"]
     keys = params or (lambda _: "all")
@@ -135,10 +129,12 @@ def plot_runs(
                 (m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)
             )
             if points:
-                label = " ".join(f"{p.rsplit('.', 1)[-1]}={run.data.params.get(p)}" for p in params)
-                label = label or run.info.run_name
-                if run.data.params.get("seed") is not None:
-                    label += f" seed={run.data.params['seed']}"
+                values = run.data.params
+                shown = [(p, values.get(p)) for p in params if p != "seed"]
+                # no differing params: the run's own name, which sweeps and blames make distinct
+                label = (
+                    tracking.run_label(shown, values.get("seed")) if shown else run.info.run_name
+                )
                 ax.plot(*zip(*points, strict=True), label=label, markersize=4, alpha=0.85, **style)
         ax.set(ylabel=key, title=key)
         epoch_axis(ax)
@@ -153,7 +149,7 @@ def compare(
     ids: list[str],
     by: str | None = None,
     out: Path | None = None,
-    metric: str = "val/dice_best",
+    metric: str | None = None,
     html: Path | None = None,
 ) -> dict:
     """Print the ranked table (and its replicate grouping); write the curves PNG to `out`."""
@@ -194,15 +190,16 @@ def write_html(table: pd.DataFrame, grouped: pd.DataFrame | None, plot: Path, pa
     )
 
 
-def effects(client: MlflowClient, parent_run_id: str, metric: str, out: Path) -> dict:
+def effects(client: MlflowClient, parent_run_id: str, metric: str | None, out: Path) -> dict:
     """`segexp effects`: which hyperparameter matters across a sweep (or blame), seeds as
     replicates, from its FINISHED child runs; trains nothing."""
     from .importance import importance_table, marginal_means, plot_marginal_means
 
     parent = client.get_run(parent_run_id)
-    finished = [c for c in children(client, parent) if c.info.status == "FINISHED"]
+    finished = [c for c in tracking.children(client, parent) if c.info.status == "FINISHED"]
     if not finished:
         raise ValueError(f"run {parent_run_id} has no FINISHED child runs")
+    metric = metric or tracking.optimized_metric(finished)
     varying = differing_params(finished)
     if not varying:
         raise ValueError(f"the child runs of {parent_run_id} do not differ in any param")

@@ -7,10 +7,9 @@ size never serves stale arrays.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +18,9 @@ import cv2
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from skimage import draw, measure
+
+from segexp.evaluation import ellipse_mask, fit_ellipse
+from segexp.files import atomic_folder, atomic_write_bytes
 
 from .cases import Case, DataError, fingerprint
 
@@ -52,14 +53,9 @@ def filled_mask(annotation: np.ndarray) -> np.ndarray:
     if outline.sum() > 20 and eroded < 0.2 * outline.sum():
         # a thin outline that is open, e.g. cut by the image border: fit the ellipse and fill it
         rows, cols = np.nonzero(outline)
-        model = measure.EllipseModel.from_estimate(np.column_stack([cols, rows]).astype(float))
-        if model:  # falsy when the fit failed
-            (xc, yc), (a, b) = model.center, model.axis_lengths
-            # skimage.draw.ellipse turns the other way round from the fitted theta
-            rr, cc = draw.ellipse(yc, xc, b, a, shape=outline.shape, rotation=-model.theta)
-            filled = np.zeros_like(outline)
-            filled[rr, cc] = True
-            return filled
+        ellipse = fit_ellipse(np.column_stack([cols, rows]).astype(float))
+        if ellipse is not None:
+            return ellipse_mask(ellipse, outline.shape)
     return filled
 
 
@@ -215,7 +211,6 @@ def load_arrays(
     come as `Rows` of the cache's files, also right after they were written.
     """
     h, w = size_hw(image_size)
-    key = entry.name if entry else None
     if entry is not None and (entry / "meta.json").is_file():
         meta = json.loads((entry / "meta.json").read_text())
         masks = Rows(entry / "masks.npy") if meta["masks"] else None
@@ -246,18 +241,12 @@ def load_arrays(
         raise DataError(Path(cases[0].image).parent, problems)
     has_masks = all(c.mask is not None for c in cases)
     if entry is not None:
-        # write to a temporary folder and rename: concurrent jobs never read a half-written entry
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}."))
-        np.save(tmp / "images.npy", images)
-        if has_masks:
-            np.save(tmp / "masks.npy", masks)
-        meta = {"masks": has_masks, "original_sizes": originals, "files": len(cases)}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(tmp, entry)
-        except OSError:  # another process finished the same entry first
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(entry) as tmp:  # concurrent jobs never read a half-written entry
+            np.save(tmp / "images.npy", images)
+            if has_masks:
+                np.save(tmp / "masks.npy", masks)
+            meta = {"masks": has_masks, "original_sizes": originals, "files": len(cases)}
+            (tmp / "meta.json").write_text(json.dumps(meta))
         if (entry / "meta.json").is_file():  # rows from the file, not memory
             return load_arrays(cases, image_size, channels, entry)
     return images, (masks if has_masks else None), np.asarray(originals)
@@ -270,9 +259,9 @@ def cached_volume_stats(images: np.ndarray, groups: list[str], entry: Path | Non
         return np.load(path)
     stats = volume_stats(images, groups)
     if path is not None:
-        tmp = path.with_name(f".{os.getpid()}.volume_stats.npy")
-        np.save(tmp, stats)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees all of it or nothing
+        buffer = io.BytesIO()
+        np.save(buffer, stats)
+        atomic_write_bytes(path, buffer.getvalue())  # a concurrent reader sees all of it or none
     return stats
 
 

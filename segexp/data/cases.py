@@ -44,6 +44,28 @@ class Case:
     hc_mm: float | None = None
 
 
+PIXEL_SIZE, HC = "pixel size(mm)", "head circumference (mm)"  # HC18's CSV columns
+
+
+def read_pixel_csv(csv_path: Path, root: Path | str, columns: list[str]) -> pd.DataFrame:
+    """An HC18-style CSV (`filename`, `pixel size(mm)`, ...), column names stripped.
+
+    Raises DataError (at `root`) naming the CSV when it is missing, unreadable or lacks one of
+    `filename` and `columns`.
+    """
+    if not Path(csv_path).is_file():
+        raise DataError(root, [(str(csv_path), "missing CSV")])
+    try:
+        table = pd.read_csv(csv_path)
+    except Exception as err:  # pandas raises several types for broken CSVs
+        raise DataError(root, [(str(csv_path), f"unreadable CSV: {err}")]) from err
+    table.columns = [c.strip() for c in table.columns]
+    missing = [c for c in ["filename", *columns] if c not in table.columns]
+    if missing:
+        raise DataError(root, [(str(csv_path), f"missing column(s) {missing}")])
+    return table
+
+
 def scan_hc18(root: Path, subset: str = "training") -> list[Case]:
     """Cases of an HC18 root in the official layout; `subset` is `training` or `test`."""
     root = Path(root)
@@ -54,19 +76,9 @@ def scan_hc18(root: Path, subset: str = "training") -> list[Case]:
     problems: list[tuple[str, str]] = []
     if not folder.is_dir():
         raise DataError(root, [(str(folder), "missing folder (is dataset.root the HC18 root?)")])
-    if not csv_path.is_file():
-        raise DataError(root, [(str(csv_path), "missing CSV")])
-    try:
-        table = pd.read_csv(csv_path)
-    except Exception as err:  # pandas raises several types for broken CSVs
-        raise DataError(root, [(str(csv_path), f"unreadable CSV: {err}")]) from err
-    table.columns = [c.strip() for c in table.columns]
-    needed = ["filename", "pixel size(mm)"] + (
-        ["head circumference (mm)"] if subset == "training" else []
+    table = read_pixel_csv(
+        csv_path, root, [PIXEL_SIZE, HC] if subset == "training" else [PIXEL_SIZE]
     )
-    missing = [c for c in needed if c not in table.columns]
-    if missing:
-        raise DataError(root, [(str(csv_path), f"missing column(s) {missing}")])
     rows = {str(r["filename"]).strip(): r for _, r in table.iterrows()}
 
     images = sorted(p for p in folder.glob("*.png") if not p.stem.endswith("_Annotation"))
@@ -85,10 +97,10 @@ def scan_hc18(root: Path, subset: str = "training") -> list[Case]:
         if row is None:
             problems.append((str(path), f"no row in {csv_path.name}"))
             continue
-        pixel_mm = positive_cell(row, "pixel size(mm)", csv_path, path.name, problems)
+        pixel_mm = positive_cell(row, PIXEL_SIZE, csv_path, path.name, problems)
         hc_mm = None
         if subset == "training":
-            hc_mm = positive_cell(row, "head circumference (mm)", csv_path, path.name, problems)
+            hc_mm = positive_cell(row, HC, csv_path, path.name, problems)
         if pixel_mm is None or (subset == "training" and hc_mm is None):
             continue
         cases.append(
@@ -123,6 +135,23 @@ def positive_cell(row, column: str, csv_path, image: str, problems: list) -> flo
         return value
     problems.append((str(csv_path), f"{image}: {column} {row[column]!r} is not a positive number"))
     return None
+
+
+def scan_listed(images_dir: Path, pixel_csv: Path) -> list[Case]:
+    """One case per row of an HC18-style pixel-size CSV (`filename`, `pixel size(mm)`)."""
+    table = read_pixel_csv(pixel_csv, pixel_csv, [PIXEL_SIZE])
+    cases, problems = [], []
+    for _, row in table.iterrows():
+        path = Path(images_dir) / str(row["filename"]).strip()
+        if not path.is_file():
+            problems.append((str(path), f"listed in {Path(pixel_csv).name} but no such image"))
+            continue
+        pixel_mm = positive_cell(row, PIXEL_SIZE, pixel_csv, path.name, problems)
+        if pixel_mm is not None:
+            cases.append(Case(path.stem, path.stem, str(path), pixel_size_mm=pixel_mm))
+    if problems:
+        raise DataError(images_dir, problems)
+    return cases
 
 
 def lgg_root(root: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The torch Dataset and the LightningDataModule for both layouts, over `segexp.arrays`.
+"""The torch Dataset and the LightningDataModule for both layouts, over `segexp.data.arrays`.
 
 Batch contract (what every loader yields, collated):
     image    float32 (N, C, H, W)   normalised: [0, 1] (`minmax`) or per-volume z-score (`volume`)
@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from segexp import performance
-from segexp.evaluation import shape_ranges
+from segexp.evaluation import pixel_spacings, shape_ranges
 
 from .arrays import cache_entry, cached_volume_stats, load_arrays, size_hw, volume_stats
 from .cases import SCANNERS, Case, DataError, fingerprint, split_groups
@@ -83,14 +83,8 @@ class SegDataModule(pl.LightningDataModule):
         val_fraction / val_count: share or number of exams/patients held out for validation.
         normalize: `minmax` (pixel / 255) or `volume` (per-patient percentile clip + z-score).
         hc_boundary_offset_px: how far this dataset's filled masks extend beyond the ellipse its
-            reference HC measures (see `segexp.hc.ellipse_from_mask`); HC18 layout only.
+            reference HC measures (see `segexp.evaluation.ellipse_from_mask`); HC18 layout only.
         train_transform: an albumentations transform applied to training items only.
-        flip_tta: evaluate (and `segexp predict`) on the mean of the image's and its left-right
-            mirror's logits: valid where anatomy has no preferred side (HC18 heads).
-        single_object: one object per image (HC18: one head): predicted masks keep their
-            largest component, holes filled, before Dice and HD95 (HC always measures that one).
-        hc_ellipse_fit: `moment` or `contour` (see `segexp.hc.ellipse_from_mask`); each has
-            its own `hc_boundary_offset_px` calibration.
     """
 
     def __init__(
@@ -109,9 +103,6 @@ class SegDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         hc_boundary_offset_px: float = 0.0,
         train_transform: A.BasicTransform | A.Compose | None = None,
-        flip_tta: bool = False,
-        single_object: bool = False,
-        hc_ellipse_fit: str = "moment",
     ):
         super().__init__()
         if layout not in SCANNERS:
@@ -133,8 +124,6 @@ class SegDataModule(pl.LightningDataModule):
         self.train_transform = train_transform
         self.hc_boundary_offset_px = hc_boundary_offset_px if layout == "hc18" else None
         self.volumetric = layout == "lgg"  # LGG slices form per-patient volumes
-        self.flip_tta, self.single_object = flip_tta, single_object
-        self.hc_ellipse_fit = hc_ellipse_fit
         self.hc_plausible: dict | None = None  # set by setup from the training split (HC18)
         self.cases: list[Case] = []
         self.load_seconds = 0.0
@@ -186,7 +175,7 @@ class SegDataModule(pl.LightningDataModule):
     def spacings(self, indices) -> np.ndarray:
         """(len(indices), 2) mm per model pixel along (y, x): original size / image_size * pixel."""
         pixel = np.array([self.cases[i].pixel_size_mm for i in indices], float)
-        return self.original_sizes[list(indices)] / np.asarray(self.image_size) * pixel[:, None]
+        return pixel_spacings(self.original_sizes[list(indices)], self.image_size, pixel)
 
     @property
     def fingerprint(self) -> str:
@@ -250,12 +239,6 @@ class SegDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """HC18: the unannotated `test_set/`; LGG: the validation split."""
-        if self.layout != "hc18":
-            return self._loader(self.val_set, shuffle=False)
-        return self.loader_of(SCANNERS["hc18"](self.root, "test"))
 
     def loader_of(self, cases: list[Case], cache: bool = True) -> DataLoader:
         """Unaugmented batches of other `cases`, preprocessed as this dataset's (size, normalize)."""

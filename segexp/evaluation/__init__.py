@@ -1,12 +1,20 @@
-"""Evaluation: overlap metrics, HD95 and head circumference from predicted masks."""
+"""Evaluation: overlap metrics, HD95, ellipse fits and head circumference of predicted masks."""
 
+from .ellipse import (
+    Ellipse,
+    eccentricity,
+    ellipse_from_mask,
+    ellipse_mask,
+    fit_ellipse,
+    moment_ellipse,
+    ramanujan_perimeter,
+)
 from .hc import (
     clinical_table,
-    ellipse_from_mask,
     hc_from_mask,
     head_flags,
     measure_hc,
-    ramanujan_perimeter,
+    pixel_spacings,
     shape_ranges,
     width_limit,
 )
@@ -28,12 +36,18 @@ __all__ = [
     "overlap_counts",
     "summarize",
     "volume_table",
-    "clinical_table",
+    "Ellipse",
+    "eccentricity",
     "ellipse_from_mask",
+    "ellipse_mask",
+    "fit_ellipse",
+    "moment_ellipse",
+    "ramanujan_perimeter",
+    "clinical_table",
     "hc_from_mask",
     "head_flags",
     "measure_hc",
-    "ramanujan_perimeter",
+    "pixel_spacings",
     "shape_ranges",
     "width_limit",
 ]

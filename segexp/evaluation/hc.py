@@ -1,96 +1,15 @@
-"""Head circumference (HC18): ellipse fits, HC in mm, plausibility and hesitation flags, and the
-per-case clinical table (HD95 + HC) that validation and `segexp predict` write."""
+"""Head circumference (HC18): HC in mm, plausibility and hesitation flags, and the per-case
+clinical table (HD95 + HC) that validation and `segexp predict` write."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from .metrics import hd95, largest_component
-
-
-def ramanujan_perimeter(a: float, b: float) -> float:
-    """Ellipse perimeter from semi-axes a, b (Ramanujan's second approximation)."""
-    h = ((a - b) / (a + b)) ** 2
-    return math.pi * (a + b) * (1 + 3 * h / (10 + math.sqrt(4 - 3 * h)))
-
-
-@dataclass(frozen=True)
-class Ellipse:
-    """Centre (x, y), semi-axes a >= b and angle of the a axis from +x (y down), in pixels/radians."""
-
-    cx: float
-    cy: float
-    a: float
-    b: float
-    angle: float
-
-
-def ellipse_from_mask(
-    mask: np.ndarray, boundary_offset_px: float = 0.0, method: str = "moment"
-) -> Ellipse | None:
-    """The ellipse of the largest component (holes filled); None for an empty mask.
-
-    `moment`: from the filled region's second moments (a = 2 sqrt(eigenvalue)), exact for a whole
-    ellipse with no contour-tracing bias. `contour`: least-squares fit (`skimage.measure.
-    EllipseModel`) of the region's outer contour without the points that lie on the image border,
-    so a head cut by the border is still measured whole. `boundary_offset_px` is how far the masks
-    extend beyond the ellipse the reference measures (the annotation stroke): it is subtracted
-    from both semi-axes.
-    """
-    if method not in ("moment", "contour"):
-        raise ValueError(f"ellipse fit method must be 'moment' or 'contour', got {method!r}")
-    region = largest_component(np.asarray(mask) > 0)
-    ys, xs = np.nonzero(region)
-    if len(xs) < 5:
-        return None
-    if method == "contour":
-        fitted = _contour_ellipse(region)
-        if fitted is not None:
-            cx, cy, a, b, angle = fitted
-            return Ellipse(
-                cx, cy, max(a - boundary_offset_px, 0.0), max(b - boundary_offset_px, 0.0), angle
-            )
-    cx, cy = xs.mean(), ys.mean()
-    cov = np.cov(np.stack([xs - cx, ys - cy]), bias=True)
-    eigenvalues, eigenvectors = np.linalg.eigh(cov)  # ascending
-    a = 2 * math.sqrt(max(eigenvalues[1], 0.0)) - boundary_offset_px
-    b = 2 * math.sqrt(max(eigenvalues[0], 0.0)) - boundary_offset_px
-    angle = math.atan2(eigenvectors[1, 1], eigenvectors[0, 1])
-    angle = (angle + math.pi / 2) % math.pi - math.pi / 2  # the axis, not its direction
-    return Ellipse(float(cx), float(cy), max(a, 0.0), max(b, 0.0), angle)
-
-
-def _contour_ellipse(region: np.ndarray) -> tuple[float, ...] | None:
-    """(cx, cy, a, b, angle) fitted to the outer contour of a filled region, or None."""
-    from skimage import measure
-
-    h, w = region.shape
-    # padded: a region touching the border still has a closed contour; (row, col) + 1 offset
-    contour = max(measure.find_contours(np.pad(region, 1).astype(np.float32), 0.5), key=len) - 1
-    rows, cols = contour[:, 0], contour[:, 1]
-    inside = (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)  # not the image's edge
-    if inside.sum() < 10:
-        return None
-    model = measure.EllipseModel.from_estimate(np.column_stack([cols[inside], rows[inside]]))
-    if not model:  # falsy when the fit failed
-        return None
-    (cx, cy), axes = model.center, model.axis_lengths
-    a, b = max(axes), min(axes)
-    angle = model.theta if axes[0] >= axes[1] else model.theta + math.pi / 2
-    angle = (angle + math.pi / 2) % math.pi - math.pi / 2
-    if not all(math.isfinite(v) for v in (cx, cy, a, b)) or a > 4 * max(h, w):
-        return None
-    return float(cx), float(cy), float(a), float(b), float(angle)
-
-
-def eccentricity(ellipse: Ellipse) -> float:
-    """sqrt(1 - b^2 / a^2): 0 for a circle, towards 1 for a flat ellipse."""
-    return math.sqrt(max(0.0, 1 - (ellipse.b / ellipse.a) ** 2)) if ellipse.a > 0 else 1.0
+from .ellipse import Ellipse, eccentricity, ellipse_from_mask, moment_ellipse, ramanujan_perimeter
+from .metrics import hd95
 
 
 def hc_from_mask(
@@ -105,6 +24,14 @@ def hc_from_mask(
     return 0.0 if ellipse is None else ramanujan_perimeter(ellipse.a, ellipse.b) * pixel_size_mm
 
 
+def pixel_spacings(original_sizes, size: tuple[int, int], pixel_sizes) -> np.ndarray:
+    """(N, 2) mm per model pixel along (y, x): original (H, W) / model (h, w) x mm per pixel.
+
+    original_sizes (N, 2) as on disk, pixel_sizes (N,): a squeezed input has two spacings.
+    """
+    return np.asarray(original_sizes) / np.asarray(size) * np.asarray(pixel_sizes)[:, None]
+
+
 def shape_ranges(masks: np.ndarray, spacings: np.ndarray, hc_mm: np.ndarray) -> dict:
     """Plausible ranges from reference masks: {"hc_mm": (lo, hi), "eccentricity": (lo, hi)}.
 
@@ -114,10 +41,8 @@ def shape_ranges(masks: np.ndarray, spacings: np.ndarray, hc_mm: np.ndarray) -> 
     eccentricities = []
     for mask, (sy, sx) in zip(masks, spacings, strict=True):
         ys, xs = np.nonzero(mask)
-        if len(xs) < 5:
-            continue
-        low, high = np.linalg.eigvalsh(np.cov(np.stack([xs * sx, ys * sy]), bias=True))
-        eccentricities.append(math.sqrt(max(0.0, 1 - low / high)) if high > 0 else 1.0)
+        if len(xs) >= 5:
+            eccentricities.append(eccentricity(moment_ellipse(xs * sx, ys * sy)))
     hc = np.asarray(hc_mm, float)
     return {
         "hc_mm": (float(hc.min()), float(hc.max())),
@@ -163,11 +88,10 @@ def clinical_table(
         plausible, width_limit_px: see `head_flags` (the limit defaults to `width_limit` of
             these cases' own widths).
     """
-    size = np.asarray(masks.shape[-2:])  # (h, w)
     table = pd.DataFrame(index=range(len(masks)))
     in_mm = pixel_sizes is not None and original_sizes is not None
     spacings = (
-        (np.asarray(original_sizes) / size) * np.asarray(pixel_sizes)[:, None]
+        pixel_spacings(original_sizes, masks.shape[-2:], pixel_sizes)
         if in_mm
         else np.ones((len(masks), 2))
     )

@@ -39,15 +39,16 @@ class SegModule(pl.LightningModule):
         scheduler: a partial LR scheduler that takes the optimizer, or None.
         volumetric: also report `val/dice_volume` (cases grouped into volumes, e.g. LGG patients).
         hc_boundary_offset_px: with it, batches that carry `hc_mm` also get head circumference
-            metrics (see `segexp.hc.hc_from_mask`); None turns HC off.
+            metrics (see `segexp.evaluation.hc_from_mask`); None turns HC off.
         channels_last: run the network in channels-last memory format (faster convs on CPU/GPU).
         compile: torch.compile the network in place when the trainer sets up the model (state
             dict keys, hence checkpoints, stay those of the eager network).
-        fold_bn_eval: on a CPU, validate with a copy of the network whose BatchNorms are folded
-            into the convs (rebuilt each validation epoch; nets fx cannot trace stay eager).
-        flip_tta, single_object, hc_ellipse_fit: how validation predicts and measures (see
-            `SegDataModule`); `setup` takes the plausible HC/eccentricity range of the training masks
-            from the trainer's datamodule.
+        flip_tta, single_object, hc_ellipse_fit: how validation predicts and measures (the
+            `evaluation` config node, `conf/evaluation/default.yaml`); `setup` takes the plausible
+            HC/eccentricity range of the training masks from the trainer's datamodule.
+
+    On a CPU, validation runs a copy of the network whose BatchNorms are folded into the convs
+    (rebuilt each validation epoch; nets torch.fx cannot trace stay eager).
     """
 
     def __init__(
@@ -61,7 +62,6 @@ class SegModule(pl.LightningModule):
         monitor: str = "val/loss",
         hc_boundary_offset_px: float | None = None,
         compile: bool = False,
-        fold_bn_eval: bool = True,
         flip_tta: bool = False,
         single_object: bool = False,
         hc_ellipse_fit: str = "moment",
@@ -71,12 +71,9 @@ class SegModule(pl.LightningModule):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.volumetric, self.channels_last, self.monitor = volumetric, channels_last, monitor
         self.hc_boundary_offset_px = hc_boundary_offset_px
-        self.compile, self.fold_bn_eval = compile, fold_bn_eval
-        self.flip_tta, self.single_object, self.hc_ellipse_fit = (
-            flip_tta,
-            single_object,
-            hc_ellipse_fit,
-        )
+        self.compile = compile
+        self.flip_tta, self.single_object = flip_tta, single_object
+        self.hc_ellipse_fit = hc_ellipse_fit
         self.hc_plausible: dict | None = None  # {"hc_mm": (lo, hi), "eccentricity": (lo, hi)}
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -86,9 +83,7 @@ class SegModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.compile:
-            performance.compile_net(
-                self.net
-            )  # compiles on the first step: its time counts in epoch 0
+            performance.compile_net(self.net)  # on the first step: its time counts in epoch 0
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -116,7 +111,7 @@ class SegModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.__dict__.pop("_folded_net", None)
-        if self.fold_bn_eval and self.device.type == "cpu":
+        if self.device.type == "cpu":
             # `make bench`: 27% faster fp32 channels-last eval of unet_buda at 256 px;
             # a net torch.fx cannot trace validates eagerly
             with contextlib.suppress(Exception):

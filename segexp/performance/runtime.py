@@ -1,5 +1,5 @@
-"""How segexp sets up the process for training: threads, the allocator, DataLoader workers, and
-the BatchNorm-folded net for evaluation (what `segexp.speed` measures is chosen there)."""
+"""How segexp sets up the process for training: threads, the allocator, DataLoader workers,
+torch.compile and the BatchNorm-folded net for evaluation (what is measured: `speed`)."""
 
 from __future__ import annotations
 
@@ -74,3 +74,10 @@ def fuse_for_eval(net: nn.Module) -> nn.Module:
     if any(p.dim() == 4 and not p.is_contiguous() for p in net.parameters()):
         folded = folded.to(memory_format=torch.channels_last)  # folded weights come contiguous
     return folded
+
+
+def compile_net(net: nn.Module) -> nn.Module:
+    """torch.compile `net` in place (`Module.compile`): no `_orig_mod.` wrapper, so state_dict
+    keys and checkpoints stay those of the eager net. Compiles lazily, on the first call."""
+    net.compile()
+    return net

@@ -19,8 +19,9 @@ from mlflow.entities import Metric, Param, RunTag
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from segexp import config
+from segexp.files import atomic_path
 
-from . import stopping, store
+from . import stopping, store, tags
 
 RUN_ENV = "SEGEXP_RUN_ID"  # rank 0's run, for the DDP processes Lightning starts
 PARAM_BATCH = 100  # MLflow's per-request limit on params
@@ -63,9 +64,11 @@ class TrackedRun:
         run_name: str,
         resume_run_id: str | None = None,
         parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
     ):
         self.client, self.run_name, self.resume_run_id = client, run_name, resume_run_id
         self.parent_run_id = parent_run_id
+        self.tags = dict(tags or {})  # set when the run is created
         self.experiment_id = store.experiment_id(client, experiment, artifact_root)
         self.run_id: str | None = resume_run_id
         self.signal_received: int | None = None
@@ -75,17 +78,29 @@ class TrackedRun:
         # and validate but write nothing, into rank 0's run (its id comes in the environment).
         self.active = rank_zero_only.rank == 0
 
+    def open(self) -> str:
+        """Create the run (or set the resumed one RUNNING) and tag this process; returns its id."""
+        if self.resume_run_id:
+            self.client.update_run(self.resume_run_id, status="RUNNING")
+        else:
+            parent = {tags.PARENT: self.parent_run_id} if self.parent_run_id else {}
+            run = self.client.create_run(
+                self.experiment_id, run_name=self.run_name, tags={**self.tags, **parent}
+            )
+            self.run_id = run.info.run_id
+        self.set_tags({tags.PID: str(os.getpid()), tags.HOST: socket.gethostname()})
+        return self.run_id
+
+    def close(self, status: str, reason: dict[str, str] | None = None) -> None:
+        """Mark the run `status`, with its `failure_reason` / `stop_reason` tag if any."""
+        self.set_tags(reason or {})
+        self.client.set_terminated(self.run_id, status=status)
+
     def __enter__(self) -> TrackedRun:
         if not self.active:
             self.run_id = os.environ.get(RUN_ENV)
             return self
-        if self.resume_run_id:
-            self.client.update_run(self.resume_run_id, status="RUNNING")
-        else:
-            tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else None
-            run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
-            self.run_id = run.info.run_id
-        self.set_tags({"segexp.pid": str(os.getpid()), "segexp.host": socket.gethostname()})
+        self.open()
         os.environ[RUN_ENV] = self.run_id
         self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_signal)}
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not an ignored one
@@ -120,16 +135,15 @@ class TrackedRun:
     def _end(self, exc_type, exc) -> str:
         """Mark the run FINISHED, KILLED or FAILED for how its block ended; returns the status."""
         if exc_type is None:
-            status, tags = "FINISHED", {}
+            status, reason = "FINISHED", {}
         elif self.signal_received or self.interrupted or issubclass(exc_type, KeyboardInterrupt):
             status = "KILLED"  # Lightning turns Ctrl-C into SystemExit(1): `interrupted` remembers
-            reason = f"signal {self.signal_received}" if self.signal_received else "interrupted"
-            tags = {"stop_reason": reason}
+            why = f"signal {self.signal_received}" if self.signal_received else "interrupted"
+            reason = {"stop_reason": why}
         else:
-            status, tags = "FAILED", {"failure_reason": f"{exc_type.__name__}: {exc}"[:5000]}
+            status, reason = "FAILED", {"failure_reason": f"{exc_type.__name__}: {exc}"[:5000]}
         try:
-            self.set_tags(tags)
-            self.client.set_terminated(self.run_id, status=status)
+            self.close(status, reason)
         except Exception as err:  # the store itself is gone: say so, keep the original error
             print(
                 f"segexp: could not mark run {self.run_id} {status} in the tracking store "
@@ -139,10 +153,10 @@ class TrackedRun:
                 raise
         return status
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        if not self.active:
+    def set_tags(self, values: dict[str, str]) -> None:
+        if not self.active or not values:
             return
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
 
     def log_params(self, params: dict[str, str]) -> None:
         if not self.active:
@@ -266,10 +280,9 @@ class EpochMetricsToMLflow(pl.Callback):
         self._save(trainer, "last.ckpt")
 
     def _save(self, trainer, name: str) -> None:
-        tmp = self.checkpoint_dir / f".{name}.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls it; rank 0 writes
-        if trainer.is_global_zero:  # atomic: a kill mid-write keeps the previous file
-            os.replace(tmp, self.checkpoint_dir / name)
+        # atomic: a kill mid-write keeps the previous file; every rank calls it, rank 0 writes
+        with atomic_path(self.checkpoint_dir / name, publish=trainer.is_global_zero) as tmp:
+            trainer.save_checkpoint(tmp, weights_only=False)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         if isinstance(exception, KeyboardInterrupt | SystemExit):

@@ -186,6 +186,30 @@ def mlflow_command(
     ]
 
 
+REMOTE_ADVICE = """segexp ui: {host} exposes the MLflow server, which has no authentication by default, to
+every machine that can reach this one. If that is what you want:
+  - keep MLflow's security middleware on and name who may connect:
+      --allowed-hosts 'my-host.example.org:*' --cors-allowed-origins 'https://my-host.example.org'
+  - turn on authentication: `mlflow server --app-name basic-auth` (set MLFLOW_FLASK_SERVER_SECRET_KEY)
+  - or keep it on 127.0.0.1 and reach it through an SSH tunnel: ssh -L 5000:127.0.0.1:5000 HOST
+Pass --allow-remote to bind {host} anyway."""
+
+
+def ui_host_allowed(host: str, allow_remote: bool) -> bool:
+    """A loopback host, or another one with its risks printed and `--allow-remote` given."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return True
+    print(REMOTE_ADVICE.format(host=host), file=sys.stderr)
+    return allow_remote
+
+
+def ui_command(tracking_uri: str, artifacts: str | None, host: str, port: int) -> list[str]:
+    """`mlflow server` for `segexp ui` on a store of the work dir (not a server)."""
+    if artifacts is None:
+        raise ValueError(f"{tracking_uri} is a server already: open it in a browser")
+    return mlflow_command(tracking_uri, ("--default-artifact-root", artifacts), host, port)
+
+
 def start_mlflow(
     backend_uri: str, artifacts_dir: Path, port: int, log: Path, timeout: float = 180
 ) -> subprocess.Popen:

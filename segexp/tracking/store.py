@@ -13,11 +13,14 @@ import os
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+from . import tags
 
 # What these experiments are. MLflow 3.17's UI no longer picks its view by it: a browser-wide
 # "GenAI | Model training" switch does (GenAI by default), which `experiment_url` sets.
@@ -50,6 +53,13 @@ def store_locations(tracking_cfg, work_dir: Path) -> tuple[str, str | None]:
     return uri, artifacts
 
 
+def work_dir_of(uri: str) -> Path | None:
+    """The work dir whose embedded default store `uri` is, or None (a server, another file)."""
+    if uri.startswith("sqlite:///") and uri.endswith("/mlflow.db"):
+        return Path(uri.removeprefix("sqlite:///")).parent
+    return None
+
+
 def open_store(tracking_cfg, work_dir: Path) -> tuple[MlflowClient, str | None]:
     """(client, artifact root) of the configured store, checked before any data work.
 
@@ -66,12 +76,29 @@ def open_store(tracking_cfg, work_dir: Path) -> tuple[MlflowClient, str | None]:
 
             SqlAlchemyStore(uri, artifact_root)  # creates or migrates the schema, then closes
     elif uri.startswith(("http://", "https://")):
+        uri = credentials_to_env(uri)
         for key, value in HTTP_RETRY_ENV.items():
             os.environ.setdefault(key, value)
         # a sweep's job: the server just answered for its parent run, so an outage now is a
         # restart, not a wrong URI; wait as a request would, instead of losing the job
         check_server(uri, patience=SERVER_PATIENCE if tracking_cfg.get("parent_run_id") else 0)
     return MlflowClient(tracking_uri=uri), artifact_root
+
+
+def credentials_to_env(uri: str) -> str:
+    """`http://alice:pw@host` -> `http://host`, its user and password where MLflow reads them.
+
+    MLflow's client takes HTTP basic-auth credentials from MLFLOW_TRACKING_USERNAME / _PASSWORD
+    (urllib refuses them in the URI); variables the user set win.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    for name, value in (("USERNAME", parts.username), ("PASSWORD", parts.password)):
+        if value:
+            os.environ.setdefault(f"MLFLOW_TRACKING_{name}", urllib.parse.unquote(value))
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 SERVER_PATIENCE = 60.0  # seconds: about what HTTP_RETRY_ENV's retries add up to
@@ -142,9 +169,8 @@ def cleanup_stale_runs(client: MlflowClient, experiment_ids: list[str]) -> list[
     for run in client.search_runs(
         experiment_ids, "attributes.status = 'RUNNING'", max_results=5000
     ):
-        tags = run.data.tags
-        pid = tags.get("segexp.pid", "")
-        if tags.get("segexp.host") != host or not pid.isdigit() or process_alive(int(pid)):
+        pid = run.data.tags.get(tags.PID, "")
+        if run.data.tags.get(tags.HOST) != host or not pid.isdigit() or process_alive(int(pid)):
             continue
         client.set_tag(run.info.run_id, "stop_reason", f"process {pid} on {host} is gone")
         client.set_terminated(run.info.run_id, status="KILLED")

@@ -1,0 +1,152 @@
+"""Test helpers that are not fixtures: composed configs, MLflow queries, the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from segexp import config
+
+SHARED_HC18 = Path(__file__).resolve().parents[2] / "shared" / "data" / "hc18"
+TRAINING_TIMEOUT = 240  # seconds for one tiny `segexp` command on a loaded 2-core machine
+
+
+def shared_hc18_count() -> int:
+    """How many training images the shared HC18 CSV lists (rows, header excluded)."""
+    import pandas as pd
+
+    return len(pd.read_csv(SHARED_HC18 / "training_set_pixel_size_and_HC.csv"))
+
+
+def make_cfg(work_dir: Path, *overrides: str):
+    """Compose conf/train.yaml with CLI-style overrides, as `segexp train` would."""
+    return config.compose([f"work_dir={work_dir}", *overrides])
+
+
+def only_run(client: MlflowClient, experiment: str):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def wait_for(predicate, timeout: float = 120.0, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError("condition not met in time")
+
+
+def an_epoch_is_logged(client: MlflowClient, experiment: str = "hc18_synthetic") -> bool:
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    return bool(runs) and bool(steps(client, runs[0].info.run_id, "val/dice"))
+
+
+# ------------------------------------------------------------ the CLI in a child process
+
+
+def segexp_command(*args: str, module: str = "segexp") -> list[str]:
+    """The argv of `segexp ARGS` (`python -m segexp`); `module="segexp.train"` for DDP, whose
+    launcher re-runs argv[0] for the other ranks."""
+    return [sys.executable, "-m", module, *args]
+
+
+def segexp_env(work_dir: Path | None = None, env: dict | None = None) -> dict[str, str]:
+    """The child's environment: unbuffered output, SEGEXP_WORK_DIR when given, then `env`."""
+    extra = {"SEGEXP_WORK_DIR": str(work_dir)} if work_dir is not None else {}
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra, **(env or {})}
+
+
+def as_from_a_terminal() -> None:
+    """Ctrl-C reaches the child as from a shell: a child inherits an ignored SIGINT, and
+    Lightning's interrupt handling in an in-process test leaves the test process ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_segexp(
+    *args: str,
+    work_dir: Path | None = None,
+    env: dict | None = None,
+    timeout: float = TRAINING_TIMEOUT,
+    module: str = "segexp",
+) -> subprocess.CompletedProcess:
+    """`segexp ARGS` to its end, stdout and stderr captured apart as text."""
+    return subprocess.run(
+        segexp_command(*args, module=module),
+        env=segexp_env(work_dir, env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=as_from_a_terminal,
+    )
+
+
+def start_segexp(
+    *args: str,
+    work_dir: Path | None = None,
+    env: dict | None = None,
+    log: Path | None = None,
+    module: str = "segexp",
+) -> subprocess.Popen:
+    """`segexp ARGS` in the background, stderr into stdout: a text pipe, or the file `log`
+    (a pipe nobody reads fills up and blocks a long child)."""
+    command, child_env = segexp_command(*args, module=module), segexp_env(work_dir, env)
+    if log is None:
+        return subprocess.Popen(
+            command,
+            env=child_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=as_from_a_terminal,
+        )
+    with open(log, "w") as out:  # the child keeps its own handle
+        return subprocess.Popen(
+            command,
+            env=child_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=as_from_a_terminal,
+        )
+
+
+def start_long_run(work_dir: Path, client: MlflowClient, hc18_root: Path) -> subprocess.Popen:
+    """`segexp train` in a subprocess with outputs in work_dir/out, once an epoch is logged."""
+    proc = start_segexp(
+        "train",
+        "debug=tiny",
+        f"dataset.root={hc18_root}",
+        "trainer.max_epochs=500",
+        "hydra.run.dir=" + str(work_dir / "out"),
+        work_dir=work_dir,
+    )
+    wait_for(lambda: an_epoch_is_logged(client))
+    return proc
+
+
+def predict_args(run_id: str, hc18_root: Path, work_dir: Path) -> list[str]:
+    """`segexp predict RUN` on the synthetic HC18 test set, writing work_dir/sub.csv."""
+    return [
+        "predict",
+        run_id,
+        "--images",
+        str(hc18_root / "test_set"),
+        "--pixel-csv",
+        str(hc18_root / "test_set_pixel_size.csv"),
+        "--out",
+        str(work_dir / "sub.csv"),
+        "--work-dir",
+        str(work_dir),
+    ]
