@@ -29,6 +29,11 @@ def make_cfg(work_dir: Path, *overrides: str):
     return config.compose([f"work_dir={work_dir}", *overrides])
 
 
+def tiny(work_dir: Path, root: Path, *overrides: str):
+    """The `debug=tiny` config on the dataset at `root`, with `overrides`."""
+    return make_cfg(work_dir, "debug=tiny", f"dataset.root={root}", *overrides)
+
+
 def only_run(client: MlflowClient, experiment: str):
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert len(runs) == 1, [r.info.run_name for r in runs]

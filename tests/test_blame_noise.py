@@ -15,10 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.api as sm
+from helpers import make_cfg
 from scipy import stats
 
-from segexp.blame import analyze, headline, make_design, model, note, write_report
+from segexp.blame import analyze, blame, headline, make_design, model, note, robust, write_report
 from segexp.blame.robust import bisquare_fit, fisher_p, huber_fit, lad_fit, robust_estimate
+from segexp.tracking import tags
+from segexp.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is not installed
 from benchmarks import blame_noise  # noqa: E402
@@ -202,3 +205,69 @@ def test_a_run_whose_training_loss_never_fell_is_dead_whatever_its_dice(tmp_path
     assert (dead.run_id, dead.reason) == ("run1", "train/loss flat")
     report = write_report(analyze(table, NAMES, METRIC, stalled=stalled), tmp_path, "b")
     assert "never learned: its training loss never fell" in report.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_blame_with_a_seed_that_never_learned_still_names_the_harm(work_dir, client, hc18_root):
+    base = ["debug=tiny", "model.batch_norm=true", "loss=dice", "dataset.batch_size=2"]
+    base += ["trainer.max_epochs=10", f"dataset.root={hc18_root}"]
+
+    def trained(*overrides: str) -> str:
+        return train(make_cfg(work_dir, *base, *overrides))["run_id"]
+
+    run_a = trained("optimizer.lr=1e-2", "optimizer.weight_decay=0", "seed=1")
+    run_b = trained("optimizer.lr=1e-5", "optimizer.weight_decay=1e-6", "seed=1")  # the harm
+    artifacts = (work_dir / "artifacts").as_uri()
+    plan = blame(client, artifacts, run_a, run_b, seeds=2, dry_run=True, work_dir=work_dir).plan
+    a_seed_2 = plan.cells.rows[((0, 0), 2)]
+    # planted: A's cell at seed 2 is a training that never learned (lr 0), reused by its hash
+    dead = trained("optimizer.lr=0", "optimizer.weight_decay=0", "seed=2")
+    client.set_tag(dead, tags.CONFIG_HASH, a_seed_2.hash)
+    result = blame(client, artifacts, run_a, run_b, seeds=2, work_dir=work_dir)
+    assert result.trained == 5 and dead in set(result.results.run_id)
+    effects = result.effects.set_index("term")
+    assert effects.loc["optimizer.lr", "verdict"] == "hurt", (
+        result.out_dir / "report.md"
+    ).read_text()
+    assert effects.loc["optimizer.weight_decay", "verdict"] == "within noise", effects
+    [named] = [r for r in result.analysis.left_out if r.run_id == dead]
+    assert (named.levels, named.seed, named.reason) == ((0, 0), 2, "train/loss flat")
+    assert "train/loss flat (" in named.why
+    report = (result.out_dir / "report.md").read_text().splitlines()
+    assert report[0] == f"# blame {client.get_run(run_a).info.run_name} ({run_a}) -> " + (
+        f"{client.get_run(run_b).info.run_name} ({run_b})"
+    )
+    assert report[2].startswith("optimizer.lr 0.01 -> 1e-5 hurt val/dice_best by ")
+    assert any(line.startswith(f"- A, seed 2 (run {dead}): val/dice_best ") for line in report)
+    parent = client.get_run(result.parent_run_id)
+    description = parent.data.tags["mlflow.note.content"]
+    assert (
+        description.splitlines()[0] == report[2]
+        and "| optimizer.lr | 0.01 -> 1e-5 |" in description
+    )
+    assert "effects.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_the_lad_start_finds_more_of_many_unusual_runs(monkeypatch):
+    # 20% of runs 0.4 low (20 SD, not at a constant prediction's level): a least-squares start
+    # is dragged towards them, and the M-fits from it miss more of them
+    table = blame_noise.runs_table(DESIGNS["fraction k=6"], 3)
+    factors = [f"f{i}" for i in range(6)]
+    rng = np.random.default_rng(7)
+    y, _ = blame_noise.planted(table, blame_noise.HARM, SCENARIOS["t3"], 1000, rng)
+    unusual = rng.random(y.shape) < 0.2
+    y = np.where(unusual, y - 0.4, y)
+    fit, levels = model(table, factors, METRIC), table[factors].to_numpy(int)
+    found = []
+    with blame_noise.one_thread():
+        for start in ("lad", "least squares"):
+            if start != "lad":
+                monkeypatch.setattr(
+                    robust,
+                    "lad_fit",
+                    lambda x, y, keep, floor: robust.weighted_fit(x, y, keep * 1.0),
+                )
+            _, screen = robust_estimate(fit, y, levels, METRIC)
+            found.append((screen.unusual & unusual).sum() / unusual.sum())
+    assert found[0] > found[1] + 0.02, found

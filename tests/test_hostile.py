@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_segexp, tiny
 
 from segexp import config
 from segexp.blame import blame
 from segexp.config import ConfigError
 from segexp.train import resume_target, train
-
-
-def tiny(work_dir, hc18_root, *overrides):
-    return config.compose(
-        [f"work_dir={work_dir}", "debug=tiny", f"dataset.root={hc18_root}", *overrides]
-    )
 
 
 def test_blame_from_another_folder_puts_cells_with_a_runs(tmp_path, hc18_root, monkeypatch):
@@ -39,16 +32,10 @@ def test_blame_from_another_folder_puts_cells_with_a_runs(tmp_path, hc18_root, m
     assert not (elsewhere / "w").exists()
 
 
-def cli_train(work_dir, *overrides) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "segexp", "train", f"work_dir={work_dir}", *overrides]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_resume_accepts_the_runs_own_choices_and_refuses_another(work_dir, client, hc18_root):
     """Pressing up-arrow and appending resume= restates the run's groups: that is no change."""
     own = ["experiment=hc18_seed", "debug=tiny", f"dataset.root={hc18_root}"]
-    done = cli_train(work_dir, *own)
+    done = run_segexp("train", f"work_dir={work_dir}", *own)
     assert done.returncode == 0, done.stderr[-2000:]
     run_id = done.stdout.split("\nrun ", 1)[1].split()[0]
     choices = json.loads(client.get_run(run_id).data.tags["segexp.choices"])

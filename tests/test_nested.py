@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from helpers import tiny
 from omegaconf import OmegaConf
 
-from segexp import config
 from segexp.blame import blame, from_leaves
 from segexp.blame.nested import Nesting, nesting, value_at_budget
 from segexp.train import train
-
-
-def tiny(work_dir, hc18_root, *overrides):
-    return config.compose(
-        [f"work_dir={work_dir}", "debug=tiny", f"dataset.root={hc18_root}", *overrides]
-    )
 
 
 @pytest.mark.parametrize(

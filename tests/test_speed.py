@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -218,7 +218,8 @@ def test_reference_port_matches_the_reference_model_and_loss():
     t = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
     # 1 - (2 * 1.5 + 1) / (1.75 + 2 + 1)
     assert reference.ReferenceDiceLoss()(p, t).item() == pytest.approx(1 - 4 / 4.75)
-    assert json.dumps(reference.COMMIT)  # the commit the port was read from is recorded
+    # the commit the port was read from: a full git object id, not a branch that moves
+    assert re.fullmatch(r"[0-9a-f]{40}", reference.COMMIT)
 
 
 def test_probe_extrapolates_a_fixed_plus_per_pixel_step_time():

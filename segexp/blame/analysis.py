@@ -74,6 +74,15 @@ def constant_levels(metric: str) -> tuple[float, ...]:
     return (0.0,) if any(word in metric.lower() for word in ("dice", "iou")) else ()
 
 
+def run_floors(floors, observed: pd.DataFrame, metric: str):
+    """Constant-prediction levels for the observed runs: a tuple for all, or (runs, levels)."""
+    if floors is None:
+        return constant_levels(metric)
+    if isinstance(floors, pd.DataFrame):
+        return floors.reindex(observed.index).to_numpy(float)
+    return floors
+
+
 def finite_table(results: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str]]:
     """The table with inf metrics as failed (NaN), and a note naming them."""
     values = pd.to_numeric(results[metric], errors="coerce")
@@ -111,7 +120,7 @@ def analyze(
     metric: str,
     interactions: bool = True,
     alpha: float = 0.05,
-    floors: tuple[float, ...] | None = None,
+    floors: tuple[float, ...] | pd.DataFrame | None = None,
     stalled: pd.Series | None = None,
 ) -> Analysis:
     """Main effects and two-way interactions by OLS with Holm verdicts, unusual runs left out.
@@ -121,7 +130,8 @@ def analyze(
             `seed` and `run_id`, and the metric (NaN = failed run); other columns are ignored.
         interactions: fit two-way interactions where the observed cells allow (see `model`).
         alpha: family-wise error rate of the verdicts; CIs are per term (1 - alpha).
-        floors: the metric's values for constant predictions (default: constant_levels).
+        floors: the metric's values for constant predictions (default: constant_levels), or
+            a frame of them per row of results (same index: each run's validation masks).
         stalled: per row of results (same index), whether the run's training loss never fell.
     """
     results, notes = finite_table(results, metric)
@@ -135,10 +145,17 @@ def analyze(
         effects_table(fit, plain), metric, list(factors), float(plain["sd"][0]),
         int(plain["dof"][0]), len(y), results[results[metric].isna()], alpha, notes + fit.notes,
     )  # fmt: skip
-    if fit.dof <= 0:
-        return result
-    floors = constant_levels(metric) if floors is None else floors
-    levels = observed[factors].to_numpy(int)
+    if fit.dof > 0:
+        floors = run_floors(floors, observed, metric)
+        screened(result, results, fit, plain, floors, stalled, interactions)
+    return result
+
+
+def screened(result: Analysis, results, fit, plain: dict, floors, stalled, interactions) -> None:
+    """In place: the analysis without the runs that never learned or are unusual, named."""
+    factors, metric, alpha = result.factors, result.metric, result.alpha
+    observed = results[results[metric].notna()]
+    y, levels = observed[metric].to_numpy(float), observed[factors].to_numpy(int)
     flat = None if stalled is None else stalled.reindex(observed.index, fill_value=False)
     flat = None if flat is None else flat.to_numpy(bool)
     out, screen = robust.robust_estimate(fit, y, levels, metric, alpha, floors, stalled=flat)
@@ -149,34 +166,40 @@ def analyze(
         )
     result.left_out = left_out_runs(observed, factors, metric, screen, flat)
     result.takeoff = takeoffs(observed, factors, screen, alpha)
+    if (kept_dead := int((screen.dead & screen.kept).sum())) > 0:
+        result.notes.append(
+            f"{kept_dead} runs that never learned are kept as data: no run of their cell (or of"
+            " their factor level) learned, so that is the configuration's result"
+        )
     if not result.left_out:
-        return result
+        return
     kept = screen.kept[:, 0]
     if lost(out, plain):  # a cell lost every run: model what is left
         fit = model(without(results, metric, observed.index[~kept]), factors, metric, interactions)
         out = estimate(fit, y[kept], metric, alpha)
+        result.notes += [n for n in fit.notes if n not in result.notes]
     result.plain, result.plain_seed_sd = result.effects, result.seed_sd
     result.effects, result.seed_sd = effects_table(fit, out), float(out["sd"][0])
-    result.dof, result.runs, result.notes = int(out["dof"][0]), int(kept.sum()), notes + fit.notes
-    return result
+    result.dof, result.runs = int(out["dof"][0]), int(kept.sum())
 
 
 def left_out_runs(observed, factors, metric: str, screen, stalled=None) -> list[LeftOut]:
     """The runs the screen left out, each with its twins' median and the model's value."""
     out = []
     kept = screen.kept[:, 0]
-    cells = [tuple(int(v) for v in row) for row in observed[factors].to_numpy()]
+    levels = observed[factors].to_numpy(int)
+    cells = np.unique(levels, axis=0, return_inverse=True)[1].ravel()
     values = observed[metric].to_numpy(float)
+    twins = pd.Series(np.where(kept, values, np.nan)).groupby(cells).transform("median")
     for i in np.flatnonzero(~kept):
-        twins = [values[j] for j in range(len(values)) if kept[j] and cells[j] == cells[i]]
         out.append(
             LeftOut(
                 observed.index[i],
-                cells[i],
+                tuple(int(v) for v in levels[i]),
                 int(observed.seed.iloc[i]) if "seed" in observed else None,
                 observed.run_id.iloc[i] if "run_id" in observed else None,
                 float(values[i]),
-                float(np.median(twins)) if twins else float("nan"),
+                float(twins.iloc[i]),
                 float(screen.predicted[i, 0]),
                 reason(screen, i, stalled),
             )
@@ -223,7 +246,7 @@ def path_screen(results: pd.DataFrame, factors: list[str], metric: str, floors):
         return [], results
     fit = Model(x, pd.DataFrame(), int(dof), [], additive.shape[1], cells)
     y = observed[metric].to_numpy(float)
-    floors = constant_levels(metric) if floors is None else floors
+    floors = run_floors(floors, observed, metric)
     screen = robust.screen(fit, y, observed[factors].to_numpy(int), floors)
     left = left_out_runs(observed, factors, metric, screen)
     return left, without(results, metric, [r.row for r in left])
@@ -234,7 +257,7 @@ def path_analysis(
     factors: list[str],
     metric: str,
     alpha: float = 0.05,
-    floors: tuple[float, ...] | None = None,
+    floors: tuple[float, ...] | pd.DataFrame | None = None,
 ) -> Analysis:
     """A finished ablation path as an Analysis: one row per step in path order.
 

@@ -91,7 +91,8 @@ def blame(
         result.results = plan.cells.table(plan.names, client, plan.metric, plan.nesting)
         result.minutes = (time.time() - start) / 60
         cases = evidence.val_cases(client, result.results.run_id.dropna())
-        floors, flat = evidence.mask_levels(cases), evidence.stalled(client, result.results)
+        floors = evidence.mask_levels(cases, result.results)
+        flat = evidence.stalled(client, result.results)
         result.analysis = analyse(plan, result.results, decision, floors, flat)
         result.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="segexp-blame-"))
         write_outputs(client, plan, result, decision, parent, cases)

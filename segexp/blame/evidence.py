@@ -84,16 +84,17 @@ def val_cases(client: MlflowClient, run_ids) -> dict[str, pd.DataFrame]:
     return found
 
 
-def mask_levels(cases: dict[str, pd.DataFrame]) -> tuple[float, ...]:
-    """Dice of an empty and of an all-foreground prediction on the validation masks."""
-    tables = [t for t in cases.values() if {"true_pixels", "pixels"} <= set(t.columns)]
-    if not tables:
-        return (0.0,)
-    masks = pd.concat(tables)
-    true, pixels = masks.true_pixels.to_numpy(float), masks.pixels.to_numpy(float)
-    empty = float(np.mean(true == 0))  # empty vs empty scores 1
-    full = float(np.mean(2 * true / (true + pixels)))
-    return (empty, full)
+def mask_levels(cases: dict[str, pd.DataFrame], results: pd.DataFrame) -> pd.DataFrame:
+    """Per row of runs.csv, the Dice of an empty and of an all-foreground prediction on that
+    run's validation masks (seeds validate on different cases); runs without: the mean."""
+    levels = {}
+    for run_id, table in cases.items():
+        if {"true_pixels", "pixels"} <= set(table.columns):
+            true, pixels = table.true_pixels.to_numpy(float), table.pixels.to_numpy(float)
+            levels[run_id] = (np.mean(true == 0), np.mean(2 * true / (true + pixels)))  # 0/0: 1
+    mean = tuple(np.mean(list(levels.values()), axis=0)) if levels else (0.0, np.nan)
+    rows = [levels.get(r, mean) for r in results.run_id]
+    return pd.DataFrame(rows, index=results.index, columns=["empty", "full"])
 
 
 def case_lines(

@@ -109,10 +109,7 @@ def make_plan(
     rounds = 1
     if auto:
         rounds = designs.seed_rounds(budget, len(chosen.cells)) if budget else 4
-    # where every cell logs: A's store (bookkeeping keys, so config hashes are unaffected); A's
-    # stored work_dir may be relative to wherever A was trained, its store's folder is not
-    work_dir = work_dir or tracking.work_dir_of(client.tracking_uri) or config_a["work_dir"]
-    work_dir = Path(work_dir).resolve()
+    work_dir = cells_work_dir(client, config_a, work_dir)
     extra = [f"work_dir={work_dir}", *extra]
     if client.tracking_uri != tracking.store_locations({}, work_dir)[0]:
         extra.insert(1, f"tracking.uri='{client.tracking_uri}'")
@@ -140,6 +137,16 @@ def make_plan(
         planned = [c for c in plan.cells.rows.values() if plan.long_twin(c) is None]
         plan.lines.append(compute_line(plan, plan.train_images, planned, "planned at most"))
     return plan
+
+
+def cells_work_dir(client: MlflowClient, config_a: dict, work_dir: Path | None) -> Path:
+    """Where every cell logs: with A's runs (bookkeeping keys: config hashes are unaffected).
+
+    A's stored work_dir may be relative to wherever A was trained; its store's folder is not.
+    """
+    return Path(
+        work_dir or tracking.work_dir_of(client.tracking_uri) or config_a["work_dir"]
+    ).resolve()
 
 
 def describe(plan: Plan) -> list[str]:

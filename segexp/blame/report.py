@@ -207,7 +207,7 @@ def plot_forest(
             ax.plot([row.ci_low, row.ci_high], [yi, yi], color=color, lw=2)
         ax.plot(row.effect, yi, "o", color=color)
     ax.axvline(0, color="black", lw=0.8)
-    names = [(factor_labels or {}).get(t, t) for t in table.term]
+    names = [named(t, factor_labels or {}) for t in table.term]
     labels = (
         [f"{s}. {t}" for s, t in zip(table.step, names, strict=True)] if "step" in table else names
     )

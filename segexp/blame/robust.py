@@ -133,13 +133,15 @@ def fisher_p(hit: np.ndarray, level: np.ndarray, keep: np.ndarray) -> np.ndarray
 
 
 def never_learned(
-    y, keep, floors: tuple[float, ...], levels: np.ndarray, stalled=None
+    y, keep, floors, levels: np.ndarray, stalled=None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dead, explained, takeoff Holm p): runs at a constant prediction's level (or stalled),
     and which a factor's level explains (it stops training: more dead than the other, by far)."""
     dead = np.zeros(y.shape, bool) if stalled is None else keep & stalled.reshape(len(y), -1)
-    for level in floors:
-        dead |= keep & (np.abs(y - level) <= FLOOR_TOLERANCE)
+    floors = np.asarray(floors, float)
+    per_run = floors.reshape(len(y), -1) if floors.ndim == 2 else floors[None, :]
+    for j in range(per_run.shape[1]):
+        dead |= keep & (np.abs(y - per_run[:, j : j + 1]) <= FLOOR_TOLERANCE)  # NaN: no level
     if not dead.any():
         return dead, dead.copy(), np.ones((levels.shape[1], y.shape[1]))
     p = holm(fisher_p(dead, levels, keep))
@@ -157,7 +159,7 @@ def screen(
     fit: Model,
     y: np.ndarray,
     levels: np.ndarray,
-    floors: tuple[float, ...] = (),
+    floors=(),
     alpha: float = ALPHA_OUTLIER,
     keep_dead: np.ndarray | None = None,
     stalled: np.ndarray | None = None,
@@ -165,6 +167,7 @@ def screen(
     """Which runs of each replication y (runs, R) of the model's rows the robust analysis keeps.
 
     levels: (runs, factors) 0/1, the rows' factor levels (for the take-off test).
+    floors: the metric of constant predictions: levels for every run, or (runs, levels).
     keep_dead: (runs, R) dead runs to keep as data all the same.
     stalled: (runs,) runs whose training loss never fell: dead too, whatever their metric.
     """
