@@ -1,4 +1,4 @@
-"""segexp blame v2: factors as the user changed them, composed cells, end to end with trainings.
+"""segexp blame: factors as the user changed them, composed cells, end to end with trainings.
 
 The estimator's statistics (bias, coverage, family-wise error) are simulated in test_analysis.py.
 """

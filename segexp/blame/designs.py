@@ -122,7 +122,7 @@ def roman(n: int) -> str:
 
 
 def oat(k: int) -> Design:
-    """v1's one-at-a-time design from both ends: A, B, A plus each change, B minus each change."""
+    """The one-at-a-time design from both ends: A, B, A plus each change, B minus each change."""
     cells = {(0,) * k, (1,) * k}
     for j in range(k):
         cells.add(tuple(int(i == j) for i in range(k)))

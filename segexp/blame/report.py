@@ -43,11 +43,16 @@ def p_text(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"= {p:.2g}"
 
 
-def change_of(term: str, labels: dict) -> tuple[str, str]:
-    """("3e-3", "1e-5") from a label "3e-3 -> 1e-5" (or "optimizer.lr 3e-3 -> 1e-5"); else 0, 1."""
-    label = labels.get(term, "").removeprefix(term).strip()
-    parts = label.split(" -> ")
-    return (parts[0], parts[1]) if len(parts) == 2 else ("0", "1")
+def change_of(term: str, labels: dict) -> tuple[str, str] | None:
+    """("3e-3", "1e-5") from a label "3e-3 -> 1e-5" (or "optimizer.lr 3e-3 -> 1e-5")."""
+    parts = labels.get(term, "").removeprefix(term).strip().split(" -> ")
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def at(term: str, labels: dict, level: int) -> str:
+    """ "optimizer.lr=1e-5", or "f0 at B's level" without a label."""
+    change = change_of(term, labels)
+    return f"{term}={change[level]}" if change else f"{term} at {'AB'[level]}'s level"
 
 
 def named(term: str, labels: dict) -> str:
@@ -98,11 +103,11 @@ def sentence(table: pd.DataFrame, metric: str, seed_sd: float, labels: dict, lev
 
 def takeoff_text(finding: Takeoff, labels: dict) -> str:
     """ "with optimizer.lr=1e-5, 0 of 8 runs learned (8 of 8 with 3e-3)"."""
-    a, b = change_of(finding.factor, labels)
     verb = "learned" if finding.what == "learned" else "were unusual"
+    a = (change_of(finding.factor, labels) or ("A's level",))[0]
     return (
-        f"with {finding.factor}={b}, {finding.hits[1]} of {finding.runs[1]} runs {verb} "
-        f"({finding.hits[0]} of {finding.runs[0]} with {a}; Fisher, Holm p {p_text(finding.p_holm)})"
+        f"with {at(finding.factor, labels, 1)}, {finding.hits[1]} of {finding.runs[1]} runs {verb}"
+        f" ({finding.hits[0]} of {finding.runs[0]} with {a}; Fisher, Holm p {p_text(finding.p_holm)})"
     )
 
 
@@ -146,9 +151,7 @@ def cell_label(levels: tuple[int, ...], factors: list[str], labels: dict) -> str
         return "A"
     if all(levels):
         return "B"
-    return ", ".join(
-        f"{f}={change_of(f, labels)[1]}" for f, v in zip(factors, levels, strict=True) if v
-    )
+    return ", ".join(at(f, labels, 1) for f, v in zip(factors, levels, strict=True) if v)
 
 
 def left_out_line(run: LeftOut, analysis: Analysis, labels: dict) -> str:

@@ -27,7 +27,7 @@ from .ols import Model, estimate, gram, holm, wls
 
 HUBER, BISQUARE = 1.345, 4.685  # the tuning constants of statsmodels' HuberT and TukeyBiweight
 CANDIDATE = 3.0  # robust residuals beyond this many robust SDs are tested
-ALPHA_OUTLIER = 0.001  # per table: the chance of leaving out a run when none is unusual
+ALPHA_OUTLIER = 0.0001  # per table: the chance of leaving out a run when none is unusual
 ALPHA_EXPLAIN = 0.001  # family-wise, over factors: "this level stops training" by chance
 FLOOR_TOLERANCE = 0.01  # a metric this close to a constant prediction's level never learned
 ITERATIONS, LAD_ITERATIONS = 40, 60
