@@ -117,6 +117,7 @@ def test_text_that_a_spreadsheet_runs_is_escaped_in_effects_csv(tmp_path):
     assert (tmp_path / "x.csv").read_text().splitlines() == ["'+cmd,n", "'-2+3,-1.5", "ok,2.0"]
 
 
+@pytest.mark.slow  # 100k-row tables
 def test_memory_grows_linearly_with_the_rows(tmp_path):
     rows = 100_000  # an n x n matrix of these would need 80 GB
     rng = np.random.default_rng(5)

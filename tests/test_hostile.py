@@ -32,6 +32,7 @@ def test_blame_from_another_folder_puts_cells_with_a_runs(tmp_path, hc18_root, m
     assert not (elsewhere / "w").exists()
 
 
+@pytest.mark.slow  # a training in a subprocess
 def test_resume_accepts_the_runs_own_choices_and_refuses_another(work_dir, client, hc18_root):
     """Pressing up-arrow and appending resume= restates the run's groups: that is no change."""
     own = ["experiment=hc18_seed", "debug=tiny", f"dataset.root={hc18_root}"]
@@ -51,6 +52,7 @@ def test_resume_accepts_the_runs_own_choices_and_refuses_another(work_dir, clien
     assert resume_target(client, run_id, [*own, same_lr, "trainer.max_epochs=3"])[1]
 
 
+@pytest.mark.slow  # three trainings
 def test_blame_reuses_no_run_trained_on_other_data(work_dir, client, hc18_root, tmp_path):
     """Same config hash and seed on another dataset is another cell, and blame says so."""
     from segexp.blame.training import reuse

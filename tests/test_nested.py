@@ -11,6 +11,7 @@ from segexp.blame.nested import Nesting, nesting, value_at_budget
 from segexp.train import train
 
 
+@pytest.mark.slow  # four trainings
 @pytest.mark.parametrize(
     "extra",
     [
