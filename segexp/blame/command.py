@@ -36,11 +36,14 @@ class BlameResult:
     plan: Plan
     analysis: Analysis | None = None
     results: pd.DataFrame | None = None  # runs.csv: factor levels, seed, run_id, the metric
-    trained: int = 0
     trained_cells: list = field(default_factory=list)  # the cells this blame trained
     minutes: float = 0.0
     parent_run_id: str | None = None
     out_dir: Path | None = None
+
+    @property
+    def trained(self) -> int:
+        return len(self.trained_cells)
 
     @property
     def effects(self) -> pd.DataFrame:
@@ -75,8 +78,7 @@ def blame(
     if dry_run:
         return BlameResult(plan)
     start = time.time()
-    runs = {r: client.get_run(r) for r in (run_a, run_b)}
-    name = f"blame {runs[run_a].info.run_name} -> {runs[run_b].info.run_name}"[:250]
+    name = f"blame {plan.run_names[0]} -> {plan.run_names[1]}"[:250]
     role = {
         tags.ROLE: "blame",
         "segexp.blame": f"{run_a}->{run_b}",
@@ -85,9 +87,7 @@ def blame(
     parent = tracking.TrackedRun(client, plan.experiment, artifact_root, name, tags=role)
     with parent:
         trained, decision = train_rounds(client, plan, parent)
-        result = BlameResult(
-            plan, trained=len(trained), trained_cells=trained, parent_run_id=parent.run_id
-        )
+        result = BlameResult(plan, trained_cells=trained, parent_run_id=parent.run_id)
         result.results = plan.cells.table(plan.names, client, plan.metric, plan.nesting)
         result.minutes = (time.time() - start) / 60
         cases = evidence.val_cases(client, result.results.run_id.dropna())
@@ -168,7 +168,7 @@ def write_outputs(client, plan: Plan, result: BlameResult, decision, parent, cas
     write_csv(result.results, out_dir / "runs.csv")
     labels = {f.name: f.label().split(": ", 1)[1] for f in plan.change.factors}
     evidence.explain(client, result.analysis)  # each left-out run's history
-    ends = tuple((client.get_run(r).info.run_name, r) for r in (plan.run_a, plan.run_b))
+    ends = tuple(zip(plan.run_names, (plan.run_a, plan.run_b), strict=True))
     title = "blame " + " -> ".join(f"{name} ({run_id})" for name, run_id in ends)
     report = write_report(
         result.analysis, out_dir, title=title,

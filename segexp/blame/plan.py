@@ -37,6 +37,7 @@ class Plan:
     budget: int | None
     nesting: Nesting | None = None  # the epochs factor's smaller budget read from histories
     train_images: int = 0  # A's training set, for the compute figures
+    run_names: tuple[str, str] = ("", "")  # A's and B's, for titles
     fingerprint: str | None = None  # A's data: cells train on it, and reuse only runs on it
     lines: list[str] = field(default_factory=list)
 
@@ -126,6 +127,7 @@ def make_plan(
             change, plan.metric, lambda levels: change.cell_config(levels, [*extra, seed_config])
         )
     plan.train_images = int(runs[run_a].data.tags.get("dataset.train_images", 0))
+    plan.run_names = (runs[run_a].info.run_name, runs[run_b].info.run_name)
     plan.fingerprint = data[0]
     plan.lines = describe(plan) + ([why] if why else [])
     if data[0] != data[1]:
