@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-slow test-all lint format demo demo-hc18 ui server postgres browser bench data clean
+.PHONY: install test test-slow test-all lint format demo demo-blame demo-hc18 ui server postgres browser bench data clean
 
 install: $(STAMP)
 
@@ -39,6 +39,23 @@ data: mlruns/data/hc18_synthetic
 
 demo: install mlruns/data/hc18_synthetic
 	$(BIN)/segexp train experiment=hc18_seed dataset=hc18_synthetic trainer.max_epochs=15
+
+# The headline on synthetic HC18 (~6 min on 2 cores): A, then B with three changes (one harmful:
+# lr 1e-5), then `segexp blame` screens the changes at low fidelity and confirms the suspects at
+# full fidelity, ending with the verdict and the compute it spent.
+DEMO_RUN = $(BIN)/segexp train experiment=hc18_seed dataset=hc18_synthetic model.batch_norm=true \
+	dataset.image_size=64 trainer.enable_progress_bar=false
+demo-blame: install mlruns/data/hc18_synthetic
+	@set -e; log=mlruns/demo-blame.log; : > $$log; echo "training A and B (log: $$log)"; \
+	a=$$($(DEMO_RUN) trainer.max_epochs=8 2>>$$log | sed -n 's/^run \([0-9a-f]\{32\}\) .*/\1/p'); \
+	b=$$($(DEMO_RUN) trainer.max_epochs=10 optimizer.lr=1e-5 optimizer.weight_decay=1e-4 \
+		2>>$$log | sed -n 's/^run \([0-9a-f]\{32\}\) .*/\1/p'); \
+	test -n "$$a" -a -n "$$b" || { tail -20 $$log; exit 1; }; \
+	echo "A=$$a B=$$b: segexp blame $$a $$b --seeds 2 hydra/launcher=joblib"; \
+	$(BIN)/segexp blame $$a $$b --seeds 2 hydra/launcher=joblib --out mlruns/demo-blame \
+		>> $$log 2>&1 || { tail -30 $$log; exit 1; }; \
+	grep -E '^(fidelity|screen check|B check|confirmed|.* screened out|compute:)' $$log; \
+	sed -n '3p' mlruns/demo-blame/report.md
 
 # Localhost only; `segexp ui --host 0.0.0.0 --allow-remote` is the explicit way out.
 # WORK_DIR: the work dir of the runs to browse (default ./mlruns).

@@ -290,6 +290,35 @@ def _early_stopping(node, stored: dict) -> dict:
     }
 
 
+# What a stored config may expand to: segexp logs a few KB, ~100 values, 6 levels deep.
+MAX_STORED_BYTES, MAX_STORED_VALUES, MAX_STORED_DEPTH = 1 << 20, 20_000, 32
+
+
+def check_bounds(stored: dict, run_id: str) -> None:
+    """Refuse a config beyond MAX_STORED_VALUES or MAX_STORED_DEPTH, as soon as it is exceeded.
+
+    A YAML alias is one object reached many times: it counts each time, as every walk of the
+    config (target checks, OmegaConf) would expand it (a billion laughs: 10^9 values).
+    """
+    stack, seen = [(stored, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_STORED_VALUES or depth > MAX_STORED_DEPTH:
+            bound = (
+                f"{MAX_STORED_VALUES} values"
+                if depth <= MAX_STORED_DEPTH
+                else f"depth {MAX_STORED_DEPTH}"
+            )
+            raise ConfigError(
+                f"run {run_id}: config.yaml expands beyond {bound} (YAML aliases?): refused"
+            )
+        children = (
+            node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        )
+        stack.extend((child, depth + 1) for child in children)
+
+
 def read_stored(path: Path, run_id: str) -> dict:
     """A config.yaml read back from a store: data (safe YAML, targets checked), in today's layout.
 
@@ -298,11 +327,17 @@ def read_stored(path: Path, run_id: str) -> dict:
     config without `optimized_metric` gets the default's.
     """
     try:
-        stored = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
+        if Path(path).stat().st_size > MAX_STORED_BYTES:
+            raise ConfigError(
+                f"run {run_id}: config.yaml is over {MAX_STORED_BYTES} bytes: refused"
+            )
+        # libyaml when built: a megabyte in a fraction of a second, and a bounded nesting depth
+        stored = yaml.load(Path(path).read_text(), getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (OSError, RecursionError, yaml.YAMLError) as err:
         raise ConfigError(f"run {run_id}: config.yaml is unreadable ({err})") from err
     if not isinstance(stored, dict):
         raise ConfigError(f"run {run_id}: config.yaml is not a mapping")
+    check_bounds(stored, run_id)
     stored = _renamed_targets(stored)
     try:  # stored configs are data: refuse what may not be built before anything runs
         check_targets(stored)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,3 +67,43 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         os.rename(tmp, path)
     except OSError:  # a non-empty folder is in place
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output(path: str | Path, option: str, folder: bool = False) -> Path:
+    """`path`, or a ValueError naming `option` where no file (`folder`: folder) can be written.
+
+    Checked before any work, so a bad `--out` fails in a second rather than after inference or
+    training. For a missing path, its nearest existing parent must be a writable folder (the
+    missing folders are made when written).
+    """
+    path, kind = Path(path), "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        other = "file" if folder else "folder"
+        raise ValueError(f"{option} {path} is a {other}, not a {kind}")
+    existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir() and existing != path:
+        raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        raise ValueError(f"{option} {path}: {existing} is read-only")
+    return path
+
+
+@contextlib.contextmanager
+def output_to(path: str | Path) -> Iterator[Path]:
+    """This process's stdout and stderr (file descriptors 1 and 2, so libraries' too) into `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(path, "a") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield path
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)

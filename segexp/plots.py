@@ -36,11 +36,11 @@ def save(fig, path: Path) -> Path:
     return Path(path)
 
 
-def epoch_axis(ax) -> None:
+def epoch_axis(ax, label: str = "epoch") -> None:
     """Label the x axis `epoch` with integer ticks only (epochs are whole numbers)."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 

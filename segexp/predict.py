@@ -15,8 +15,8 @@ from PIL import Image
 
 from segexp import tracking
 from segexp.data import SegDataModule, scan_listed
-from segexp.evaluation import head_flags, measure_hc, width_limit
-from segexp.models import build_net, flip_tta_logits
+from segexp.evaluation import flag_reasons, measure_hc, range_names, width_limit
+from segexp.models import build_net, flip_tta_logits, load_checkpoint
 
 SUBMISSION_COLUMNS = [
     "filename",
@@ -32,10 +32,10 @@ def load_run_model(client, run_id: str) -> tuple[torch.nn.Module, dict, dict]:
     """The network of a run with its best weights, its resolved config, its evaluation settings."""
     cfg = OmegaConf.create(tracking.stored_config(client, run_id))  # data: targets checked
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = torch.load(
+        checkpoint = load_checkpoint(
             client.download_artifacts(run_id, "checkpoints/best.ckpt", tmp),
-            map_location="cpu",
-            weights_only=True,
+            ["state_dict"],
+            f"checkpoints/best.ckpt of run {run_id}",
         )
     net = build_net(cfg.model)
     net.load_state_dict(
@@ -73,18 +73,23 @@ def run_probabilities(net, cfg, cases: list, flip: bool) -> tuple[np.ndarray, np
 
 
 def flag_table(filenames: list[str], measured: list, evaluation: dict) -> pd.DataFrame:
-    """Per image the HC, eccentricity, boundary width and `hc_flag` (see `predict`)."""
+    """Per image the HC, its head-size range, eccentricity, boundary width, `hc_flag` and
+    `hc_flag_reason` (see `predict`)."""
     # the run's validation limit; a run from before it: these images' own (unsupervised)
     limit = evaluation.get("hc_width_limit_px") or width_limit(
         [m.boundary_width_px for m in measured]
     )
+    reasons = flag_reasons(measured, evaluation.get("hc_plausible"), limit)
+    hc = [m.hc_mm for m in measured]
     return pd.DataFrame(
         {
             "filename": filenames,
-            "hc_mm": [m.hc_mm for m in measured],
+            "hc_mm": hc,
+            "hc_range": range_names(hc),  # by the predicted HC; empty where no head
             "eccentricity": [m.eccentricity for m in measured],
             "boundary_width_px": [m.boundary_width_px for m in measured],
-            "hc_flag": head_flags(measured, evaluation.get("hc_plausible"), limit),
+            "hc_flag": [bool(reason) for reason in reasons],
+            "hc_flag_reason": reasons,
         }
     )
 
@@ -94,10 +99,12 @@ def predict(
 ) -> pd.DataFrame:
     """Write the submission CSV (the 6 official columns; zeros where no head was found).
 
-    Beside it, `flags_path(out)` lists per image the HC in mm, the eccentricity, the boundary width
-    and `hc_flag`: True where no plausible, confident ellipse was found (no head, HC or
-    eccentricity outside the range of the run's training masks, or a boundary wider than the
-    run's validation limit: `segexp.evaluation.head_flags`), i.e. the predictions to check by hand.
+    Beside it, `flags_path(out)` lists per image the HC in mm, its head-size range (`hc_range`,
+    `segexp.evaluation.HEAD_SIZE_RANGES`), the eccentricity, the boundary width and `hc_flag`:
+    True where no plausible, confident ellipse was found (no head, HC or eccentricity outside the
+    range of the run's training masks, or a boundary wider than the run's validation limit), i.e.
+    the predictions to check by hand; `hc_flag_reason` says why, naming an out-of-range head's
+    size range (`segexp.evaluation.flag_reasons`).
     """
     net, cfg, evaluation = load_run_model(client, run_id)
     cases = scan_listed(images_dir, pixel_csv)

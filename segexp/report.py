@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 import yaml
 from omegaconf import DictConfig
 
 from segexp import config, tracking
 from segexp.data import SegDataModule
-from segexp.evaluation import summarize, volume_table
-from segexp.models import SegModule
+from segexp.evaluation import hc_range_table, summarize, volume_table
+from segexp.files import atomic_write_text
+from segexp.models import SegModule, load_checkpoint
 from segexp.plots import epoch_axis, figure, save
 
 CURVE_KEYS = ["train/loss", "val/loss", "val/dice", "val/iou", "val/dice_volume"]
@@ -41,6 +41,7 @@ def log_run_inputs(
             "dataset.val_images": len(datamodule.val_idx),
             "segexp.output_dir": str(output_dir.resolve()),
             "segexp.config_hash": config.config_hash(resolved),
+            tracking.tags.STORE: tracking.store_file(run.client.tracking_uri) or "",
             **choice_tags(),
         }
     )
@@ -60,6 +61,34 @@ def choice_tags() -> dict[str, str]:
     choices = HydraConfig.get().runtime.choices
     picked = {k: v for k, v in choices.items() if not k.startswith("hydra/") and v is not None}
     return {"segexp.choices": json.dumps(picked, sort_keys=True)}
+
+
+def redact_hydra_outputs(hydra_cfg=None) -> list[Path]:
+    """Hydra's copies of the config and overrides, rewritten with their secrets hidden.
+
+    Hydra writes `.hydra/{config,hydra,overrides}.yaml` in the run's folder (and a sweep's
+    `multirun.yaml`) before the job starts, with the command line's values in clear: a tracking
+    URI's password, a token. They get the redaction params and config.yaml get. Returns the
+    files rewritten.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = hydra_cfg or HydraConfig.get()
+    paths = []
+    if hydra_cfg.output_subdir is not None:
+        folder = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+        paths += [folder / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # every job rewrites it: idempotent, atomic
+        paths.append(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
+    rewritten = []
+    for path in (p for p in paths if p.is_file()):
+        written = yaml.safe_load(path.read_text())
+        hidden = config.redacted(written)
+        if hidden != written:
+            atomic_write_text(path, yaml.safe_dump(hidden, sort_keys=False))
+            rewritten.append(path)
+    return rewritten
 
 
 def plot_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> Path:
@@ -213,7 +242,7 @@ def log_final_evaluation(
     best = Path(
         trainer.checkpoint_callback.best_model_path or output_dir / "checkpoints" / "last.ckpt"
     )
-    best_epoch = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"])
+    best_epoch = int(load_checkpoint(best, ["epoch"])["epoch"])
     trainer.validate(
         module, datamodule=datamodule, ckpt_path=str(best), verbose=False, weights_only=True
     )
@@ -229,6 +258,9 @@ def log_final_evaluation(
         cases.insert(0, "filename", cases.case_id + ".png")
     cases.to_csv(output_dir / "val_cases.csv", index=False)
     run.log_artifact(output_dir / "val_cases.csv", "evaluation")
+    if "hc_range" in cases:  # per head-size range: images, HC MAE, bias, outliers, flagged
+        hc_range_table(cases).to_csv(output_dir / "val_hc_ranges.csv", index=False)
+        run.log_artifact(output_dir / "val_hc_ranges.csv", "evaluation")
     if datamodule.volumetric:
         volume_table(cases).to_csv(output_dir / "val_volumes.csv", index=False)
         run.log_artifact(output_dir / "val_volumes.csv", "evaluation")

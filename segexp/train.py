@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import json
 import os
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -20,8 +19,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from segexp import config, performance, report, sweep, tracking
 from segexp.config import ConfigError
 from segexp.data import DataError, SegDataModule, size_hw
-from segexp.files import atomic_path
+from segexp.files import atomic_path, output_to
 from segexp.models import SegModule, build_net
+from segexp.resume import resume_target
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -52,75 +52,6 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         with atomic_path(filepath, publish=trainer.is_global_zero) as tmp:
             super()._save_checkpoint(trainer, str(tmp))
         self._last_checkpoint_saved = filepath
-
-
-RESTORED = ("model.", "optimizer.", "scheduler.")  # config nodes a checkpoint's state overrides
-
-
-@dataclass
-class Resume:
-    run_id: str
-    checkpoint: Path
-    output_dir: Path
-
-
-def resume_target(client, run_id: str, overrides: list[str]) -> tuple[Resume, DictConfig]:
-    """The run's last checkpoint and its logged config with `overrides` applied on top.
-
-    The stored config is data from the store: it passes `check_run_config` again before use.
-    """
-    try:
-        run = client.get_run(run_id)
-    except Exception as err:
-        raise ConfigError(f"resume={run_id}: no such run in the tracking store ({err})") from err
-    output_dir = Path(run.data.tags.get(tracking.tags.OUTPUT_DIR, ""))
-    checkpoint = output_dir / "checkpoints" / "last.ckpt"
-    if not checkpoint.is_file():
-        raise ConfigError(
-            f"resume={run_id}: no checkpoint at {checkpoint}; the run cannot be resumed"
-        )
-    try:
-        epochs_done = 1 + torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"]
-    except Exception as err:
-        raise ConfigError(
-            f"resume={run_id}: checkpoint {checkpoint} is unreadable ({err})"
-        ) from err
-    saved = tracking.stored_config(client, run_id)
-    extra = [o for o in overrides if not o.startswith("resume=")]
-    groups = {p.name for p in config.CONFIG_DIR.iterdir() if p.is_dir()}
-    chosen = json.loads(run.data.tags.get(tracking.tags.CHOICES, "{}"))
-    switches, values = [], []
-    for override in config.parse_overrides(extra):
-        key = override.key_or_group
-        if key.split("/")[0] not in groups or "." in key:
-            values.append(override.input_line)
-        elif chosen.get(key) != override.get_value_element_as_str():  # restating one is fine
-            switches.append(override.input_line)
-    if switches:
-        raise ConfigError(
-            f"resume={run_id}: a resumed run keeps its config groups; only values can change "
-            f"(e.g. trainer.max_epochs=20), got {switches}"
-        )
-    saved = OmegaConf.create(saved)
-    cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(values))
-    frozen = [  # restored from the checkpoint: a new value would be recorded, never applied
-        f"{k}={v}"
-        for k, v in config.assigned(values).items()
-        if k.startswith(RESTORED) and OmegaConf.select(cfg, k) != OmegaConf.select(saved, k)
-    ]
-    if frozen:
-        raise ConfigError(
-            f"resume={run_id}: the checkpoint restores the network, optimizer and schedule, so "
-            f"{frozen} would not take effect; train a new run to change them"
-        )
-    cfg.resume = run_id
-    check_run_config(cfg)
-    if run.info.status == "FINISHED" and cfg.trainer.max_epochs <= epochs_done:
-        raise ConfigError(
-            f"resume={run_id}: the run FINISHED its {epochs_done} epochs; "
-            f"pass trainer.max_epochs > {epochs_done} to train on"
-        )
-    return Resume(run_id, checkpoint, output_dir), cfg
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -252,6 +183,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     resume = None
     if cfg.resume:
         resume, cfg = resume_target(client, cfg.resume, overrides)
+        check_run_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     net = build_net(cfg.model)
@@ -265,6 +197,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         run_name(cfg),
         resume_run_id=resume and resume.run_id,
         parent_run_id=cfg.tracking.get("parent_run_id"),
+        tags={str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()},
     ) as run:
         if resume:
             resumed_with = config.redact("overrides", " ".join(overrides))
@@ -305,27 +238,33 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 @hydra.main(config_path=str(config.CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point (`segexp train`, `python -m segexp.train`); returns `optimized_metric`."""
+    report.redact_hydra_outputs()  # Hydra wrote its copies before this job, secrets in clear
     if tracking.received_signal:  # a sweep that was told to stop starts no further job
         raise SystemExit(128 + tracking.received_signal[0])
     performance.configure_threads(sweep.threads_per_job())
     overrides = list(HydraConfig.get().overrides.task)
+    log = None  # a blame cell's output goes to its own file, the blame prints progress lines
     if cfg.get("blame"):  # one cell of `segexp blame`, launched as a job of a multirun
-        cell = json.loads(Path(cfg.blame.cells).read_text())[cfg.blame.cell]
-        overrides = cell["overrides"]
-        cfg = config.compose(overrides)
-        cfg.run_name = cell["name"]
+        from segexp.blame.training import cell_config
+
+        cfg, overrides = cell_config(cfg.blame.cells, cfg.blame.cell)
+        log = Path(HydraConfig.get().runtime.output_dir) / "cell.log"
     if sweep.in_multirun() and os.environ.get(sweep.PARENT_ENV):
         cfg.tracking.parent_run_id = os.environ[sweep.PARENT_ENV]
         cfg.run_name = cfg.run_name or sweep.child_run_name(overrides) or None
         if cfg.sweep.resume and (reused := skip_finished(cfg)) is not None:
             return reused
     try:
-        final = train(cfg, overrides)
+        with output_to(log) if log else contextlib.nullcontext():
+            final = train(cfg, overrides)
     except (ConfigError, DataError, tracking.StoreError) as err:
         if sweep.in_multirun():
             raise  # Hydra records the failed job; the sweep's summary counts it
         raise SystemExit(f"segexp train: {err}") from None
     metric = cfg.optimized_metric
+    if log:
+        client, _ = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
+        client.log_artifact(final["run_id"], str(log))
     if cfg.tracking.parent_run_id and os.environ.get(sweep.JOBS_ENV):
         client, _ = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
         name = cfg.run_name or final["run_id"][:8]

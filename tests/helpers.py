@@ -59,6 +59,23 @@ def an_epoch_is_logged(client: MlflowClient, experiment: str = "hc18_synthetic")
     return bool(runs) and bool(steps(client, runs[0].info.run_id, "val/dice"))
 
 
+def planted_run(client, work_dir, files: dict[str, bytes]) -> str:
+    """A run whose artifacts are `files` ({artifact path: bytes}), as a hostile store holds them."""
+    experiment = client.create_experiment("planted", (work_dir / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    for name, content in files.items():
+        local = work_dir / "plant" / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(content)
+        client.log_artifact(run_id, str(local), os.path.dirname(name) or None)
+    return run_id
+
+
+def no_runs(client) -> bool:
+    """No run in any experiment of the store."""
+    return not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 # ------------------------------------------------------------ the CLI in a child process
 
 

@@ -25,6 +25,7 @@ from segexp.blame import (
     seeds_decision,
     write_report,
 )
+from segexp.blame.sequential import look_levels
 
 METRIC = "val/dice_best"
 SD = 0.01  # seed-to-seed SD of the planted metric
@@ -270,14 +271,15 @@ def test_seeds_decision_settles_clear_terms_and_keeps_unclear_ones_open():
     factors = ["f0", "f1", "f2"]
     table = runs_table(make_design(3).cells, 2, factors)
     table[METRIC] = planted(table, factors, [-5 * SD, 0.3 * SD, 0.0], {}, 1, rng)[:, 0]
-    decision = seeds_decision(table, factors, METRIC, max_rounds=4)
-    assert decision["settled"]["f0"] == "hurt" and decision["alpha"] == 0.05 / 4
+    decision = seeds_decision(table, factors, METRIC, max_rounds=4)  # 2 seeds: the first look
+    assert decision["settled"]["f0"] == "hurt" and decision["alpha"] == look_levels(4)[0]
     assert not decision["stop"] and "f1" in decision["open"]
     many = runs_table(make_design(3).cells, 30, factors)
     many[METRIC] = planted(many, factors, [-5 * SD, 0.0, 0.0], {}, 1, rng)[:, 0]
-    decision = seeds_decision(many, factors, METRIC, max_rounds=4, margin=SD)
+    decision = seeds_decision(many, factors, METRIC, max_rounds=4, margin=SD, round_index=3)
     assert decision["settled"]["f1"] == decision["settled"]["f2"] == f"within +-{SD:.3g}"
-    assert seeds_decision(many, factors, METRIC, max_rounds=4, margin=2 * SD)["stop"]
+    assert decision["alpha"] == look_levels(4)[3]
+    assert seeds_decision(many, factors, METRIC, 4, margin=2 * SD, round_index=3)["stop"]
 
 
 def path_correct(k: int, seeds: int, reps: int, rng) -> tuple[float, float]:

@@ -22,10 +22,12 @@ from segexp.evaluation import (
     hc_from_mask,
     measure_hc,
     ramanujan_perimeter,
+    range_names,
     summarize,
 )
+from segexp.evaluation.hc import HeadMeasure
 from segexp.models import UNet, flip_tta_logits
-from segexp.predict import SUBMISSION_COLUMNS, flags_path, load_run_model, predict
+from segexp.predict import SUBMISSION_COLUMNS, flag_table, flags_path, load_run_model, predict
 from segexp.train import train
 
 HC18_SIZE = (540, 800)  # (H, W) of an HC18 image
@@ -120,6 +122,7 @@ def test_hc_flag_marks_missing_and_implausible_heads():
     masks = np.stack([probability > 0.5] * 2, 1)
     table = clinical_table(masks, sizes, pixel, probability, None, 0.0, plausible=plausible)
     assert table.hc_flag.tolist() == [False, True] and "hc_error_mm" not in table
+    assert table.hc_flag_reason[1].startswith("eccentricity") and "hc_range" not in table
     empty = clinical_table(masks[:1] * False, sizes[:1], pixel[:1], probability[:1] * 0)
     assert empty.hc_flag.tolist() == [True] and empty.hc_pred_mm.tolist() == [0.0]
 
@@ -150,6 +153,31 @@ def test_boundary_width_measures_the_hesitant_band_and_flags_that_head():
     assert not relaxed.hc_flag.any()
 
 
+def test_predict_flags_name_the_head_size_range_of_a_head_outside_the_training_range():
+    head, nan = Ellipse(400, 270, 150, 100, 0.0), float("nan")
+    measured = [
+        HeadMeasure(150.0, 0.7, 5.0, head),
+        HeadMeasure(250.0, 0.7, 5.0, head),
+        HeadMeasure(320.0, 0.7, 12.0, head),
+        HeadMeasure(0.0, nan, nan, None),
+    ]
+    evaluation = {  # as a checkpoint of a run trained on small heads carries it
+        "hc_plausible": {"hc_mm": (44.0, 199.0), "eccentricity": (0.5, 0.9)},
+        "hc_width_limit_px": 10.0,
+    }
+    flags = flag_table(["a.png", "b.png", "c.png", "d.png"], measured, evaluation)
+    assert flags.hc_range[:3].tolist() == ["100_200", "200_300", "gt300"]
+    assert pd.isna(flags.hc_range[3])  # no head, no size: an empty cell in the CSV
+    assert flags.hc_flag.tolist() == [False, True, True, True]
+    assert flags.hc_flag_reason.tolist() == [
+        "",
+        "HC 250 mm (200-300 mm heads) outside the training range 44-199 mm",
+        "HC 320 mm (> 300 mm heads) outside the training range 44-199 mm; "
+        "boundary 12.0 px wide, over the limit 10.0 px",
+        "no head found",
+    ]
+
+
 def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir, client):
     cfg = make_cfg(
         work_dir,
@@ -169,29 +197,46 @@ def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir,
     cases = pd.read_csv(
         client.download_artifacts(run.info.run_id, "evaluation/val_cases.csv", str(work_dir))
     )
-    assert {"hc_error_mm", "eccentricity", "hc_flag"} <= set(cases.columns)
+    assert {"hc_error_mm", "hc_range", "eccentricity", "hc_flag"} <= set(cases.columns)
     assert final["val/hc_outliers_10mm_best"] == (cases.hc_abs_error_mm > 10).sum()
+    ranges = pd.read_csv(
+        client.download_artifacts(run.info.run_id, "evaluation/val_hc_ranges.csv", str(work_dir))
+    )
+    assert set(ranges.hc_range) == set(cases.hc_range) and ranges.images.sum() == len(cases)
+    for name in ranges.hc_range:
+        assert f"val/hc_mae_mm_{name}" in run.data.metrics, name
+        assert (
+            f"val/hc_bias_mm_{name}_best" in final and f"val/hc_outliers_10mm_{name}_best" in final
+        )
     # predict flags with the width limit of the validation epoch the best weights had
     evaluation = load_run_model(client, run.info.run_id)[2]  # what the checkpoint carries
     assert evaluation["flip_tta"] and evaluation["single_object"]
     limit = evaluation["hc_width_limit_px"]
     assert limit == pytest.approx(1.5 * cases.boundary_width_px.median())
 
-    out = work_dir / "submission.csv"
-    table = predict(
-        client, run.info.run_id, hc18_root / "test_set", hc18_root / "test_set_pixel_size.csv", out
-    )
+    out, pixel_csv = work_dir / "submission.csv", work_dir / "pixel_size.csv"
+    pixels = pd.read_csv(hc18_root / "test_set_pixel_size.csv")
+    pixels.iloc[0, 1] *= 20  # as a head 20x larger (in mm) than its pixels show: above training
+    pixels.to_csv(pixel_csv, index=False)
+    table = predict(client, run.info.run_id, hc18_root / "test_set", pixel_csv, out)
     assert list(pd.read_csv(out).columns) == SUBMISSION_COLUMNS and len(table) == 3
-    flags = pd.read_csv(flags_path(out))
+    flags = pd.read_csv(flags_path(out), keep_default_na=False)
     assert list(flags.columns) == [
         "filename",
         "hc_mm",
+        "hc_range",
         "eccentricity",
         "boundary_width_px",
         "hc_flag",
+        "hc_flag_reason",
     ]
     assert flags.filename.tolist() == table.filename.tolist()
     assert all(math.isfinite(v) for v in flags.hc_mm)
+    assert flags.hc_range.tolist() == [name or "" for name in range_names(flags.hc_mm)]
+    lo, hi = evaluation["hc_plausible"]["hc_mm"]
+    big = flags.iloc[0]
+    assert big.hc_flag and big.hc_range == "gt300"
+    assert f"(> 300 mm heads) outside the training range {lo:.0f}-{hi:.0f} mm" in big.hc_flag_reason
 
 
 def test_a_config_stored_with_evaluation_settings_in_dataset_reads_them_in_evaluation(tmp_path):

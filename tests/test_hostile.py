@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import zipfile
 
+import numpy as np
 import pytest
-from helpers import run_segexp, tiny
+import torch
+import yaml
+from helpers import no_runs, planted_run, predict_args, run_segexp, tiny
+from PIL import Image
 
 from segexp import config
 from segexp.blame import blame
 from segexp.config import ConfigError
-from segexp.train import resume_target, train
+from segexp.data import DataError
+from segexp.models import CheckpointError, load_checkpoint
+from segexp.resume import resume_target
+from segexp.train import train
 
 
 def test_blame_from_another_folder_puts_cells_with_a_runs(tmp_path, hc18_root, monkeypatch):
@@ -110,3 +124,262 @@ def test_make_data_refuses_a_folder_that_holds_anything(tmp_path, capsys):
     assert "not empty: pass --force" in capsys.readouterr().err
     assert (target / "training_set_pixel_size_and_HC.csv").read_text() == "real data\n"
     assert cli.main(["make-data", "hc18", str(target), "--n", "4", "--force"]) == 0
+
+
+def check_data(root, work_dir) -> list[str]:
+    """`segexp check-data` of the HC18 set at `root`."""
+    return ["check-data", "dataset=hc18", f"dataset.root={root}", f"work_dir={work_dir}"]
+
+
+def test_a_file_on_two_csv_rows_is_named_and_trains_nothing(
+    hc18_root, work_dir, client, tmp_path, capsys
+):
+    """Looked up by filename, the last of two rows would win without a word."""
+    from segexp import cli
+
+    root = shutil.copytree(hc18_root, tmp_path / "dup")
+    with open(root / "training_set_pixel_size_and_HC.csv", "a") as f:
+        f.write("000_HC.png,0.1,150.0\n")  # line 26: 24 rows after the header
+    assert cli.main(check_data(root, work_dir)) == 2
+    assert "000_HC.png is listed on more than one row (lines 2, 26)" in capsys.readouterr().err
+    with pytest.raises(DataError, match="000_HC.png is listed on more than one row"):
+        train(tiny(work_dir, root))
+    assert no_runs(client)
+
+
+def test_an_alpha_only_or_empty_annotation_is_named_before_any_run(
+    hc18_root, work_dir, client, tmp_path, capsys
+):
+    from segexp import cli
+
+    root = shutil.copytree(hc18_root, tmp_path / "masks")
+    training = root / "training_set"
+    ellipse = np.asarray(Image.open(training / "000_HC_Annotation.png").convert("L"))
+    rgba = np.zeros((*ellipse.shape, 4), np.uint8)
+    rgba[..., 3] = ellipse  # drawn in the alpha channel, the colours all black
+    Image.fromarray(rgba, "RGBA").save(training / "000_HC_Annotation.png")
+    Image.fromarray(np.zeros_like(ellipse)).save(training / "001_HC_Annotation.png")
+    assert cli.main(check_data(root, work_dir)) == 2
+    err = capsys.readouterr().err
+    assert "000_HC_Annotation.png: annotation drawn in its alpha channel only" in err
+    assert "001_HC_Annotation.png: empty annotation, but its CSV row gives HC" in err
+    with pytest.raises(DataError, match="alpha channel only"):
+        train(tiny(work_dir, root))
+    assert no_runs(client)
+
+
+def billion_laughs(levels: int = 9) -> bytes:
+    """A YAML mapping of 10^levels values written in under 1 KB, by aliases of aliases."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]")
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.parametrize(
+    ("content", "bound"),
+    [
+        (billion_laughs(), "expands beyond 20000 values"),
+        (b"a: [" + b"1, " * (1 << 19) + b"]\n", "is over 1048576 bytes"),
+        (
+            b"a:" + b"".join(b"\n" + b"  " * d + b"- " for d in range(1, 40)) + b"x\n",
+            "expands beyond depth 32",
+        ),
+    ],
+)
+def test_a_stored_config_beyond_its_bounds_is_refused_at_once(client, work_dir, content, bound):
+    """Every walk of a billion laughs would expand it: 10^9 values, minutes and gigabytes."""
+    from segexp import tracking
+
+    run_id = planted_run(client, work_dir, {"config.yaml": content})
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=f"run {run_id}: config.yaml {bound}"):
+        tracking.stored_config(client, run_id)
+    assert time.monotonic() - started < 1.5
+
+
+def checkpoint_file(state: dict, legacy=False, deflate=False, extra: dict | None = None) -> bytes:
+    """`torch.save(state)`'s bytes: the pre-zip format, or its zip entries deflated, `extra` added."""
+    saved = io.BytesIO()
+    torch.save(state, saved, _use_new_zipfile_serialization=not legacy)
+    if legacy or not (deflate or extra):
+        return saved.getvalue()
+    source, out = zipfile.ZipFile(saved), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as z:
+        for entry in source.infolist():
+            z.writestr(entry.filename, source.read(entry.filename))
+        for name, content in (extra or {}).items():
+            z.writestr(name, content)
+    return out.getvalue()
+
+
+def hostile_checkpoints() -> dict[str, tuple[bytes, str]]:
+    """{case: (file, what the refusal says)}; the bomb inflates ~1000x (16 MiB of zeros here)."""
+    state = {"epoch": 0, "state_dict": {"net.w": torch.zeros(8)}}
+    bomb = {"epoch": 0, "state_dict": {"net.w": torch.zeros(1 << 22)}}
+    return {
+        "old pickle": (checkpoint_file(state, legacy=True), "is unreadable as a torch zip"),
+        "../ entry": (
+            checkpoint_file(state, extra={"archive/../../evil.sh": b"rm -rf ~"}),
+            "holds entry 'archive/../../evil.sh', not a plain relative name",
+        ),
+        "deflate bomb": (checkpoint_file(bomb, deflate=True), "unpacks to 16"),
+    }
+
+
+def test_a_hostile_checkpoint_is_refused_by_name_before_it_is_unpacked(
+    client, work_dir, hc18_root, capsys
+):
+    """Refused from its zip directory: nothing is inflated or unpickled, whichever reads it."""
+    from segexp import cli
+    from segexp.resume import resume_target
+
+    for i, (case, (content, reason)) in enumerate(hostile_checkpoints().items()):
+        path = work_dir / f"run{i}" / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(content)
+        started = time.monotonic()
+        with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {path} {reason}")):
+            load_checkpoint(path)
+        assert time.monotonic() - started < 0.5, case
+        run_id = client.create_run("0", tags={"segexp.output_dir": str(path.parent.parent)})
+        with pytest.raises(
+            ConfigError, match=f"resume={run_id.info.run_id}: .*{re.escape(reason)}"
+        ):
+            resume_target(client, run_id.info.run_id, [])
+    stored = yaml.safe_dump(config.redacted(config.compose(["debug=tiny"])))
+    content, reason = hostile_checkpoints()["deflate bomb"]
+    run_id = planted_run(
+        client, work_dir, {"config.yaml": stored.encode(), "checkpoints/best.ckpt": content}
+    )
+    assert cli.main(predict_args(run_id, hc18_root, work_dir)) == 2
+    assert f"checkpoint checkpoints/best.ckpt of run {run_id} {reason}" in capsys.readouterr().err
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder nobody may write into, root included (immutable), made writable again after."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(folder)]).returncode:
+        pytest.skip("root, and no chattr +i here: nothing is read-only to root")
+    yield folder
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)
+
+
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path, read_only, capsys):
+    """Checked before the store is opened: a bad --out must not cost an inference or trainings."""
+    from segexp import cli
+
+    a_file, a_folder = tmp_path / "taken.csv", tmp_path / "taken"
+    a_file.write_text("kept\n")
+    a_folder.mkdir()
+    predict = ["predict", "RUN", "--images", "i", "--pixel-csv", "p.csv"]
+    cases = [
+        ([*predict, "--out", str(a_folder)], f"--out {a_folder} is a folder, not a file"),
+        ([*predict, "--out", str(read_only / "s.csv")], f"{read_only} is read-only"),
+        ([*predict, "--out", str(tmp_path / "s.csv"), "--masks", str(a_file)], "--masks .* a file"),
+        (["blame", "A", "B", "--out", str(a_file)], f"--out {a_file} is a file, not a folder"),
+        (["blame", "--from-table", "t.csv", "--out", str(read_only)], "is read-only"),
+        (
+            ["compare", "A", "--out", str(a_folder / "x" / "c.png"), "--html", str(a_folder)],
+            "--html .* is a folder, not a file",
+        ),
+        (["compare", "A", "--out", str(a_file / "c.png")], f"{a_file} is a file, not a folder"),
+    ]
+    for argv, reason in cases:
+        assert cli.main([*argv, "--work-dir", str(tmp_path / "w")]) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(reason, err) and err.count("\n") == 1, (argv, err)
+    assert a_file.read_text() == "kept\n" and not (tmp_path / "w").exists()  # no store opened
+
+
+def test_a_taken_port_is_named_by_server_and_ui_at_once(tmp_path, monkeypatch, capsys):
+    """On a taken port, the other server's health check would answer for one that never bound."""
+    from segexp import cli, tracking
+
+    def must_not_start(*args, **kwargs):
+        raise AssertionError("started on a taken port")
+
+    monkeypatch.setattr(tracking.server, "start_postgres", must_not_start)
+    monkeypatch.setattr(os, "execv", must_not_start)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        started = time.monotonic()
+        for command in ("server", "ui"):
+            assert cli.main([command, "--work-dir", str(tmp_path / "w"), "--port", str(port)]) == 2
+            err = capsys.readouterr().err
+            assert f"port {port} on 127.0.0.1 is taken" in err and err.count("\n") == 1, err
+        assert time.monotonic() - started < 2
+    assert not (tmp_path / "w").exists()
+
+
+def test_hydras_copies_of_the_overrides_hide_their_secrets(tmp_path):
+    """Hydra writes .hydra/ and multirun.yaml before the job, the command line's values in clear."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.utils import _save_config  # how Hydra's run_job writes them
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from segexp import report
+
+    uri = "http://alice:s3cretPW@host:5000"
+    overrides = [f"work_dir={tmp_path}", f"tracking.uri={uri}", "+api_token=hunter2"]
+    with initialize_config_dir(str(config.CONFIG_DIR), version_base="1.3"):
+        composed = compose("train", overrides=overrides, return_hydra_config=True)
+    hydra_cfg = composed.hydra
+    with open_dict(hydra_cfg):
+        hydra_cfg.runtime.output_dir = str(tmp_path / "multirun" / "0")
+        hydra_cfg.sweep.dir, hydra_cfg.mode = str(tmp_path / "multirun"), RunMode.MULTIRUN
+    task = OmegaConf.masked_copy(composed, [k for k in composed if k != "hydra"])
+    hydra_dir = tmp_path / "multirun" / "0" / ".hydra"
+    _save_config(task, "config.yaml", hydra_dir)
+    _save_config(OmegaConf.create({"hydra": hydra_cfg}), "hydra.yaml", hydra_dir)
+    _save_config(hydra_cfg.overrides.task, "overrides.yaml", hydra_dir)
+    OmegaConf.save(composed, tmp_path / "multirun" / "multirun.yaml")
+    assert len(report.redact_hydra_outputs(hydra_cfg)) == 4
+    for path in (tmp_path / "multirun").rglob("*.yaml"):
+        text = path.read_text()
+        assert "s3cretPW" not in text and "hunter2" not in text, path
+    saved = yaml.safe_load((hydra_dir / "config.yaml").read_text())
+    assert saved["tracking"]["uri"] == "http://alice:***@host:5000" and saved["api_token"] == "***"
+    assert "+api_token=***" in yaml.safe_load((hydra_dir / "overrides.yaml").read_text())
+
+
+@pytest.mark.slow  # a training in a subprocess
+def test_no_file_a_run_writes_holds_an_override_secret(work_dir, hc18_root):
+    done = run_segexp(
+        "train",
+        f"work_dir={work_dir}",
+        "debug=tiny",
+        f"dataset.root={hc18_root}",
+        "+api_token=hunter2",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = [p for p in work_dir.rglob("*") if p.is_file()]
+    assert any(p.parent.name == ".hydra" for p in files)
+    assert [p for p in files if b"hunter2" in p.read_bytes()] == []
+
+
+def test_resume_in_a_copied_store_is_refused_before_it_writes(work_dir, client, tmp_path):
+    """A copy's runs point at the original's checkpoints: resuming there would overwrite them."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from segexp import tracking
+
+    run_id = planted_run(client, work_dir, {})
+    original = tracking.store_file(client.tracking_uri)
+    client.set_tag(run_id, tracking.tags.STORE, original)
+    shutil.copy(original, tmp_path / "copy.db")
+    copy = MlflowClient(f"sqlite:///{tmp_path / 'copy.db'}")
+    with pytest.raises(ConfigError, match=r"created by the store .*mlflow.db, not .*copy.db"):
+        resume_target(copy, run_id, ["trainer.max_epochs=3"])
+    with pytest.raises(ConfigError, match="no checkpoint"):  # its own store: checked further
+        resume_target(client, run_id, ["trainer.max_epochs=3"])

@@ -18,7 +18,7 @@ import pandas as pd
 
 from segexp.evaluation import lower_is_better
 
-from . import robust
+from . import robust, sequential
 from .designs import path_steps
 from .ols import Model, estimate, holm, model, seed_blocks, t_tests, verdicts
 
@@ -67,6 +67,7 @@ class Analysis:
     plain_seed_sd: float = float("nan")
     left_out: list[LeftOut] = field(default_factory=list)
     takeoff: list[Takeoff] = field(default_factory=list)
+    screened_out: list[str] = field(default_factory=list)  # "name (at 2 epochs, ...)": no verdict
 
 
 def constant_levels(metric: str) -> tuple[float, ...]:
@@ -314,28 +315,32 @@ def seeds_decision(
     max_rounds: int,
     margin: float | None = None,
     alpha: float = 0.05,
+    round_index: int | None = None,
+    spending: str = "obf",
 ) -> dict:
     """`--seeds auto`: after a round of seeds, which terms are settled and whether to stop.
 
-    Each look (round) tests at alpha / max_rounds (Bonferroni over looks), so however the stopping
-    falls out the chance of any false hurt/helped verdict over all looks stays <= alpha; report
-    the final analysis at that same level (returned). A term is settled when its verdict is
-    hurt/helped, or when its (1 - alpha/max_rounds) CI lies inside +-margin (practically zero;
-    margin defaults to 0.5 x the current seed SD, itself an estimate), or when it is inestimable
-    or aliased (more seeds cannot help). Returns {stop, settled: {term: reason}, open: [terms],
-    alpha, analysis}.
+    Each look tests at its round's share of alpha (sequential.look_levels: spent by information
+    fraction, shares fixed in advance and summing to alpha, so a false hurt/helped verdict at the
+    stopping look stays below alpha whatever the stopping); report the final analysis at that
+    look's level (returned). A term is settled when its verdict is hurt/helped, or when its CI at
+    that level lies inside +-margin (practically zero; margin defaults to 0.5 x the current seed
+    SD, itself an estimate), or when it is inestimable or aliased (more seeds cannot help).
+    round_index: the look, 0 after the first round (default: from the table's planned seeds);
+    spending: "obf", or "bonferroni" (alpha / max_rounds at every look, for comparisons).
+    Returns {stop, settled: {term: reason}, open: [terms], alpha, analysis}.
     """
-    level = alpha / max_rounds
+    level = sequential.look_level(results, max_rounds, alpha, spending, round_index)
     result = analyze(results, factors, metric, alpha=level)
     margin = 0.5 * result.seed_sd if margin is None else margin
-    settled, still_open = {}, []
-    for row in result.effects.itertuples():
-        if row.verdict in SIGNIFICANT or row.verdict in ("inestimable", "aliased"):
-            settled[row.term] = row.verdict
-        elif row.verdict == "within noise" and -margin < row.ci_low and row.ci_high < margin:
-            settled[row.term] = f"within +-{margin:.3g}"
-        else:
-            still_open.append(row.term)
+    table = result.effects
+    done = sequential.settled(table.verdict, table.ci_low, table.ci_high, margin)
+    within = f"within +-{margin:.3g}"
+    settled = {
+        term: verdict if verdict in sequential.FINAL else within
+        for term, verdict in zip(table.term[done], table.verdict[done], strict=True)
+    }
+    still_open = table.term[~done].tolist()
     return {
         "stop": not still_open,
         "settled": settled,

@@ -15,23 +15,36 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
 from segexp import tracking
+from segexp.compare.fidelity import ab_gap
+from segexp.config import ConfigError
 from segexp.evaluation import lower_is_better
 from segexp.tracking import tags
 
-from . import analysis, designs, evidence
+from . import analysis, designs, evidence, screen
 from .analysis import Analysis
-from .plan import Plan, compute_line, make_plan
+from .plan import Plan, compute_line, cost, make_plan
 from .report import note, write_csv, write_report
+from .screen import ScreenResult
 from .training import failure, reuse, train_cells, train_in_process
+
+FIDELITIES = ("auto", "full", "screen")
+OUTPUTS = (
+    "effects.csv", "runs.csv", "effects.png", "report.md", "screen_runs.csv", "screen_effects.csv"
+)  # fmt: skip
 
 
 @dataclass
 class BlameResult:
-    """A blame's plan and, unless it was a dry run, what it trained and found."""
+    """A blame's plan and, unless it was a dry run, what it trained and found.
+
+    `plan` gave the verdicts: the whole design at full fidelity, or a screen's confirmation
+    (`screen` then holds what the screen trained, found and ruled out).
+    """
 
     plan: Plan
     analysis: Analysis | None = None
@@ -40,10 +53,12 @@ class BlameResult:
     minutes: float = 0.0
     parent_run_id: str | None = None
     out_dir: Path | None = None
+    screen: ScreenResult | None = None
+    full: Plan | None = None  # the whole design at full fidelity: the compute yardstick
 
     @property
     def trained(self) -> int:
-        return len(self.trained_cells)
+        return len(self.trained_cells) + (len(self.screen.trained) if self.screen else 0)
 
     @property
     def effects(self) -> pd.DataFrame:
@@ -64,19 +79,24 @@ def blame(
     budget: int | None = None,
     work_dir: Path | None = None,
     nest_epochs: bool = True,
+    fidelity: str = "auto",
+    screen_options: dict | None = None,
 ) -> BlameResult:
     """Design, train (or reuse) and analyse the cells between A and B.
 
     `metric` None: A's `optimized_metric`. `nest_epochs`: read an epochs factor's smaller budget
     from the larger budget's histories where nothing else depends on it (nested.py).
+    `fidelity`: `full`, `screen` (screen.py) or `auto` (screen where the full design costs more
+    than 4 trainings of A); `screen_options`: the screen's `epochs`, `fraction`, `image_size`.
     """
     overrides = list(overrides or [])
     plan = make_plan(
         client, run_a, run_b, metric, seeds, design, overrides, budget, work_dir, nest_epochs
     )
-    print("\n".join(plan.lines), flush=True)
+    chosen, lines = choose_screen(client, plan, fidelity, screen_options or {})
+    print("\n".join(plan.lines + lines), flush=True)
     if dry_run:
-        return BlameResult(plan)
+        return BlameResult(plan, full=plan)
     start = time.time()
     name = f"blame {plan.run_names[0]} -> {plan.run_names[1]}"[:250]
     role = {
@@ -86,17 +106,109 @@ def blame(
     }
     parent = tracking.TrackedRun(client, plan.experiment, artifact_root, name, tags=role)
     with parent:
-        trained, decision = train_rounds(client, plan, parent)
-        result = BlameResult(plan, trained_cells=trained, parent_run_id=parent.run_id)
-        result.results = plan.cells.table(plan.names, client, plan.metric, plan.nesting)
+        screened = chosen and run_screen(client, plan, parent, chosen)
+        used = screened.confirm if screened and screened.confirm else plan
+        trained, decision = train_rounds(client, used, parent)
+        if used is not plan and not confirmed_whole(client, used, screened):
+            more, decision = train_rounds(client, plan, parent)  # the confirmation's are reused
+            trained, used = trained + more, plan
+        result = BlameResult(
+            used, trained_cells=trained, parent_run_id=parent.run_id, screen=screened or None,
+            full=plan,
+        )  # fmt: skip
+        result.results = used.cells.table(used.names, client, used.metric, used.nesting)
         result.minutes = (time.time() - start) / 60
         cases = evidence.val_cases(client, result.results.run_id.dropna())
         floors = evidence.mask_levels(cases, result.results)
         flat = evidence.stalled(client, result.results)
-        result.analysis = analyse(plan, result.results, decision, floors, flat)
+        result.analysis = analyse(used, result.results, decision, floors, flat)
+        if screened and used is not plan:
+            held = [n for n in plan.names if n not in used.names]
+            result.analysis.screened_out = [f"{n} (at {chosen.text()})" for n in held]
         result.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="segexp-blame-"))
-        write_outputs(client, plan, result, decision, parent, cases)
+        write_outputs(client, used, result, decision, parent, cases)
     return result
+
+
+def choose_screen(client: MlflowClient, plan: Plan, fidelity: str, given: dict):
+    """(the screen's fidelity or None for full fidelity, the lines saying which and why)."""
+    if fidelity not in FIDELITIES:
+        raise ConfigError(f"--fidelity must be one of {', '.join(FIDELITIES)}, got {fidelity!r}")
+    cells = [c for c in plan.cells.rows.values() if plan.long_twin(c) is None]
+    if fidelity == "full" or not screen.screenable(plan):
+        why = "" if fidelity == "full" else ": no factor a screen can vary"
+        return None, [f"fidelity: full{why}"]
+    if plan.adaptive:
+        return None, ["fidelity: full (the ablation path is walked at full fidelity)"]
+    if fidelity == "auto" and not screen.worth_screening(plan, cost(plan, cells)):
+        return None, [
+            f"fidelity: full (the design costs at most {screen.AUTO_TRAININGS} trainings of A; "
+            "--fidelity screen screens anyway)"
+        ]
+    a, b = client.get_run(plan.run_a), client.get_run(plan.run_b)
+    gaps, final = ab_gap(client, a, b, plan.metric)
+    chosen = screen.choose_fidelity(plan, gaps, final, **given)
+    probe = screen.sub_plan(
+        plan, screen.screenable(plan), screen.screen_seeds(plan), "auto", chosen
+    )
+    held = [n for n in plan.names if n not in probe.names]
+    lines = [
+        f"fidelity: screen at {chosen.text()} ({screen.SCREEN_SEEDS} seeds per cell, "
+        f"{len(probe.cells.rows)} trainings), then the suspects at full fidelity; only "
+        "full-fidelity runs give verdicts"
+        + (f"; not screened (the screen sets them): {', '.join(held)}" if held else ""),
+    ]
+    if gaps:
+        shown = ", ".join(f"{e}: {g:+.3f}" for e, g in enumerate(gaps, 1))
+        lines.append(f"A-vs-B gap on their own curves after 1, 2, ... epochs: {shown}")
+    screen_cost = cost(probe, list(probe.cells.rows.values()))
+    lines.append(compute_line(plan, screen_cost, "planned for the screen"))
+    return chosen, lines
+
+
+def run_screen(client: MlflowClient, plan: Plan, parent, chosen) -> ScreenResult:
+    """Train the screen, check it against A and B, and plan the confirmation of its suspects."""
+    probe = screen.sub_plan(
+        plan, screen.screenable(plan), screen.screen_seeds(plan), "auto", chosen
+    )
+    print(f"screen: {len(probe.cells.rows)} trainings at {chosen.text()}", flush=True)
+    trained, _ = train_rounds(client, probe, parent)
+    table = probe.cells.table(probe.names, client, plan.metric)
+    found = ScreenResult(probe, trained, table)
+    decision = screen.decide(
+        table, probe.names, plan.metric, screen.full_gap(client, plan), chosen.text()
+    )
+    found.analysis, found.check, found.lines = decision.analysis, decision.check, decision.lines
+    if decision.suspects is None:
+        found.lines.append("the screen cannot be trusted here: every cell trains at full fidelity")
+    else:
+        keep = decision.suspects
+        confirmed = [i for i, n in enumerate(plan.names) if n in keep or n not in probe.names]
+        found.confirm = screen.sub_plan(plan, confirmed, plan.seeds, "auto")
+        held = [n for n in plan.names if n not in found.confirm.names]
+        found.lines.append(
+            f"confirmed at full fidelity: {', '.join(found.confirm.names)}"
+            + (f"; held at A's levels (A is reused): {', '.join(held)}" if held else "")
+            + "; the effects are those at A's levels of the others"
+        )
+        found.lines += found.confirm.lines
+    print("\n".join(found.lines), flush=True)
+    return found
+
+
+def confirmed_whole(client: MlflowClient, confirm: Plan, found: ScreenResult) -> bool:
+    """B against the confirmation's all-B cell: whether the screened-out factors moved nothing."""
+    table = confirm.cells.table(confirm.names, client, confirm.metric, confirm.nesting)
+    b_value = client.get_run(confirm.run_b).data.metrics.get(confirm.metric)
+    try:
+        result = analysis.analyze(table, confirm.names, confirm.metric)
+    except (ValueError, np.linalg.LinAlgError):
+        return True  # no confirmation to check: the report lists its failed cells
+    held = screen.held_check(table, result, confirm.names, b_value)
+    lines = [held.line] + ([] if held.ok else ["every cell of the design trains at full fidelity"])
+    found.lines += lines
+    print("\n".join(lines), flush=True)
+    return held.ok
 
 
 def train_rounds(client: MlflowClient, plan: Plan, parent: tracking.TrackedRun):
@@ -130,7 +242,9 @@ def train_rounds(client: MlflowClient, plan: Plan, parent: tracking.TrackedRun):
             break
         if not plan.auto:
             break
-        decision = analysis.seeds_decision(table, plan.names, plan.metric, max_rounds=plan.rounds)
+        decision = analysis.seeds_decision(
+            table, plan.names, plan.metric, max_rounds=plan.rounds, round_index=round_index
+        )
         if decision["stop"] or round_index == plan.rounds - 1 or out_of_budget:
             break
         plan.add_seed(plan.seeds[-1] + 1 + round_index)
@@ -153,9 +267,12 @@ def analyse(plan: Plan, table: pd.DataFrame, decision, floors=None, stalled=None
 
 def write_outputs(client, plan: Plan, result: BlameResult, decision, parent, cases) -> None:
     """report.md, effects.csv, runs.csv and the figure: printed, and logged to the parent run."""
-    context = [*plan.lines, f"trainings: {result.trained} now, {len(result.results)} runs analysed"]
+    found = result.screen
+    context = [*result.full.lines, *(found.lines if found else [])] if found else [*plan.lines]
+    context.append(f"trainings: {result.trained} now, {len(result.results)} runs analysed")
     if plan.train_images:
-        context.append(compute_line(plan, plan.train_images, result.trained_cells, "spent"))
+        spent = cost(plan, result.trained_cells) + (cost(found.plan, found.trained) if found else 0)
+        context.append(compute_line(result.full, spent, "spent"))
     if decision is not None and decision["open"]:
         context.append(
             f"verdicts still open (more seeds or --budget): {', '.join(decision['open'])}"
@@ -179,7 +296,11 @@ def write_outputs(client, plan: Plan, result: BlameResult, decision, parent, cas
     verdict = note(result.analysis, labels, ends, result.trained, result.minutes)
     parent.set_tags({"mlflow.note.content": verdict})
     print("\n" + Path(report).read_text())
-    for artifact in ("effects.csv", "runs.csv", "effects.png", "report.md"):
+    if found is not None:
+        write_csv(found.table, out_dir / "screen_runs.csv")
+        if found.analysis is not None:
+            write_csv(found.analysis.effects, out_dir / "screen_effects.csv")
+    for artifact in OUTPUTS:
         if (out_dir / artifact).is_file():
             parent.log_artifact(out_dir / artifact)
     parent.log_metrics(

@@ -208,13 +208,15 @@ class Cell:
     hash: str
     run_id: str | None = None
     source: Cell | None = None  # a cell to more epochs whose history holds this one's value
+    tags: dict[str, str] = field(default_factory=dict)  # set on its run (e.g. its fidelity)
 
 
 class Cells:
     """Every (cell, seed) of the design, by (levels, seed), and the cells that cannot exist."""
 
-    def __init__(self, change: Change, extra: list[str]):
+    def __init__(self, change: Change, extra: list[str], prefix: str = "", tags=None):
         self.change, self.extra = change, extra
+        self.prefix, self.tags = prefix, dict(tags or {})  # run names and tags of every cell
         self.rows: dict[tuple, Cell] = {}  # (levels, seed) -> cell
         self.impossible: dict[tuple, str] = {}  # levels -> why it cannot be composed
 
@@ -231,10 +233,11 @@ class Cells:
         self.rows[key] = Cell(
             levels,
             seed,
-            cell_name(self.change, levels, seed),
+            self.prefix + cell_name(self.change, levels, seed),
             self.change.cell_overrides(levels, overrides),
             cfg,
             config.config_hash(config.redacted(cfg)),
+            tags=self.tags,
         )
         return self.rows[key]
 

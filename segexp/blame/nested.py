@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from segexp import config
+from segexp.tracking.history import BEST, epoch_values
 
 EPOCHS = "trainer.max_epochs"
-BEST = "_best"  # a restored best epoch's metric: `val/dice_best` is `val/dice` at that epoch
 
 
 @dataclass(frozen=True)
@@ -70,14 +69,7 @@ def _resolved(cfg) -> dict:
 
 def value_at_budget(client: MlflowClient, run_id: str, nest: Nesting) -> float | None:
     """The metric at the best epoch by the monitor among the run's first `nest.short` epochs."""
-    history = {
-        key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
-        for key in (nest.monitor, nest.history_key)
-    }
-    epochs = sorted(e for e in history[nest.monitor] if e < nest.short)
-    if not epochs or any(e not in history[nest.history_key] for e in epochs):
+    values = epoch_values(client, run_id, nest.history_key + BEST, nest.monitor, nest.mode)
+    if not values:
         return None
-    watched = np.array([history[nest.monitor][e] for e in epochs])
-    # the first best epoch wins, as Lightning's ModelCheckpoint keeps the earliest of ties
-    best = epochs[int(np.argmin(watched) if nest.mode == "min" else np.argmax(watched))]
-    return history[nest.history_key][best]
+    return values[min(nest.short, len(values)) - 1]

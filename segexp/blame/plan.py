@@ -15,6 +15,7 @@ from . import designs, factors
 from .factors import Cell
 from .nested import EPOCHS, Nesting, nesting
 
+FULL = {tracking.tags.FIDELITY: "full"}  # the tags of a full-fidelity cell
 LAUNCHER_KEYS = ("hydra/launcher", "hydra.launcher", "hydra/sweeper", "hydra.sweeper")
 
 
@@ -115,17 +116,14 @@ def make_plan(
     if client.tracking_uri != tracking.store_locations({}, work_dir)[0]:
         extra.insert(1, f"tracking.uri='{client.tracking_uri}'")
     plan = Plan(
-        run_a, run_b, change, chosen, factors.Cells(change, extra),
+        run_a, run_b, change, chosen, factors.Cells(change, extra, tags=FULL),
         metric or config_a["optimized_metric"], config_a["tracking"]["experiment"], work_dir,
         launcher, list(range(first_seed, first_seed + per_cell)), rounds, auto, budget,
     )  # fmt: skip
     plan.add_cells(chosen.cells)
     why = None
     if nest_epochs:
-        seed_config = f"seed={plan.seeds[0]}"
-        plan.nesting, why = nesting(
-            change, plan.metric, lambda levels: change.cell_config(levels, [*extra, seed_config])
-        )
+        plan.nesting, why = plan_nesting(plan)
     plan.train_images = int(runs[run_a].data.tags.get("dataset.train_images", 0))
     plan.run_names = (runs[run_a].info.run_name, runs[run_b].info.run_name)
     plan.fingerprint = data[0]
@@ -137,8 +135,14 @@ def make_plan(
         )
     if plan.train_images:
         planned = [c for c in plan.cells.rows.values() if plan.long_twin(c) is None]
-        plan.lines.append(compute_line(plan, plan.train_images, planned, "planned at most"))
+        plan.lines.append(compute_line(plan, cost(plan, planned), "planned at most"))
     return plan
+
+
+def plan_nesting(plan: Plan) -> tuple[Nesting | None, str | None]:
+    """Whether the plan's epochs factor is read from histories (see nested.py), and why not."""
+    change, extra = plan.change, [*plan.cells.extra, f"seed={plan.seeds[0]}"]
+    return nesting(change, plan.metric, lambda levels: change.cell_config(levels, extra))
 
 
 def cells_work_dir(client: MlflowClient, config_a: dict, work_dir: Path | None) -> Path:
@@ -194,17 +198,26 @@ def cell_epochs(plan: Plan, levels: tuple[int, ...]) -> int:
     return int(next(iter(plan.cells.rows.values())).cfg.trainer.max_epochs)
 
 
-def compute_line(plan: Plan, train_images: int, cells: list[Cell], what: str) -> str:
+def cost(plan: Plan, cells: list[Cell]) -> int:
+    """Image-epochs of training `cells`: the plan's training images x each cell's epochs."""
+    return sum(plan.train_images * int(cell.cfg.trainer.max_epochs) for cell in cells)
+
+
+def full_cost(plan: Plan) -> int:
+    """Image-epochs of the full 2^k factorial at the plan's seeds, at full fidelity."""
+    levels = itertools.product((0, 1), repeat=len(plan.names))
+    return len(plan.seeds) * sum(plan.train_images * cell_epochs(plan, lv) for lv in levels)
+
+
+def compute_line(plan: Plan, spent: int, what: str) -> str:
     """`compute: 41,300 image-epochs planned (0.14 of the full 2^4 x 2 seeds at full fidelity: ...)`.
 
     Image-epochs are training images x epochs, summed over trainings, as
-    `time/train_images_per_second` counts them; early stopping can only spend less.
+    `time/train_images_per_second` counts them, a screen's smaller images at their share of A's
+    pixels; early stopping can only spend less. `plan`: the whole design at full fidelity,
+    whose full factorial is the yardstick.
     """
-    spent = sum(train_images * cell_epochs(plan, c.levels) for c in cells)
-    k, seeds = len(plan.names), len(plan.seeds)
-    full = seeds * sum(
-        train_images * cell_epochs(plan, levels) for levels in itertools.product((0, 1), repeat=k)
-    )
+    k, seeds, full = len(plan.names), len(plan.seeds), full_cost(plan)
     ratio = spent / full if full else float("nan")
     return (
         f"compute: {spent:,} image-epochs {what} ({ratio:.2f} of the full 2^{k} x {seeds} seeds "

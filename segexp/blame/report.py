@@ -136,6 +136,8 @@ def headline(
     for finding in analysis.takeoff:
         found = takeoff_text(finding, labels)
         text += f" {found[0].upper()}{found[1:]}."
+    if analysis.screened_out:
+        text += f" Screened out at low fidelity (no verdict): {', '.join(analysis.screened_out)}."
     counts = [
         f"{trainings} trainings" if trainings is not None else "",
         f"{minutes:.0f} min" if minutes is not None else "",

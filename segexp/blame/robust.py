@@ -180,6 +180,9 @@ def screen(
     keep = finite & ~(dead & ~explained)
     floor = 1e-9 * max(1.0, float(np.abs(y).max(initial=1.0)))  # noise-free tables
     additive = fit.x[:, : fit.additive]
+    # too few runs learned to fit anything (none, say): every run stays data, as it scored
+    short = keep.sum(axis=0) < np.linalg.matrix_rank(additive)
+    keep[:, short] = finite[:, short]
     beta, scale = m_fit(additive, y, keep, floor)
     runs = keep.sum(axis=0)
     dof = np.maximum(runs - np.linalg.matrix_rank(additive), 1)

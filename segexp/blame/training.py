@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 
-from segexp import sweep, tracking
+from segexp import config, sweep, tracking
 
 from .factors import Cell
 
@@ -33,7 +34,9 @@ def reuse(
 def launch(cells: list[Cell], parent_run_id: str, launcher: list[str], work_dir: Path):
     """Train `cells` as the jobs of one `segexp train -m` through the chosen Hydra launcher."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=work_dir) as handle:
-        json.dump([{"name": c.name, "overrides": c.overrides} for c in cells], handle)
+        json.dump(
+            [{"name": c.name, "overrides": c.overrides, "tags": c.tags} for c in cells], handle
+        )
     command = [
         sys.executable, "-m", "segexp.cli", "train", "-m", *launcher,
         f"work_dir={work_dir}", f"+blame.cells={handle.name}",
@@ -41,6 +44,15 @@ def launch(cells: list[Cell], parent_run_id: str, launcher: list[str], work_dir:
     ]  # fmt: skip
     env = {**os.environ, sweep.PARENT_ENV: parent_run_id}
     return subprocess.Popen(command, env=env), Path(handle.name)
+
+
+def cell_config(cells_file: str, index: int):
+    """(config, overrides) of cell `index` of a launched cells file, with its name and tags."""
+    cell = json.loads(Path(cells_file).read_text())[index]
+    cfg = config.compose(cell["overrides"])
+    cfg.run_name = cell["name"]
+    OmegaConf.update(cfg, "tracking.tags", cell.get("tags", {}), force_add=True)
+    return cfg, list(cell["overrides"])
 
 
 def train_cells(
@@ -88,6 +100,7 @@ def train_in_process(cells: list[Cell], parent_run_id: str) -> None:
         cfg = cell.cfg
         cfg.tracking.parent_run_id = parent_run_id
         cfg.run_name = cell.name
+        cfg.tracking.tags = cell.tags
         try:
             cell.run_id = train(cfg, cell.overrides)["run_id"]
         except Exception as err:  # a failed cell is listed in the report, never dropped silently

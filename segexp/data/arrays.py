@@ -24,7 +24,7 @@ from segexp.files import atomic_folder, atomic_write_bytes
 
 from .cases import Case, DataError, fingerprint
 
-CACHE_VERSION = 1  # bump when decoding or resizing changes
+CACHE_VERSION = 2  # bump when decoding, its checks or resizing change
 
 
 def size_hw(image_size) -> tuple[int, int]:
@@ -99,6 +99,24 @@ def read_image(path: str, mode: str | None = None) -> np.ndarray:
     return image
 
 
+def read_annotation(path: str) -> np.ndarray:
+    """An annotation as gray uint8 from a gray, RGB or RGBA file; FileProblem if alpha holds it.
+
+    The gray conversion ignores alpha, so an ellipse drawn only in the alpha channel would read
+    as a uniform (empty or full) mask.
+    """
+    gray = read_image(path, "L")
+    if gray.min() == gray.max():  # uniform: only then can alpha hold what the colours lack
+        with Image.open(path) as im:
+            if "A" in im.getbands() or "transparency" in im.info:
+                low, high = im.convert("RGBA").getchannel("A").getextrema()
+                if low != high:
+                    raise FileProblem(
+                        path, "annotation drawn in its alpha channel only: save it as gray or RGB"
+                    )
+    return gray
+
+
 def decode_case(
     case: Case, image_size, channels: int
 ) -> tuple[np.ndarray, np.ndarray | None, tuple]:
@@ -113,13 +131,15 @@ def decode_case(
     image = image.reshape(h, w, channels)
     if case.mask is None:
         return image, None, original
-    annotation = read_image(case.mask, "L")  # gray, RGB or RGBA annotations alike
+    annotation = read_annotation(case.mask)
     if annotation.shape != original:
         size, expected = annotation.shape[::-1], original[::-1]
         raise FileProblem(case.mask, f"mask size {size} != image size {expected} (W, H)")
     levels = np.unique(annotation)
     if len(levels) > 2:
         raise FileProblem(case.mask, f"non-binary mask ({len(levels)} distinct values)")
+    if case.hc_mm and not annotation.any():  # a blank mask would teach "no head" silently
+        raise FileProblem(case.mask, f"empty annotation, but its CSV row gives HC {case.hc_mm} mm")
     mask = filled_mask(annotation).astype(np.float32)
     mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_AREA) >= 0.5
     return image, mask.astype(np.uint8), original

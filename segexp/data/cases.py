@@ -50,8 +50,8 @@ PIXEL_SIZE, HC = "pixel size(mm)", "head circumference (mm)"  # HC18's CSV colum
 def read_pixel_csv(csv_path: Path, root: Path | str, columns: list[str]) -> pd.DataFrame:
     """An HC18-style CSV (`filename`, `pixel size(mm)`, ...), column names stripped.
 
-    Raises DataError (at `root`) naming the CSV when it is missing, unreadable or lacks one of
-    `filename` and `columns`.
+    Raises DataError (at `root`) naming the CSV when it is missing, unreadable, lacks one of
+    `filename` and `columns`, or lists a file on more than one row.
     """
     if not Path(csv_path).is_file():
         raise DataError(root, [(str(csv_path), "missing CSV")])
@@ -63,6 +63,19 @@ def read_pixel_csv(csv_path: Path, root: Path | str, columns: list[str]) -> pd.D
     missing = [c for c in ["filename", *columns] if c not in table.columns]
     if missing:
         raise DataError(root, [(str(csv_path), f"missing column(s) {missing}")])
+    names = table["filename"].astype(str).str.strip()
+    repeated = sorted(set(names[names.duplicated()]))
+    if repeated:  # rows looked up by filename would keep the last one without a word
+        lines = {
+            name: ", ".join(str(i + 2) for i in names.index[names == name]) for name in repeated
+        }
+        raise DataError(  # line 1 is the header
+            root,
+            [
+                (str(csv_path), f"{n} is listed on more than one row (lines {at})")
+                for n, at in lines.items()
+            ],
+        )
     return table
 
 

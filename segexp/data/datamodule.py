@@ -75,12 +75,21 @@ class SegDataset(Dataset):
         return item
 
 
+def kept_groups(cases: list[Case], train_idx: list[int], fraction: float, seed: int) -> set:
+    """The first `fraction` of the training groups in an order fixed by the split seed (>= 1)."""
+    groups = sorted({cases[i].group for i in train_idx})
+    order = np.random.default_rng([seed, 1]).permutation(len(groups))
+    return {groups[i] for i in order[: max(1, round(fraction * len(groups)))]}
+
+
 class SegDataModule(pl.LightningDataModule):
     """HC18 or LGG (`layout`) from `root`: validated, cached, split by exam or patient.
 
     Args:
         layout: `hc18` (official HC18 layout) or `lgg` (Kaggle `kaggle_3m` layout).
         val_fraction / val_count: share or number of exams/patients held out for validation.
+        train_fraction: share of the training exams/patients trained on (a screen's lower
+            fidelity): the same ones for a split seed, the validation split unchanged.
         normalize: `minmax` (pixel / 255) or `volume` (per-patient percentile clip + z-score).
         hc_boundary_offset_px: how far this dataset's filled masks extend beyond the ellipse its
             reference HC measures (see `segexp.evaluation.ellipse_from_mask`); HC18 layout only.
@@ -99,6 +108,7 @@ class SegDataModule(pl.LightningDataModule):
         val_fraction: float | None = 0.2,
         val_count: int | None = None,
         split_seed: int = 0,
+        train_fraction: float = 1.0,
         normalize: str = "minmax",
         cache_dir: str | None = None,
         hc_boundary_offset_px: float = 0.0,
@@ -114,12 +124,15 @@ class SegDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"dataset.image_size must be positive multiples of 16, got {list(image_size)}"
             )
+        if not 0 < train_fraction <= 1:
+            raise ValueError(f"dataset.train_fraction must be in (0, 1], got {train_fraction}")
         if batch_size < 1:
             raise ValueError(f"dataset.batch_size must be >= 1, got {batch_size}")
         self.name, self.layout, self.root = name, layout, Path(root)
         self.channels, self.image_size, self.batch_size = channels, image_size, batch_size
         self.num_workers, self.normalize = num_workers, normalize
         self.val_fraction, self.val_count, self.split_seed = val_fraction, val_count, split_seed
+        self.train_fraction = train_fraction
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.train_transform = train_transform
         self.hc_boundary_offset_px = hc_boundary_offset_px if layout == "hc18" else None
@@ -150,6 +163,9 @@ class SegDataModule(pl.LightningDataModule):
         val_groups = split_groups(self.cases, self.val_fraction, self.val_count, self.split_seed)
         self.val_idx = [i for i, c in enumerate(self.cases) if c.group in val_groups]
         self.train_idx = [i for i, c in enumerate(self.cases) if c.group not in val_groups]
+        if self.train_fraction < 1:
+            kept = kept_groups(self.cases, self.train_idx, self.train_fraction, self.split_seed)
+            self.train_idx = [i for i in self.train_idx if self.cases[i].group in kept]
         groups = [c.group for c in self.cases]
         self.stats = (
             cached_volume_stats(self.images, groups, entry) if self.normalize == "volume" else None
@@ -182,13 +198,13 @@ class SegDataModule(pl.LightningDataModule):
         return fingerprint(self.cases)
 
     def split_table(self) -> pd.DataFrame:
-        """One row per case: case_id, group, split (train/val), for the run's split file."""
-        val = set(self.val_idx)
+        """One row per case: case_id, group, split (train/val/unused), for the run's split file."""
+        split = {**dict.fromkeys(self.val_idx, "val"), **dict.fromkeys(self.train_idx, "train")}
         return pd.DataFrame(
             {
                 "case_id": [c.case_id for c in self.cases],
                 "group": [c.group for c in self.cases],
-                "split": ["val" if i in val else "train" for i in range(len(self.cases))],
+                "split": [split.get(i, "unused") for i in range(len(self.cases))],
             }
         )
 

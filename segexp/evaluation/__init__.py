@@ -1,4 +1,5 @@
-"""Evaluation: overlap metrics, HD95, ellipse fits and head circumference of predicted masks."""
+"""Evaluation: overlap metrics, HD95, ellipse fits and head circumference of predicted masks
+(overall and per head-size range)."""
 
 from .ellipse import (
     Ellipse,
@@ -10,16 +11,22 @@ from .ellipse import (
     ramanujan_perimeter,
 )
 from .hc import (
+    HEAD_SIZE_RANGES,
+    HeadSizeRange,
     clinical_table,
+    flag_reasons,
     hc_from_mask,
-    head_flags,
+    head_size_range,
     measure_hc,
     pixel_spacings,
+    range_names,
     shape_ranges,
     width_limit,
 )
 from .metrics import (
     case_table,
+    hc_errors,
+    hc_range_table,
     hd95,
     largest_component,
     lower_is_better,
@@ -31,6 +38,8 @@ from .metrics import (
 __all__ = [
     "lower_is_better",
     "case_table",
+    "hc_errors",
+    "hc_range_table",
     "hd95",
     "largest_component",
     "overlap_counts",
@@ -43,11 +52,15 @@ __all__ = [
     "fit_ellipse",
     "moment_ellipse",
     "ramanujan_perimeter",
+    "HEAD_SIZE_RANGES",
+    "HeadSizeRange",
     "clinical_table",
+    "flag_reasons",
     "hc_from_mask",
-    "head_flags",
+    "head_size_range",
     "measure_hc",
     "pixel_spacings",
+    "range_names",
     "shape_ranges",
     "width_limit",
 ]

@@ -1,8 +1,10 @@
-"""Head circumference (HC18): HC in mm, plausibility and hesitation flags, and the per-case
-clinical table (HD95 + HC) that validation and `segexp predict` write."""
+"""Head circumference (HC18): HC in mm, head-size ranges, plausibility and hesitation flags, and
+the per-case clinical table (HD95 + HC) that validation and `segexp predict` write."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -22,6 +24,45 @@ def hc_from_mask(
     """
     ellipse = ellipse_from_mask(mask, boundary_offset_px, method)
     return 0.0 if ellipse is None else ramanujan_perimeter(ellipse.a, ellipse.b) * pixel_size_mm
+
+
+@dataclass(frozen=True)
+class HeadSizeRange:
+    """Heads with lo <= HC < hi mm; `name` suffixes their metrics (`val/hc_mae_mm_<name>`)."""
+
+    name: str
+    lo: float
+    hi: float
+
+    @property
+    def label(self) -> str:
+        """As a reader writes it: `< 100 mm`, `100-200 mm`, `> 300 mm`."""
+        if self.lo <= 0:
+            return f"< {self.hi:g} mm"
+        return f"> {self.lo:g} mm" if math.isinf(self.hi) else f"{self.lo:g}-{self.hi:g} mm"
+
+
+# HC18 spans 44-335 mm (second trimester to term) and the error grows with the head, so an overall
+# MAE hides the large heads. Fixed rather than configured: the names are metric names, and runs
+# stay comparable only while every run logs the same ranges.
+HEAD_SIZE_RANGES = (
+    HeadSizeRange("lt100", 0.0, 100.0),
+    HeadSizeRange("100_200", 100.0, 200.0),
+    HeadSizeRange("200_300", 200.0, 300.0),
+    HeadSizeRange("gt300", 300.0, math.inf),
+)
+
+
+def head_size_range(hc_mm: float) -> HeadSizeRange | None:
+    """The range of HEAD_SIZE_RANGES that holds `hc_mm`; None for no head (0 mm, nan)."""
+    if not hc_mm > 0:
+        return None
+    return next(r for r in HEAD_SIZE_RANGES if r.lo <= hc_mm < r.hi)
+
+
+def range_names(hc_mm) -> list[str | None]:
+    """Per HC the name of its `head_size_range` (None: no head)."""
+    return [getattr(head_size_range(float(hc)), "name", None) for hc in hc_mm]
 
 
 def pixel_spacings(original_sizes, size: tuple[int, int], pixel_sizes) -> np.ndarray:
@@ -85,8 +126,11 @@ def clinical_table(
         probabilities: (N, h, w) foreground probabilities, resized to the original size and
             thresholded at 0.5 before HC is measured there (`method`: see `ellipse_from_mask`).
         hc_true: (N,) reference HC; without it only the predicted HC and its flag are written.
-        plausible, width_limit_px: see `head_flags` (the limit defaults to `width_limit` of
+        plausible, width_limit_px: see `flag_reasons` (the limit defaults to `width_limit` of
             these cases' own widths).
+
+    `hc_range` is the head-size range of the reference HC (`head_size_range`), `hc_flag` whether
+    to check the head by hand and `hc_flag_reason` why.
     """
     table = pd.DataFrame(index=range(len(masks)))
     in_mm = pixel_sizes is not None and original_sizes is not None
@@ -106,6 +150,7 @@ def clinical_table(
         table["pixel_size_mm"] = pixel_sizes
         if hc_true is not None:
             table["hc_true_mm"] = hc_true
+            table["hc_range"] = range_names(hc_true)
         table["hc_pred_mm"] = [m.hc_mm for m in measured]
         if hc_true is not None:
             table["hc_error_mm"] = table.hc_pred_mm - table.hc_true_mm
@@ -114,7 +159,9 @@ def clinical_table(
         table["boundary_width_px"] = [m.boundary_width_px for m in measured]
         if width_limit_px is None:
             width_limit_px = width_limit(table.boundary_width_px)
-        table["hc_flag"] = head_flags(measured, plausible, width_limit_px)
+        reasons = flag_reasons(measured, plausible, width_limit_px)
+        table["hc_flag"] = [bool(reason) for reason in reasons]
+        table["hc_flag_reason"] = reasons
     return table
 
 
@@ -153,18 +200,37 @@ def measure_hc(
     return HeadMeasure(perimeter_px * pixel_size_mm, eccentricity(ellipse), width, ellipse)
 
 
-def head_flags(
+def flag_reasons(
     measured: list[HeadMeasure], plausible: dict | None, width_limit_px: float | None
-) -> list[bool]:
-    """Per head: check it by hand? True with no head, or (given `plausible`, the `shape_ranges` of
-    the training masks) HC or eccentricity outside them, or a boundary wider than the limit."""
-    flags = []
-    for m in measured:
-        flag = m.ellipse is None
-        if not flag and plausible:
-            (hc_lo, hc_hi), (ecc_lo, ecc_hi) = plausible["hc_mm"], plausible["eccentricity"]
-            flag = not (hc_lo <= m.hc_mm <= hc_hi and ecc_lo <= m.eccentricity <= ecc_hi)
-        if not flag and width_limit_px is not None:
-            flag = not m.boundary_width_px <= width_limit_px  # inf and nan flag too
-        flags.append(bool(flag))
-    return flags
+) -> list[str]:
+    """Per head: why check it by hand, `""` where nothing is wrong.
+
+    No head; given `plausible` (the `shape_ranges` of the training masks), an HC (its head-size
+    range named) or eccentricity outside them; a boundary wider than the limit.
+    """
+    return [head_flag_reason(m, plausible, width_limit_px) for m in measured]
+
+
+def head_flag_reason(m: HeadMeasure, plausible: dict | None, width_limit_px: float | None) -> str:
+    """`flag_reasons` of one head: its reasons joined by `; `."""
+    if m.ellipse is None:
+        return "no head found"
+    reasons = []
+    if plausible:
+        (hc_lo, hc_hi), (ecc_lo, ecc_hi) = plausible["hc_mm"], plausible["eccentricity"]
+        if not hc_lo <= m.hc_mm <= hc_hi:
+            size = head_size_range(m.hc_mm)
+            heads = f" ({size.label} heads)" if size else ""
+            reasons.append(
+                f"HC {m.hc_mm:.0f} mm{heads} outside the training range {hc_lo:.0f}-{hc_hi:.0f} mm"
+            )
+        if not ecc_lo <= m.eccentricity <= ecc_hi:
+            reasons.append(
+                f"eccentricity {m.eccentricity:.2f} outside the training range "
+                f"{ecc_lo:.2f}-{ecc_hi:.2f}"
+            )
+    if width_limit_px is not None and not m.boundary_width_px <= width_limit_px:  # inf, nan too
+        reasons.append(
+            f"boundary {m.boundary_width_px:.1f} px wide, over the limit {width_limit_px:.1f} px"
+        )
+    return "; ".join(reasons)

@@ -82,13 +82,40 @@ def summarize(cases: pd.DataFrame, volumetric: bool) -> dict[str, float]:
         if column in cases:
             metrics[f"val/{column}"] = float(cases[column].mean())
     if "hc_error_mm" in cases:
-        metrics["val/hc_mae_mm"] = float(cases.hc_abs_error_mm.mean())
-        metrics["val/hc_bias_mm"] = float(cases.hc_error_mm.mean())
-        # a count of images, not a share: "3 of 148 images are off by more than 10 mm"
-        metrics["val/hc_outliers_10mm"] = float((cases.hc_abs_error_mm > 10).sum())
+        metrics.update({f"val/{k}": v for k, v in hc_errors(cases).items()})
+    if "hc_range" in cases:  # `val/hc_mae_mm_200_300`, ...; a range without images logs nothing
+        for row in hc_range_table(cases).to_dict("records"):
+            metrics.update({f"val/{k}_{row['hc_range']}": row[k] for k in HC_ERROR_METRICS})
     if "hc_flag" in cases:
         metrics["val/hc_flagged"] = float(cases.hc_flag.sum())
     return metrics
+
+
+HC_ERROR_METRICS = ("hc_mae_mm", "hc_bias_mm", "hc_outliers_10mm")
+
+
+def hc_errors(cases: pd.DataFrame) -> dict[str, float]:
+    """HC_ERROR_METRICS of the cases' `hc_error_mm` (predicted - reference): MAE, bias, outliers."""
+    errors = cases.hc_error_mm
+    return {
+        "hc_mae_mm": float(errors.abs().mean()),
+        "hc_bias_mm": float(errors.mean()),
+        # a count of images, not a share: "3 of 148 images are off by more than 10 mm"
+        "hc_outliers_10mm": float((errors.abs() > 10).sum()),
+    }
+
+
+def hc_range_table(cases: pd.DataFrame) -> pd.DataFrame:
+    """One row per head-size range that has images (`hc_range`), smallest heads first: the
+    image count, `hc_errors` and, where the cases carry `hc_flag`, the flagged count."""
+    rows = []
+    # sorted by reference HC, groups come in order of their smallest head
+    for name, group in cases.sort_values("hc_true_mm").groupby("hc_range", sort=False):
+        row = {"hc_range": name, "images": len(group), **hc_errors(group)}
+        if "hc_flag" in group:
+            row["hc_flagged"] = int(group.hc_flag.sum())
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

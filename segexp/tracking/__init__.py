@@ -9,7 +9,14 @@ from .lookup import MAX_RUNS, children, finished_run, optimized_metric, run_key,
 from .names import run_label, short_key, short_number, short_value
 from .progress import Progress
 from .runs import EpochMetricsToMLflow, NonFiniteMetricError, TrackedRun, git_tags
-from .server import ServerError, mlflow_command, serve, ui_command, ui_host_allowed
+from .server import (
+    ServerError,
+    check_port,
+    mlflow_command,
+    serve,
+    ui_command,
+    ui_host_allowed,
+)
 from .stopping import LAUNCHER_PID_ENV, interrupt, received_signal, watch_launcher
 from .store import (
     SERVER_PATIENCE,
@@ -19,6 +26,7 @@ from .store import (
     experiment_url,
     open_store,
     process_alive,
+    store_file,
     store_locations,
     work_dir_of,
 )
@@ -31,6 +39,7 @@ __all__ = [
     "experiment_url",
     "open_store",
     "process_alive",
+    "store_file",
     "store_locations",
     "work_dir_of",
     "LAUNCHER_PID_ENV",
@@ -42,6 +51,7 @@ __all__ = [
     "TrackedRun",
     "git_tags",
     "ServerError",
+    "check_port",
     "mlflow_command",
     "serve",
     "ui_command",

@@ -52,6 +52,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port this process could not listen on (another server holds it), by number.
+
+    Checked before anything starts: on a taken port `mlflow server` retries for seconds, exits
+    with the cause in its log, and another server's health check answers in its place.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ServerError(
+                f"port {port} on {host} is taken or refused ({err.strerror or err}): "
+                "stop what listens there or pass another --port"
+            ) from None
+
+
 def as_owner(command: list[str]) -> list[str]:
     """`command` run as the cluster's owner: this user, or `postgres` when this is root."""
     return ["runuser", "-u", OS_USER, "--", *command] if os.geteuid() == 0 else command
@@ -254,6 +272,9 @@ def serve(work_dir: Path, port: int, postgres_port: int | None = None) -> int:
     """`segexp server`: both servers until Ctrl-C or SIGTERM, which stop both."""
     from .store import experiment_url
 
+    check_port(HOST, port)
+    if postgres_port:
+        check_port(HOST, postgres_port)
     work_dir.mkdir(parents=True, exist_ok=True)
     backend = start_postgres(work_dir / "postgres", postgres_port or free_port())
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -269,7 +290,12 @@ def serve(work_dir: Path, port: int, postgres_port: int | None = None) -> int:
             flush=True,
         )
         proc.wait()
-        return 1  # the MLflow server ended by itself: see its log
+        log = work_dir / "mlflow-server.log"
+        print(
+            f"segexp server: mlflow server exited with {proc.returncode}: see {log}",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:

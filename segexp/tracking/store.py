@@ -60,6 +60,13 @@ def work_dir_of(uri: str) -> Path | None:
     return None
 
 
+def store_file(uri: str) -> str | None:
+    """The resolved database file of a SQLite store (None for a server: one has no copies)."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return None
+
+
 def open_store(tracking_cfg, work_dir: Path) -> tuple[MlflowClient, str | None]:
     """(client, artifact root) of the configured store, checked before any data work.
 

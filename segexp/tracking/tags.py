@@ -11,3 +11,6 @@ REUSED_BY_SWEEP = "segexp.reused_by_sweep"  # a FINISHED run a resumed sweep ado
 RESUMED_WITH = "segexp.resumed_with"
 FINGERPRINT = "dataset.fingerprint"  # the data a run saw: its files' list, sizes and mtimes
 PARENT = "mlflow.parentRunId"
+FIDELITY = "segexp.fidelity"  # a blame cell's: "screen" (low fidelity) or "full"
+FIDELITY_DETAIL = "segexp.fidelity.detail"  # a screen's epochs, share of cases, image size
+STORE = "segexp.store"  # the SQLite file that created the run: a copied store is not it
