@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import mlflow.data
 import numpy as np
 import pytorch_lightning as pl
 import yaml
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import Dataset as DatasetEntity
+from mlflow.entities import DatasetInput, InputTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from omegaconf import DictConfig
 
 from segexp import config, tracking
@@ -18,6 +24,7 @@ from segexp.models import SegModule, load_checkpoint
 from segexp.plots import epoch_axis, figure, save
 
 CURVE_KEYS = ["train/loss", "val/loss", "val/dice", "val/iou", "val/dice_volume"]
+CONTEXTS = {"train": "training", "val": "validation"}  # split -> MLflow's input context
 
 
 def log_run_inputs(
@@ -27,7 +34,7 @@ def log_run_inputs(
     datamodule: SegDataModule,
     output_dir: Path,
 ) -> None:
-    """Params (full resolved config), tags, config.yaml and the split file."""
+    """Params (full resolved config), tags, config.yaml, the split file and the datasets."""
     if not run.active:  # DDP rank > 0
         return
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -50,6 +57,33 @@ def log_run_inputs(
     run.log_artifact(output_dir / "config.yaml")
     datamodule.split_table().to_csv(output_dir / "split.csv", index=False)
     run.log_artifact(output_dir / "split.csv")
+    run.log_inputs(dataset_inputs(datamodule, "split.csv"))
+
+
+def dataset_inputs(datamodule: SegDataModule, split_file: str) -> list[DatasetInput]:
+    """The training and validation sets as MLflow datasets: their case lists, never images.
+
+    The digest is the files' fingerprint. MLflow keeps one dataset per (name, digest) in an
+    experiment, with the profile and source it was first logged with, so the name carries a
+    hash of the split's case ids: a run on another split of the same files gets its own.
+    """
+    table = datamodule.split_table()
+    source = LocalArtifactDatasetSource(str(Path(datamodule.root).resolve()))
+    inputs = []
+    for split, context in CONTEXTS.items():
+        cases = table[table.split == split].drop(columns="split").reset_index(drop=True)
+        ids = hashlib.sha256("\n".join(cases.case_id).encode()).hexdigest()[:8]
+        dataset = mlflow.data.from_pandas(
+            cases,
+            source=source,
+            name=f"{datamodule.name}/{split}@{ids}",
+            digest=datamodule.fingerprint,
+        )
+        groups = int(cases.group.nunique())  # exams (HC18) or patients (LGG)
+        profile = {**dataset.profile, "groups": groups, "split_file": split_file}
+        entity = DatasetEntity(**{**dataset.to_dict(), "profile": json.dumps(profile)})
+        inputs.append(DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return inputs
 
 
 def choice_tags() -> dict[str, str]:

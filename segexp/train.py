@@ -198,6 +198,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         resume_run_id=resume and resume.run_id,
         parent_run_id=cfg.tracking.get("parent_run_id"),
         tags={str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()},
+        system_metrics=bool(cfg.tracking.get("system_metrics", True)),
     ) as run:
         if resume:
             resumed_with = config.redact("overrides", " ".join(overrides))

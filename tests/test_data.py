@@ -7,6 +7,7 @@ import pickle
 import random
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -517,3 +518,13 @@ def test_a_fresh_cache_serves_rows_from_its_file_not_the_decoded_arrays(hc18_roo
     assert isinstance(in_memory, np.ndarray)
     np.testing.assert_array_equal(np.asarray(images), in_memory)
     np.testing.assert_array_equal(np.asarray(masks), memory_masks)
+
+
+def test_the_same_files_by_a_relative_or_an_absolute_root_are_the_same_data(
+    hc18_root, monkeypatch
+):
+    from segexp.data.cases import SCANNERS, fingerprint
+
+    absolute = fingerprint(SCANNERS["hc18"](hc18_root))
+    monkeypatch.chdir(hc18_root.parent)
+    assert fingerprint(SCANNERS["hc18"](Path(hc18_root.name))) == absolute

@@ -25,11 +25,11 @@ from segexp.config import ConfigError
 from segexp.evaluation import lower_is_better
 from segexp.tracking import tags
 
-from . import analysis, designs, evidence, screen
+from . import analysis, designs, evidence, screening
 from .analysis import Analysis
 from .plan import Plan, compute_line, cost, make_plan
 from .report import note, write_csv, write_report
-from .screen import ScreenResult
+from .screening import ScreenResult
 from .training import failure, reuse, train_cells, train_in_process
 
 FIDELITIES = ("auto", "full", "screen")
@@ -86,7 +86,7 @@ def blame(
 
     `metric` None: A's `optimized_metric`. `nest_epochs`: read an epochs factor's smaller budget
     from the larger budget's histories where nothing else depends on it (nested.py).
-    `fidelity`: `full`, `screen` (screen.py) or `auto` (screen where the full design costs more
+    `fidelity`: `full`, `screen` (screening.py) or `auto` (screen where the full design costs more
     than 4 trainings of A); `screen_options`: the screen's `epochs`, `fraction`, `image_size`.
     """
     overrides = list(overrides or [])
@@ -135,25 +135,25 @@ def choose_screen(client: MlflowClient, plan: Plan, fidelity: str, given: dict):
     if fidelity not in FIDELITIES:
         raise ConfigError(f"--fidelity must be one of {', '.join(FIDELITIES)}, got {fidelity!r}")
     cells = [c for c in plan.cells.rows.values() if plan.long_twin(c) is None]
-    if fidelity == "full" or not screen.screenable(plan):
+    if fidelity == "full" or not screening.screenable(plan):
         why = "" if fidelity == "full" else ": no factor a screen can vary"
         return None, [f"fidelity: full{why}"]
     if plan.adaptive:
         return None, ["fidelity: full (the ablation path is walked at full fidelity)"]
-    if fidelity == "auto" and not screen.worth_screening(plan, cost(plan, cells)):
+    if fidelity == "auto" and not screening.worth_screening(plan, cost(plan, cells)):
         return None, [
-            f"fidelity: full (the design costs at most {screen.AUTO_TRAININGS} trainings of A; "
+            f"fidelity: full (the design costs at most {screening.AUTO_TRAININGS} trainings of A; "
             "--fidelity screen screens anyway)"
         ]
     a, b = client.get_run(plan.run_a), client.get_run(plan.run_b)
     gaps, final = ab_gap(client, a, b, plan.metric)
-    chosen = screen.choose_fidelity(plan, gaps, final, **given)
-    probe = screen.sub_plan(
-        plan, screen.screenable(plan), screen.screen_seeds(plan), "auto", chosen
+    chosen = screening.choose_fidelity(plan, gaps, final, **given)
+    probe = screening.sub_plan(
+        plan, screening.screenable(plan), screening.screen_seeds(plan), "auto", chosen
     )
     held = [n for n in plan.names if n not in probe.names]
     lines = [
-        f"fidelity: screen at {chosen.text()} ({screen.SCREEN_SEEDS} seeds per cell, "
+        f"fidelity: screen at {chosen.text()} ({screening.SCREEN_SEEDS} seeds per cell, "
         f"{len(probe.cells.rows)} trainings), then the suspects at full fidelity; only "
         "full-fidelity runs give verdicts"
         + (f"; not screened (the screen sets them): {', '.join(held)}" if held else ""),
@@ -168,15 +168,15 @@ def choose_screen(client: MlflowClient, plan: Plan, fidelity: str, given: dict):
 
 def run_screen(client: MlflowClient, plan: Plan, parent, chosen) -> ScreenResult:
     """Train the screen, check it against A and B, and plan the confirmation of its suspects."""
-    probe = screen.sub_plan(
-        plan, screen.screenable(plan), screen.screen_seeds(plan), "auto", chosen
+    probe = screening.sub_plan(
+        plan, screening.screenable(plan), screening.screen_seeds(plan), "auto", chosen
     )
     print(f"screen: {len(probe.cells.rows)} trainings at {chosen.text()}", flush=True)
     trained, _ = train_rounds(client, probe, parent)
     table = probe.cells.table(probe.names, client, plan.metric)
     found = ScreenResult(probe, trained, table)
-    decision = screen.decide(
-        table, probe.names, plan.metric, screen.full_gap(client, plan), chosen.text()
+    decision = screening.decide(
+        table, probe.names, plan.metric, screening.full_gap(client, plan), chosen.text()
     )
     found.analysis, found.check, found.lines = decision.analysis, decision.check, decision.lines
     if decision.suspects is None:
@@ -184,7 +184,7 @@ def run_screen(client: MlflowClient, plan: Plan, parent, chosen) -> ScreenResult
     else:
         keep = decision.suspects
         confirmed = [i for i, n in enumerate(plan.names) if n in keep or n not in probe.names]
-        found.confirm = screen.sub_plan(plan, confirmed, plan.seeds, "auto")
+        found.confirm = screening.sub_plan(plan, confirmed, plan.seeds, "auto")
         held = [n for n in plan.names if n not in found.confirm.names]
         found.lines.append(
             f"confirmed at full fidelity: {', '.join(found.confirm.names)}"
@@ -199,12 +199,14 @@ def run_screen(client: MlflowClient, plan: Plan, parent, chosen) -> ScreenResult
 def confirmed_whole(client: MlflowClient, confirm: Plan, found: ScreenResult) -> bool:
     """B against the confirmation's all-B cell: whether the screened-out factors moved nothing."""
     table = confirm.cells.table(confirm.names, client, confirm.metric, confirm.nesting)
-    b_value = client.get_run(confirm.run_b).data.metrics.get(confirm.metric)
+    run_b = client.get_run(confirm.run_b)
+    b_value = run_b.data.metrics.get(confirm.metric)
+    b_seed = int(run_b.data.params.get("seed", -1))
     try:
         result = analysis.analyze(table, confirm.names, confirm.metric)
     except (ValueError, np.linalg.LinAlgError):
         return True  # no confirmation to check: the report lists its failed cells
-    held = screen.held_check(table, result, confirm.names, b_value)
+    held = screening.held_check(table, result, confirm.names, b_value, b_seed)
     lines = [held.line] + ([] if held.ok else ["every cell of the design trains at full fidelity"])
     found.lines += lines
     print("\n".join(lines), flush=True)

@@ -47,6 +47,11 @@ class Plan:
         return [f.name for f in self.change.factors]
 
     @property
+    def a_config(self):
+        """A's cell composed (at the first seed): A's epochs, image size, ..."""
+        return self.cells.rows[((0,) * len(self.names), self.seeds[0])].cfg
+
+    @property
     def adaptive(self) -> bool:
         """The ablation path: cells are added as the path is walked."""
         return self.design.kind == "path"
@@ -195,7 +200,7 @@ def cell_epochs(plan: Plan, levels: tuple[int, ...]) -> int:
         value = plan.change.factors[names.index(EPOCHS)].levels[levels[names.index(EPOCHS)]]
         if isinstance(value, int):
             return value
-    return int(next(iter(plan.cells.rows.values())).cfg.trainer.max_epochs)
+    return int(plan.a_config.trainer.max_epochs)
 
 
 def cost(plan: Plan, cells: list[Cell]) -> int:

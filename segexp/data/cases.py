@@ -228,11 +228,17 @@ def split_groups(
 
 
 def fingerprint(cases: Iterable[Case], extra: dict | None = None) -> str:
-    """Hash of every file's path, size and mtime (plus `extra` settings): changes when data does."""
+    """Hash of every file's name, size and mtime (plus `extra` settings): changes when data does.
+
+    A file is named by its folder and name (`training_set/000_HC.png`), so the same dataset
+    reached by a relative or an absolute root is the same data.
+    """
     h = hashlib.sha256(json.dumps(extra or {}, sort_keys=True).encode())
     for case in cases:
         for path in (case.image, case.mask):
             if path is not None:
-                st = Path(path).stat()
-                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                path = Path(path)
+                st = path.stat()
+                name = f"{path.parent.name}/{path.name}"
+                h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]

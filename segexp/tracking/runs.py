@@ -15,13 +15,13 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, Metric, Param, RunTag
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from segexp import config
 from segexp.files import atomic_path
 
-from . import stopping, store, tags
+from . import stopping, store, system, tags
 
 RUN_ENV = "SEGEXP_RUN_ID"  # rank 0's run, for the DDP processes Lightning starts
 PARAM_BATCH = 100  # MLflow's per-request limit on params
@@ -65,6 +65,7 @@ class TrackedRun:
         resume_run_id: str | None = None,
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
+        system_metrics: bool = False,
     ):
         self.client, self.run_name, self.resume_run_id = client, run_name, resume_run_id
         self.parent_run_id = parent_run_id
@@ -74,6 +75,8 @@ class TrackedRun:
         self.signal_received: int | None = None
         self.closing = False  # the run is being ended: a signal now only records itself
         self.interrupted = False  # set by EpochMetricsToMLflow when Lightning saw Ctrl-C
+        self.system_metrics = system_metrics  # MLflow's System metrics tab, sampled in a thread
+        self.monitor = None
         # DDP: the processes Lightning starts for ranks > 0 re-run `segexp train`; they train
         # and validate but write nothing, into rank 0's run (its id comes in the environment).
         self.active = rank_zero_only.rank == 0
@@ -89,10 +92,16 @@ class TrackedRun:
             )
             self.run_id = run.info.run_id
         self.set_tags({tags.PID: str(os.getpid()), tags.HOST: socket.gethostname()})
+        if self.system_metrics:
+            resumed = bool(self.resume_run_id)
+            self.monitor = system.start(self.client.tracking_uri, self.run_id, resumed)
         return self.run_id
 
     def close(self, status: str, reason: dict[str, str] | None = None) -> None:
         """Mark the run `status`, with its `failure_reason` / `stop_reason` tag if any."""
+        if self.monitor is not None:  # stopped first: its last point lands while still RUNNING
+            monitor, self.monitor = self.monitor, None
+            system.stop(monitor)
         self.set_tags(reason or {})
         self.client.set_terminated(self.run_id, status=status)
 
@@ -172,6 +181,11 @@ class TrackedRun:
         self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
         )
+
+    def log_inputs(self, datasets: list[DatasetInput]) -> None:
+        if not self.active:
+            return
+        self.client.log_inputs(self.run_id, datasets=datasets)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not self.active:

@@ -123,7 +123,7 @@ def pixel_share(plan: Plan, size: int | None) -> float:
     """A `size` px square's pixels against A's input (1 for None: A's size)."""
     if not size:
         return 1.0
-    shape = plan.cells.rows[((0,) * len(plan.names), plan.seeds[0])].cfg.dataset.image_size
+    shape = plan.a_config.dataset.image_size
     h, w = (shape, shape) if isinstance(shape, int) else shape
     return size * size / (h * w)
 
@@ -136,8 +136,7 @@ def screenable(plan: Plan) -> list[int]:
 
 def worth_screening(plan: Plan, full_cost: int) -> bool:
     """`auto`: the full design at full fidelity costs more than AUTO_TRAININGS trainings of A."""
-    a_epochs = int(next(iter(plan.cells.rows.values())).cfg.trainer.max_epochs)
-    return full_cost > AUTO_TRAININGS * plan.train_images * a_epochs
+    return full_cost > AUTO_TRAININGS * plan.train_images * int(plan.a_config.trainer.max_epochs)
 
 
 def choose_fidelity(plan: Plan, gaps: list[float] | None, final_gap: float | None, **given):
@@ -147,7 +146,7 @@ def choose_fidelity(plan: Plan, gaps: list[float] | None, final_gap: float | Non
     half the final gap with its sign; image size: half of A's (a quarter of the pixels), not
     below 32 px; every training case, since fewer cases are fewer steps per epoch.
     """
-    cfg = plan.cells.rows[((0,) * len(plan.names), plan.seeds[0])].cfg
+    cfg = plan.a_config
     a_epochs = int(cfg.trainer.max_epochs)
     cap = max(1, round(0.75 * a_epochs))
     epochs = given.get("epochs")
@@ -217,22 +216,29 @@ def check(table: pd.DataFrame, result: Analysis, names: list[str], gap: float | 
     return Check(gap, screened, noise, ok, line)
 
 
-def held_check(table: pd.DataFrame, result: Analysis, names: list[str], b_value) -> Check:
+def held_check(
+    table: pd.DataFrame, result: Analysis, names: list[str], b_value, b_seed=None
+) -> Check:
     """B against the confirmation's cell with every confirmed factor at B's level.
 
     They differ only in the screened-out factors, so this is those factors' joint effect at
-    full fidelity: beyond noise, the screen ruled out something that matters.
+    full fidelity: beyond noise, the screen ruled out something that matters. The cell's run of
+    B's seed is the fairer twin (same initialisation and split): used where there is one.
     """
-    cell = cell_values(table, names, result.metric, 1)
+    at_b = table.loc[(table[names] == 1).all(axis=1)]
+    same = at_b.loc[at_b.seed == b_seed, result.metric].dropna() if "seed" in at_b else []
+    cell = same if len(same) else at_b[result.metric].dropna()
     sd, dof = result.seed_sd, result.dof
     if b_value is None or cell.empty or not math.isfinite(sd) or dof <= 0:
         return Check(math.nan, math.nan, math.nan, True, "B check impossible: no noise estimate")
     joint = float(b_value - cell.mean())
-    noise = float(stats.t.ppf(0.975, dof)) * sd * math.sqrt(1 + 1 / len(cell))
+    spread = math.sqrt(2) if len(same) else math.sqrt(1 + 1 / len(cell))
+    noise = float(stats.t.ppf(0.975, dof)) * sd * spread
     ok = abs(joint) <= noise
+    twin = f"its seed-{b_seed} run" if len(same) else f"its {len(cell)} runs"
     line = (
         f"B check: the screened-out changes together moved {result.metric} by {joint:+.4f} "
-        f"(+- {noise:.4f}) at full fidelity (B against the confirmation's all-B cell): "
+        f"(+- {noise:.4f}) at full fidelity (B against the confirmation's all-B cell, {twin}): "
         + ("within noise" if ok else "the screen missed it")
     )
     return Check(joint, joint, noise, ok, line)
