@@ -520,9 +520,7 @@ def test_a_fresh_cache_serves_rows_from_its_file_not_the_decoded_arrays(hc18_roo
     np.testing.assert_array_equal(np.asarray(masks), memory_masks)
 
 
-def test_the_same_files_by_a_relative_or_an_absolute_root_are_the_same_data(
-    hc18_root, monkeypatch
-):
+def test_the_same_files_by_a_relative_or_an_absolute_root_are_the_same_data(hc18_root, monkeypatch):
     from segexp.data.cases import SCANNERS, fingerprint
 
     absolute = fingerprint(SCANNERS["hc18"](hc18_root))
