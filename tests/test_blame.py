@@ -239,10 +239,12 @@ def test_blame_flags_the_harmful_change_and_not_the_harmless_one(
     )["run_id"]
     artifacts = (work_dir / "artifacts").as_uri()
 
-    plan = blame(client, artifacts, run_a, run_b, seeds=3, dry_run=True)
+    plan = blame(client, artifacts, run_a, run_b, seeds=3, dry_run=True, fidelity="full")
     assert "trainings at most: 12" in capsys.readouterr().out and len(plan.plan.design.cells) == 4
 
-    result = blame(client, artifacts, run_a, run_b, seeds=3, out_dir=work_dir / "blame")
+    result = blame(
+        client, artifacts, run_a, run_b, seeds=3, out_dir=work_dir / "blame", fidelity="full"
+    )
     effects = result.effects.set_index("term")
     assert effects.loc["optimizer.lr", "verdict"] == "hurt"
     assert (
@@ -263,7 +265,7 @@ def test_blame_flags_the_harmful_change_and_not_the_harmless_one(
         steps(client, c.info.run_id, "val/dice") == list(range(8)) for c in children[:2]
     )
     # a second blame retrains nothing
-    assert blame(client, artifacts, run_a, run_b, seeds=3).trained == 0
+    assert blame(client, artifacts, run_a, run_b, seeds=3, fidelity="full").trained == 0
 
 
 @pytest.mark.slow
@@ -292,6 +294,7 @@ def test_blame_through_the_joblib_launcher_splits_a_group_switch_from_a_harmful_
         seeds=2,
         work_dir=work_dir,
         overrides=["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+        fidelity="full",
     )
     assert [f.label() for f in result.plan.change.factors] == [
         "optimizer: adam -> sgd",

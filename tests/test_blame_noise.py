@@ -224,7 +224,7 @@ def test_a_blame_with_a_seed_that_never_learned_still_names_the_harm(work_dir, c
     # planted: A's cell at seed 2 is a training that never learned (lr 0), reused by its hash
     dead = trained("optimizer.lr=0", "optimizer.weight_decay=0", "seed=2")
     client.set_tag(dead, tags.CONFIG_HASH, a_seed_2.hash)
-    result = blame(client, artifacts, run_a, run_b, seeds=2, work_dir=work_dir)
+    result = blame(client, artifacts, run_a, run_b, seeds=2, work_dir=work_dir, fidelity="full")
     assert result.trained == 5 and dead in set(result.results.run_id)
     effects = result.effects.set_index("term")
     assert effects.loc["optimizer.lr", "verdict"] == "hurt", (

@@ -71,15 +71,18 @@ def test_a_blame_reading_the_shorter_budget_reaches_the_verdicts_of_training_bot
     run_b = train(b)["run_id"]
     artifacts = (work_dir / "artifacts").as_uri()
 
-    nested = blame(client, artifacts, run_a, run_b, seeds=2, out_dir=work_dir / "nested")
+    nested = blame(
+        client, artifacts, run_a, run_b, seeds=2, out_dir=work_dir / "nested", fidelity="full"
+    )
     out = capsys.readouterr().out
     assert "trainer.max_epochs=8 is read from the 10-epoch runs' histories" in out
     assert nested.trained == 3  # of 8 runs: A and B reused, 3 read from 10-epoch histories
     assert nested.results.read_from.notna().sum() == 3
 
     both = blame(
-        client, artifacts, run_a, run_b, seeds=2, out_dir=work_dir / "both", nest_epochs=False
-    )
+        client, artifacts, run_a, run_b, seeds=2, out_dir=work_dir / "both", nest_epochs=False,
+        fidelity="full",
+    )  # fmt: skip
     assert both.trained == 3  # the 8-epoch cells nested read from histories (A reused)
     keys = ["trainer.max_epochs", "optimizer.lr", "seed"]
     read = nested.results.set_index(keys)["val/dice_best"].sort_index()

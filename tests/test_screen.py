@@ -61,6 +61,9 @@ def test_a_screen_rules_out_the_harmless_change_and_the_confirmation_blames_the_
     screened = [k for k in kids if k.data.tags[tags.FIDELITY] == "screen"]
     assert {k.data.params["trainer.max_epochs"] for k in screened} == {"4"}
     assert all(k.info.run_name.startswith("screen ") for k in screened)
+    # each cell's Lightning output is its run's cell.log, not the blame's terminal
+    assert "cell.log" in {a.path for a in client.list_artifacts(kids[0].info.run_id)}
+    assert "Epoch" not in text and "GPU available" not in text
 
     again = run_segexp(*args[:-2], "--out", str(work_dir / "again"), work_dir=work_dir)
     assert again.returncode == 0 and "trainings: 0 now" in again.stdout  # every cell reused

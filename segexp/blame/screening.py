@@ -252,15 +252,19 @@ def suspects(result: Analysis, gap: float, detail: str) -> tuple[list[str], list
     """(factors to confirm, one line per factor ruled out with its screened effect).
 
     A factor stays a suspect when a term it is in is significant at the screen, or not
-    estimable, or at least SHARE of the gap; with none, the largest main effect is confirmed.
+    estimable, or at least SHARE of the gap (the gap no smaller than what noise alone makes of
+    A against B); with none, the largest main effect is confirmed. An interaction counts at
+    half its size: that is what it moves a factor's effect at A's levels of the others by.
     """
-    threshold = SHARE * abs(gap)
+    noise = result.seed_sd * math.sqrt(2) * float(stats.t.ppf(0.975, max(result.dof, 1)))
+    threshold = SHARE * max(abs(gap), noise if math.isfinite(noise) else 0.0)
     keep = set()
     for row in result.effects.itertuples():
         unknown = not math.isfinite(row.effect)
         if row.kind == "interaction" and (unknown or row.verdict == "aliased"):
             continue  # an unfitted interaction: its factors' main effects still speak
-        if row.verdict in analysis.SIGNIFICANT or unknown or abs(row.effect) >= threshold:
+        size = abs(row.effect) / (2 if row.kind == "interaction" else 1)
+        if row.verdict in analysis.SIGNIFICANT or unknown or size >= threshold:
             keep.update(factors_of(row.term))
     mains = result.effects[result.effects.kind == "main"].set_index("term")
     if not keep:
@@ -268,7 +272,7 @@ def suspects(result: Analysis, gap: float, detail: str) -> tuple[list[str], list
     ruled = [
         f"{name} screened out: effect {mains.effect[name]:+.4f} +- "
         f"{(mains.ci_high[name] - mains.ci_low[name]) / 2:.4f} at {detail} "
-        f"(below {SHARE:g} of the gap, {threshold:.4f})"
+        f"(below {SHARE:g} of the gap or its noise, {threshold:.4f})"
         for name in result.factors
         if name not in keep
     ]
