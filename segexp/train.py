@@ -263,11 +263,12 @@ def main(cfg: DictConfig) -> float | None:
             raise  # Hydra records the failed job; the sweep's summary counts it
         raise SystemExit(f"segexp train: {err}") from None
     metric = cfg.optimized_metric
+    progress = cfg.tracking.parent_run_id and os.environ.get(sweep.JOBS_ENV)
+    if log or progress:
+        client, _ = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
     if log:
-        client, _ = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
         client.log_artifact(final["run_id"], str(log))
-    if cfg.tracking.parent_run_id and os.environ.get(sweep.JOBS_ENV):
-        client, _ = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
+    if progress:
         name = cfg.run_name or final["run_id"][:8]
         parent = cfg.tracking.parent_run_id
         print(sweep.progress_line(client, parent, name, metric, final.get(metric)))

@@ -93,7 +93,7 @@ def blame(
     plan = make_plan(
         client, run_a, run_b, metric, seeds, design, overrides, budget, work_dir, nest_epochs
     )
-    chosen, lines = choose_screen(client, plan, fidelity, screen_options or {})
+    probe, lines = choose_screen(client, plan, fidelity, screen_options or {})
     print("\n".join(plan.lines + lines), flush=True)
     if dry_run:
         return BlameResult(plan, full=plan)
@@ -106,17 +106,18 @@ def blame(
     }
     parent = tracking.TrackedRun(client, plan.experiment, artifact_root, name, tags=role)
     with parent:
-        screened = chosen and run_screen(client, plan, parent, chosen)
+        screened = probe and run_screen(client, plan, parent, probe)
         used = screened.confirm if screened and screened.confirm else plan
         trained, decision = train_rounds(client, used, parent)
-        if used is not plan and not confirmed_whole(client, used, screened):
+        table = used.cells.table(used.names, client, used.metric, used.nesting)
+        if used is not plan and not confirmed_whole(client, used, screened, table):
             more, decision = train_rounds(client, plan, parent)  # the confirmation's are reused
             trained, used = trained + more, plan
+            table = used.cells.table(used.names, client, used.metric, used.nesting)
         result = BlameResult(
             used, trained_cells=trained, parent_run_id=parent.run_id, screen=screened or None,
-            full=plan,
+            full=plan, results=table,
         )  # fmt: skip
-        result.results = used.cells.table(used.names, client, used.metric, used.nesting)
         result.minutes = (time.time() - start) / 60
         cases = evidence.val_cases(client, result.results.run_id.dropna())
         floors = evidence.mask_levels(cases, result.results)
@@ -124,23 +125,23 @@ def blame(
         result.analysis = analyse(used, result.results, decision, floors, flat)
         if screened and used is not plan:
             held = [n for n in plan.names if n not in used.names]
-            result.analysis.screened_out = [f"{n} (at {chosen.text()})" for n in held]
+            detail = probe.cells.tags[tags.FIDELITY_DETAIL]
+            result.analysis.screened_out = [f"{n} (at {detail})" for n in held]
         result.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="segexp-blame-"))
         write_outputs(client, used, result, decision, parent, cases)
     return result
 
 
 def choose_screen(client: MlflowClient, plan: Plan, fidelity: str, given: dict):
-    """(the screen's fidelity or None for full fidelity, the lines saying which and why)."""
+    """(the screen's plan or None for full fidelity, the lines saying which and why)."""
     if fidelity not in FIDELITIES:
         raise ConfigError(f"--fidelity must be one of {', '.join(FIDELITIES)}, got {fidelity!r}")
-    cells = [c for c in plan.cells.rows.values() if plan.long_twin(c) is None]
     if fidelity == "full" or not screening.screenable(plan):
         why = "" if fidelity == "full" else ": no factor a screen can vary"
         return None, [f"fidelity: full{why}"]
     if plan.adaptive:
         return None, ["fidelity: full (the ablation path is walked at full fidelity)"]
-    if fidelity == "auto" and not screening.worth_screening(plan, cost(plan, cells)):
+    if fidelity == "auto" and not screening.worth_screening(plan, cost(plan, plan.planned())):
         return None, [
             f"fidelity: full (the design costs at most {screening.AUTO_TRAININGS} trainings of A; "
             "--fidelity screen screens anyway)"
@@ -163,20 +164,18 @@ def choose_screen(client: MlflowClient, plan: Plan, fidelity: str, given: dict):
         lines.append(f"A-vs-B gap on their own curves after 1, 2, ... epochs: {shown}")
     screen_cost = cost(probe, list(probe.cells.rows.values()))
     lines.append(compute_line(plan, screen_cost, "planned for the screen"))
-    return chosen, lines
+    return probe, lines
 
 
-def run_screen(client: MlflowClient, plan: Plan, parent, chosen) -> ScreenResult:
-    """Train the screen, check it against A and B, and plan the confirmation of its suspects."""
-    probe = screening.sub_plan(
-        plan, screening.screenable(plan), screening.screen_seeds(plan), "auto", chosen
-    )
-    print(f"screen: {len(probe.cells.rows)} trainings at {chosen.text()}", flush=True)
+def run_screen(client: MlflowClient, plan: Plan, parent, probe: Plan) -> ScreenResult:
+    """Train the screen `probe`, check it against A and B, plan the confirmation of its suspects."""
+    detail = probe.cells.tags[tags.FIDELITY_DETAIL]
+    print(f"screen: {len(probe.cells.rows)} trainings at {detail}", flush=True)
     trained, _ = train_rounds(client, probe, parent)
     table = probe.cells.table(probe.names, client, plan.metric)
     found = ScreenResult(probe, trained, table)
     decision = screening.decide(
-        table, probe.names, plan.metric, screening.full_gap(client, plan), chosen.text()
+        table, probe.names, plan.metric, screening.full_gap(client, plan), detail
     )
     found.analysis, found.check, found.lines = decision.analysis, decision.check, decision.lines
     if decision.suspects is None:
@@ -196,9 +195,9 @@ def run_screen(client: MlflowClient, plan: Plan, parent, chosen) -> ScreenResult
     return found
 
 
-def confirmed_whole(client: MlflowClient, confirm: Plan, found: ScreenResult) -> bool:
-    """B against the confirmation's all-B cell: whether the screened-out factors moved nothing."""
-    table = confirm.cells.table(confirm.names, client, confirm.metric, confirm.nesting)
+def confirmed_whole(client: MlflowClient, confirm: Plan, found: ScreenResult, table) -> bool:
+    """B against the confirmation's all-B cell (`table`: the confirmation's runs): whether the
+    screened-out factors moved nothing."""
     run_b = client.get_run(confirm.run_b)
     b_value = run_b.data.metrics.get(confirm.metric)
     b_seed = int(run_b.data.params.get("seed", -1))
@@ -270,7 +269,7 @@ def analyse(plan: Plan, table: pd.DataFrame, decision, floors=None, stalled=None
 def write_outputs(client, plan: Plan, result: BlameResult, decision, parent, cases) -> None:
     """report.md, effects.csv, runs.csv and the figure: printed, and logged to the parent run."""
     found = result.screen
-    context = [*result.full.lines, *(found.lines if found else [])] if found else [*plan.lines]
+    context = [*result.full.lines, *(found.lines if found else [])]
     context.append(f"trainings: {result.trained} now, {len(result.results)} runs analysed")
     if plan.train_images:
         spent = cost(plan, result.trained_cells) + (cost(found.plan, found.trained) if found else 0)

@@ -74,6 +74,10 @@ class Plan:
         levels = tuple(1 - v if i == nest.factor else v for i, v in enumerate(cell.levels))
         return self.cells.rows.get((levels, cell.seed))
 
+    def planned(self) -> list[Cell]:
+        """The cells that train (or are reused): all but those read from a longer run."""
+        return [cell for cell in self.cells.rows.values() if self.long_twin(cell) is None]
+
     def nested(self, cells: list[Cell]) -> list[Cell]:
         """Of `cells` to train, those no longer run of the plan holds; the others get a source."""
         todo = []
@@ -139,8 +143,7 @@ def make_plan(
             f"cell trains on A's ({config_a['dataset'].get('root')}), so the data is no factor"
         )
     if plan.train_images:
-        planned = [c for c in plan.cells.rows.values() if plan.long_twin(c) is None]
-        plan.lines.append(compute_line(plan, cost(plan, planned), "planned at most"))
+        plan.lines.append(compute_line(plan, cost(plan, plan.planned()), "planned at most"))
     return plan
 
 
