@@ -132,9 +132,7 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_malicious_checkpoint_is_refused_and_never_runs(
-    cfg, work_dir, client, hc18_root, capsys
-):
+def test_a_malicious_checkpoint_is_refused_and_never_runs(cfg, work_dir, client, hc18_root, capsys):
     cfg.trainer.max_epochs = 1
     first = train(cfg)
     out = Path(client.get_run(first["run_id"]).data.tags["segexp.output_dir"])
