@@ -116,6 +116,7 @@ class SweepCallback(Callback):
         self.client: MlflowClient | None = None
         self.parent: tracking.TrackedRun | None = None
         self.interrupted = False
+        self.closing = False  # the summary is being written: a signal now only records itself
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if os.environ.get(PARENT_ENV):
@@ -157,7 +158,8 @@ class SweepCallback(Callback):
     def _on_sigterm(self, signum, frame):
         self.interrupted = True
         tracking.received_signal.append(signum)  # no further job starts, whatever catches this
-        tracking.interrupt(signum, frame)  # not inside a store call: it would keep SQLite locked
+        if not self.closing:  # raised in the summary, it would leave the parent RUNNING
+            tracking.interrupt(signum, frame)  # not inside a store call: it would keep SQLite locked
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         self.finish()
@@ -167,6 +169,13 @@ class SweepCallback(Callback):
         if self.parent is None:
             return
         run, self.parent = self.parent, None
+        self.closing = True
+        try:
+            self._summarize_and_close(run)
+        finally:
+            self.closing = False
+
+    def _summarize_and_close(self, run: tracking.TrackedRun) -> None:
         os.environ.pop(PARENT_ENV, None)
         os.environ.pop(tracking.LAUNCHER_PID_ENV, None)
         client = self.client
@@ -176,15 +185,17 @@ class SweepCallback(Callback):
         runs = tracking.children(client, parent)
         runs = list({r.info.run_id: r for r in runs + reused_runs(client, parent)}.values())
         latest = latest_per_config(runs)
-        if latest:
-            write_summary(client, run.run_id, latest)
         statuses = {r.info.status for r in latest}
         if self.interrupted or "KILLED" in statuses:
             status = "KILLED"  # `sweep.resume=true` finishes it
         else:
             status = "FINISHED" if latest and statuses == {"FINISHED"} else "FAILED"
-        run.set_tags({"segexp.jobs": str(len(latest))})
-        run.close(status)
+        try:
+            if latest:
+                write_summary(client, run.run_id, latest)
+        finally:  # a summary that could not be written leaves no parent RUNNING
+            run.set_tags({"segexp.jobs": str(len(latest))})
+            run.close(status)
         print(f"sweep parent run {run.run_id}: {status}, {len(runs)} runs")
 
 
