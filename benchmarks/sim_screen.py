@@ -39,7 +39,14 @@ import pandas as pd
 
 from segexp.blame import analysis, designs
 from segexp.blame.nested import EPOCHS
-from segexp.blame.screening import SCREEN_SEEDS, Fidelity, decide, held_check
+from segexp.blame.screening import (
+    MAX_CONFIRM_SEEDS,
+    SCREEN_SEEDS,
+    Fidelity,
+    decide,
+    held_check,
+    seeds_needed,
+)
 
 from .blame_noise import markdown, one_thread
 
@@ -162,6 +169,14 @@ def table_of(names: list[str], cells, seeds: int, values) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*names, "seed", METRIC])
 
 
+def nested_ids(found: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """As factors.table: a run id per long-budget row, `read_from` it for its short twin."""
+    others = [n for n in names if n != EPOCHS]
+    key = found[[*others, "seed"]].astype(str).agg("-".join, axis=1)
+    long = (found[EPOCHS] == 1).to_numpy()  # B's epochs, the larger budget
+    return found.assign(run_id=key.where(long), read_from=key.where(~long))
+
+
 @cache
 def truth(scenario: Scenario, keep: tuple[int, ...]) -> dict[str, float]:
     """The planted main and two-way effects over the factors `keep`, the others at A's level."""
@@ -202,14 +217,24 @@ class Blame:
         budget = self.scenario.budgets[lv[self.m]] if self.scenario.epochs else EPOCHS_ALONE
         return self.full[self.index[tuple(lv[: self.m])], seed, budget - 1]
 
-    def analyse(self, keep: list[int]):
+    def nests(self, keep: list[int]) -> bool:
+        return bool(self.scenario.epochs) and self.m in keep
+
+    def seeds(self, keep: list[int]) -> int:
+        """As screening.confirmation: the user's seeds, more where the design is small."""
+        cells = designs.make_design(len(keep), "auto").cells
+        return seeds_needed(cells, [self.names[i] for i in keep], SEEDS, self.nests(keep))
+
+    def analyse(self, keep: list[int], seeds: int = SEEDS):
         """(the design's cells, its runs.csv, `analyze` of it) over the factors `keep`."""
         cells = designs.make_design(len(keep), "auto").cells
         names = [self.names[i] for i in keep]
-        found = table_of(names, cells, SEEDS, lambda c, s: self.value(keep, c, s))
+        found = table_of(names, cells, seeds, lambda c, s: self.value(keep, c, s))
+        if self.nests(keep):
+            found = nested_ids(found, names)
         return cells, found, analysis.analyze(found, names, METRIC)
 
-    def trainings(self, keep: list[int], cells) -> set:
+    def trainings(self, keep: list[int], cells, seeds: int = SEEDS) -> set:
         """The runs a design trains: (levels, seed), short budgets read from long runs."""
         planned, out = set(cells), set()
         for cell in planned:
@@ -219,7 +244,7 @@ class Blame:
                 long[keep.index(self.m)] = 1
                 if tuple(long) in planned:
                     lv = self.levels(keep, long)
-            for seed in range(SEEDS):
+            for seed in range(seeds):
                 if seed or 0 < lv.sum() < len(lv):  # A and B are reused at their seed
                     out.add((tuple(lv), seed))
         return out
@@ -256,8 +281,9 @@ def one_blame(scenario: Scenario, full, screened, index: dict, cases=1.0, refere
     a, b = full[index[(0,) * m], 0], full[index[(1,) * m], 0]
     decision, screen_runs, epochs = screened_decision(scenario, a, b, screened, cases)
     keep = confirmed(names, names[:m], decision.suspects)
-    final_cells, final, result = run.analyse(keep)
-    trained, everything = run.trainings(keep, final_cells), list(range(len(names)))
+    seeds = run.seeds(keep) if decision.suspects is not None else SEEDS
+    final_cells, final, result = run.analyse(keep, seeds)
+    trained, everything = run.trainings(keep, final_cells, seeds), list(range(len(names)))
     b_value, kept = b[scenario.budgets[1] - 1], [names[i] for i in keep]
     held_ok = decision.suspects is None or held_check(final, result, kept, b_value, 0).ok
     if not held_ok:  # as command.blame: the whole design, the confirmation's runs reused
@@ -290,7 +316,7 @@ def simulate(scenario: Scenario, sims: int, rng, cases=1.0, reference=True) -> p
     m, (ea, eb) = len(scenario.factors), scenario.budgets
     configs = list(itertools.product((0, 1), repeat=m))
     mean = mean_curves(scenario.factors, configs, range(1, max(ea, eb) + 1))
-    full = runs(mean, sims, SEEDS, 1.0, rng)
+    full = runs(mean, sims, MAX_CONFIRM_SEEDS, 1.0, rng)  # the confirmation may add seeds
     cells = designs.make_design(m, "auto").cells
     progress = cases * np.arange(1, epoch_cap(ea) + 1)  # a share of the cases: fewer steps
     mean = mean_curves(scenario.factors, cells, progress, SCREEN_DROP)

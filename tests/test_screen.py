@@ -57,7 +57,9 @@ def test_a_screen_rules_out_the_harmless_change_and_the_confirmation_blames_the_
     )[0]
     kids = tracking.children(client, parent)
     fidelity = pd.Series([k.data.tags.get(tags.FIDELITY) for k in kids]).value_counts()
-    assert fidelity.to_dict() == {"screen": 8, "full": 4}  # 4 cells x 2 seeds; 2 x 2 at 10 epochs
+    # 4 cells x 2 seeds; lr at 2 levels x 4 seeds at 10 epochs (2 seeds: 1 dof between runs)
+    assert fidelity.to_dict() == {"screen": 8, "full": 8}
+    assert "4 seeds a cell (not 2)" in text
     screened = [k for k in kids if k.data.tags[tags.FIDELITY] == "screen"]
     assert {k.data.params["trainer.max_epochs"] for k in screened} == {"4"}
     assert all(k.info.run_name.startswith("screen ") for k in screened)

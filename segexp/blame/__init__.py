@@ -1,6 +1,7 @@
 """Blame: which of the changes between two runs moved the metric, by how much, beyond noise."""
 
-from .analysis import Analysis, LeftOut, Takeoff, analyze, path_analysis, seeds_decision
+from .ablation import path_analysis
+from .analysis import Analysis, LeftOut, Takeoff, analyze, seeds_decision
 from .command import BlameResult, blame
 from .designs import letters, make_design, path_next, path_steps, seed_rounds
 from .factors import Change, from_choices, from_leaves

@@ -1,5 +1,5 @@
 """Statistics of `segexp blame`: effects for any two-level design, robust to runs that failed to
-learn, Holm verdicts; also the ablation path's analysis and the `--seeds auto` stopping rule.
+learn, Holm verdicts; also the `--seeds auto` stopping rule (the ablation path: ablation.py).
 
 Effects come from least squares on -1/2 / +1/2 coded factors (segexp.blame.ols), so a main effect
 is "B's level minus A's level" averaged over the other factors' levels, unbiased for any set of
@@ -10,17 +10,13 @@ left out first (segexp.blame.robust); the least squares of every run is kept bes
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from segexp.evaluation import lower_is_better
-
-from . import robust, sequential
-from .designs import path_steps
-from .ols import Model, estimate, holm, model, seed_blocks, t_tests, verdicts
+from . import robust, sequential, splitplot
+from .ols import Model, estimate, holm, model
 
 SIGNIFICANT = ("hurt", "helped")
 COLUMNS = ("effect", "se", "ci_low", "ci_high", "p", "p_holm")
@@ -138,6 +134,8 @@ def analyze(
     results, notes = finite_table(results, metric)
     if results[metric].notna().sum() == 0:
         raise ValueError(f"no run has a value of {metric}: nothing to analyse")
+    if (nested := splitplot.pairs(results, factors, metric)) is not None:
+        return split_plot(nested, results, factors, metric, interactions, alpha, floors, stalled)
     fit = model(results, factors, metric, interactions)
     observed = results[results[metric].notna()]
     y = observed[metric].to_numpy(float)
@@ -149,6 +147,32 @@ def analyze(
     if fit.dof > 0:
         floors = run_floors(floors, observed, metric)
         screened(result, results, fit, plain, floors, stalled, interactions)
+    return result
+
+
+def split_plot(nested, results, factors, metric, interactions, alpha, floors, stalled):
+    """`analyze` of a table whose epochs were read from histories: see splitplot.py."""
+    whole = analyze(nested.whole, nested.others, metric, interactions, alpha, floors, stalled)
+    out = [run.row for run in whole.left_out]
+    sub, sd, dof, notes = splitplot.subplot(nested, factors, metric, alpha, out)
+    result = Analysis(
+        splitplot.combine(whole.effects, sub, factors, metric, alpha), metric, list(factors),
+        splitplot.one_run_sd(whole.seed_sd, sd), whole.dof, 2 * whole.runs,
+        results[results[metric].isna()], alpha, whole.notes + nested.notes + notes,
+    )  # fmt: skip
+    result.notes.append(
+        f"split plot: {nested.epochs} and its interactions are tested within runs (each run's "
+        f"difference between its budgets: residual SD {sd:.3g}, dof {dof}), the other factors "
+        f"between runs (each run's mean of its two budgets, residual dof {whole.dof})"
+    )
+    if whole.plain is not None:
+        every, every_sd, _, _ = splitplot.subplot(nested, factors, metric, alpha)
+        result.plain = splitplot.combine(whole.plain, every, factors, metric, alpha)
+        result.plain_seed_sd = splitplot.one_run_sd(whole.plain_seed_sd, every_sd)
+    for run in whole.left_out:  # the run's own row and value, its cell with its epochs
+        run.levels = tuple(int(v) for v in results.loc[run.row, factors])
+        run.value, run.twins = float(nested.long[run.row]), splitplot.twins(nested, run.row, out)
+    result.left_out, result.takeoff = whole.left_out, whole.takeoff
     return result
 
 
@@ -233,79 +257,6 @@ def takeoffs(observed: pd.DataFrame, factors, screen, alpha: float) -> list[Take
                 hits = [r - h for r, h in zip(runs, hits, strict=True)]
             found.append(Takeoff(factors[j], what, tuple(hits), tuple(runs), float(p[j])))
     return found
-
-
-def path_screen(results: pd.DataFrame, factors: list[str], metric: str, floors):
-    """The ablation path's runs that never learned or are unusual, and the table without them."""
-    observed = results[results[metric].notna()]
-    cells = np.unique(observed[factors].to_numpy(int), axis=0, return_inverse=True)[1].ravel()
-    z = observed[factors].to_numpy(float) - 0.5
-    additive = np.column_stack([np.ones(len(z)), seed_blocks(results, factors, observed), z])
-    x = np.column_stack([additive, np.eye(cells.max(initial=0) + 1)[cells]])  # + cell means
-    dof = len(z) - np.linalg.matrix_rank(x)
-    if dof <= 0:
-        return [], results
-    fit = Model(x, pd.DataFrame(), int(dof), [], additive.shape[1], cells)
-    y = observed[metric].to_numpy(float)
-    floors = run_floors(floors, observed, metric)
-    screen = robust.screen(fit, y, observed[factors].to_numpy(int), floors)
-    left = left_out_runs(observed, factors, metric, screen)
-    return left, without(results, metric, [r.row for r in left])
-
-
-def path_analysis(
-    results: pd.DataFrame,
-    factors: list[str],
-    metric: str,
-    alpha: float = 0.05,
-    floors: tuple[float, ...] | pd.DataFrame | None = None,
-) -> Analysis:
-    """A finished ablation path as an Analysis: one row per step in path order.
-
-    A step's effect is its cell's mean minus the previous cell's, from OLS on cell means plus
-    seed blocks (when every cell ran the same seeds), t CI on the residual dof; Holm over the
-    steps. The order is picked on the same runs, so early steps lean towards B (winner's curse).
-    Runs that never learned or are unusual are left out first, as in `analyze`.
-    """
-    results, notes = finite_table(results, metric)
-    failed = results[results[metric].isna()]
-    left, results = path_screen(results, factors, metric, floors)
-    steps, missing = path_steps(results, factors, metric, lower_is_better(metric))
-    if missing:
-        raise ValueError(f"the ablation path is not finished: still needs cells {missing}")
-    observed = results[results[metric].notna()]
-    cells = [tuple(int(v) for v in c) for c in observed[factors].to_numpy()]
-    index = {c: i for i, c in enumerate(dict.fromkeys(cells))}
-    dummies = np.eye(len(index))[[index[c] for c in cells]]  # (runs, cells)
-    x = np.column_stack([dummies, seed_blocks(results, factors, observed)])
-    y = observed[metric].to_numpy(float)
-    pinv = np.linalg.pinv(x)
-    beta = pinv @ y
-    dof = len(y) - np.linalg.matrix_rank(x) if len(index) < len(y) else 0
-    s2 = float(((y - x @ beta) ** 2).sum() / dof) if dof > 0 else np.nan
-    previous, rows = (0,) * len(factors), []
-    for step, (j, cell) in enumerate(steps, start=1):
-        effect, se = np.nan, np.nan
-        if cell in index and previous in index:
-            contrast = np.zeros(x.shape[1])
-            contrast[[index[cell], index[previous]]] = 1.0, -1.0
-            effect, se = contrast @ beta, math.sqrt(s2 * contrast @ pinv @ pinv.T @ contrast)
-        rows.append({"term": factors[j], "kind": "step", "step": step, "effect": effect, "se": se})
-        previous = cell
-    table = pd.DataFrame(rows)
-    fitted = table.effect.notna().to_numpy()
-    effect, se = table.effect[fitted].to_numpy()[:, None], table.se[fitted].to_numpy()[:, None]
-    out = t_tests(effect, se, dof, alpha, float(np.abs(y).max()))
-    for key in ("effect", "se", "ci_low", "ci_high", "p", "p_holm"):
-        table.loc[fitted, key] = out[key][:, 0]
-    table["verdict"] = np.where(fitted, "no replicates", "inestimable")
-    if dof > 0:
-        table.loc[fitted, "verdict"] = verdicts(out["effect"], out["p_holm"], metric, alpha)[:, 0]
-    table["aliased_with"] = ""
-    seed_sd = math.sqrt(s2) if dof > 0 else float("nan")
-    result = Analysis(table, metric, list(factors), seed_sd, int(dof), len(y), failed, alpha, notes)
-    result.left_out = left
-    return result
 
 
 def seeds_decision(

@@ -25,7 +25,7 @@ from segexp.config import ConfigError
 from segexp.evaluation import lower_is_better
 from segexp.tracking import tags
 
-from . import analysis, designs, evidence, screening
+from . import ablation, analysis, designs, evidence, screening
 from .analysis import Analysis
 from .plan import Plan, compute_line, cost, make_plan
 from .report import note, write_csv, write_report
@@ -183,7 +183,7 @@ def run_screen(client: MlflowClient, plan: Plan, parent, probe: Plan) -> ScreenR
     else:
         keep = decision.suspects
         confirmed = [i for i, n in enumerate(plan.names) if n in keep or n not in probe.names]
-        found.confirm = screening.sub_plan(plan, confirmed, plan.seeds, "auto")
+        found.confirm = screening.confirmation(plan, confirmed)
         held = [n for n in plan.names if n not in found.confirm.names]
         found.lines.append(
             f"confirmed at full fidelity: {', '.join(found.confirm.names)}"
@@ -259,7 +259,7 @@ def analyse(plan: Plan, table: pd.DataFrame, decision, floors=None, stalled=None
     never fell (both: the run never learned).
     """
     if plan.adaptive:
-        return analysis.path_analysis(table, plan.names, plan.metric, floors=floors)
+        return ablation.path_analysis(table, plan.names, plan.metric, floors=floors)
     alpha = decision["alpha"] if decision is not None else 0.05
     return analysis.analyze(
         table, plan.names, plan.metric, alpha=alpha, floors=floors, stalled=stalled

@@ -3,7 +3,7 @@
 A cell is a tuple of 0/1 levels, one per changed key (0 = A's value, 1 = B's). Full factorials for
 few changes, regular fractional factorials of resolution IV or higher for 5 to 8, the adaptive
 ablation path (Fawcett & Hoos 2016) and the one-at-a-time design (each change alone) on request. The path is
-adaptive: `path_next` says which cells to train next; analysis.path_analysis reads it.
+adaptive: `path_next` says which cells to train next; ablation.path_analysis reads it.
 """
 
 from __future__ import annotations

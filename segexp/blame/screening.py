@@ -31,6 +31,7 @@ from . import analysis, designs
 from .analysis import Analysis
 from .factors import Cell, Cells, Change
 from .nested import EPOCHS, value_at_budget
+from .ols import model
 from .plan import FULL, Plan, plan_nesting
 
 FRACTION = "dataset.train_fraction"
@@ -38,6 +39,8 @@ SIZE = "dataset.image_size"
 SCREEN_SEEDS = 2  # replicates per screened cell: the screen's own noise estimate needs two
 SHARE = 0.25  # a screened effect this large against the screen's A-vs-B gap stays a suspect
 AUTO_TRAININGS = 4  # `--fidelity auto` screens where the full design costs more than 4 A's
+CONFIRM_DOF = 3  # a confirmation adds seeds, up to MAX_CONFIRM_SEEDS, for this many dof
+MAX_CONFIRM_SEEDS = 6
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,36 @@ def sub_plan(plan: Plan, keep: list[int], seeds: list[int], kind: str, fidelity=
     if not fidelity:
         sub.nesting, why = plan_nesting(sub)
         sub.lines += [why] if why else []
+    return sub
+
+
+def seeds_needed(cells, names: list[str], seeds: int, nested: bool) -> int:
+    """Seeds per cell (at least `seeds`) for CONFIRM_DOF residual dof between runs, at most
+    MAX_CONFIRM_SEEDS. With `nested` epochs a run holds both budgets: runs are the cells
+    without the epochs factor. Decided from the design alone, never from metric values."""
+    keep = [i for i, n in enumerate(names) if not (nested and n == EPOCHS)]
+    whole = sorted({tuple(c[i] for i in keep) for c in cells})
+    factors = [names[i] for i in keep]
+    for count in range(seeds, MAX_CONFIRM_SEEDS + 1):
+        rows = [(*c, s, 0.0) for c in whole for s in range(count)]
+        table = pd.DataFrame(rows, columns=[*factors, "seed", "y"])
+        if model(table, factors, "y").dof >= CONFIRM_DOF:
+            return count
+    return max(seeds, MAX_CONFIRM_SEEDS)
+
+
+def confirmation(plan: Plan, keep: list[int]) -> Plan:
+    """The confirmation's plan over the factors `keep`, with the seeds its analysis needs."""
+    sub = sub_plan(plan, keep, plan.seeds, "auto")
+    count = seeds_needed(sub.design.cells, sub.names, len(sub.seeds), sub.nesting is not None)
+    if count > len(sub.seeds):
+        more = [sub.seeds[-1] + 1 + i for i in range(count - len(sub.seeds))]
+        sub.seeds = [*sub.seeds, *more]
+        sub.add_cells(sub.design.cells)
+        sub.lines.append(
+            f"{count} seeds a cell (not {len(plan.seeds)}): with fewer, the noise between "
+            f"runs would rest on under {CONFIRM_DOF} residual dof"
+        )
     return sub
 
 
