@@ -1,4 +1,5 @@
-"""`segexp predict`: a run's best checkpoint on new images, as an HC18 challenge submission CSV."""
+"""`segexp predict`: a run's (or registered model's) best weights on new images, as an HC18
+challenge submission CSV."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from PIL import Image
 from segexp import tracking
 from segexp.data import SegDataModule, scan_listed
 from segexp.evaluation import flag_reasons, measure_hc, range_names, width_limit
-from segexp.models import build_net, flip_tta_logits, load_checkpoint
+from segexp.models import build_net, flip_tta_logits, load_checkpoint, registry
 
 SUBMISSION_COLUMNS = [
     "filename",
@@ -28,15 +29,10 @@ SUBMISSION_COLUMNS = [
 ]
 
 
-def load_run_model(client, run_id: str) -> tuple[torch.nn.Module, dict, dict]:
-    """The network of a run with its best weights, its resolved config, its evaluation settings."""
-    cfg = OmegaConf.create(tracking.stored_config(client, run_id))  # data: targets checked
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = load_checkpoint(
-            client.download_artifacts(run_id, "checkpoints/best.ckpt", tmp),
-            ["state_dict"],
-            f"checkpoints/best.ckpt of run {run_id}",
-        )
+def model_from_checkpoint(cfg: dict, path, name: str) -> tuple[torch.nn.Module, dict, dict]:
+    """The network of a stored config (targets checked) with a checkpoint's weights (no pickle)."""
+    cfg = OmegaConf.create(cfg)
+    checkpoint = load_checkpoint(path, ["state_dict"], name)
     net = build_net(cfg.model)
     net.load_state_dict(
         {
@@ -48,6 +44,33 @@ def load_run_model(client, run_id: str) -> tuple[torch.nn.Module, dict, dict]:
     # runs from before flip TTA and plausibility ranges: plain prediction, nothing flagged
     evaluation = checkpoint.get("segexp_evaluation") or {}
     return net.eval(), cfg, evaluation
+
+
+def load_model(client, ref: str) -> tuple[torch.nn.Module, dict, dict]:
+    """The network of a run id or a `models:/NAME/VERSION` URI, its config, its evaluation."""
+    if ref.startswith("models:/"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg, weights = registry.model_files(client, ref, Path(tmp))
+            return model_from_checkpoint(cfg, weights, f"weights.pt of {ref}")
+    cfg = tracking.stored_config(client, ref)  # data: targets checked
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(ref, "checkpoints/best.ckpt", tmp)
+        return model_from_checkpoint(cfg, path, f"checkpoints/best.ckpt of run {ref}")
+
+
+def measure_cases(net, cfg, evaluation: dict, cases: list) -> tuple[list, list]:
+    """Per case its mask at the image's size (uint8 0/1) and its head where the pixel size is
+    known (else None)."""
+    probabilities, sizes = run_probabilities(net, cfg, cases, evaluation.get("flip_tta", False))
+    offset = cfg.dataset.get("hc_boundary_offset_px") or 0.0
+    method = evaluation.get("hc_ellipse_fit", "moment")
+    masks, heads = [], []
+    for case, prob, (h, w) in zip(cases, probabilities, sizes, strict=True):
+        full = cv2.resize(prob, (int(w), int(h)), interpolation=cv2.INTER_LINEAR) >= 0.5
+        masks.append(full.astype(np.uint8))
+        mm = case.pixel_size_mm
+        heads.append(measure_hc(prob, (int(h), int(w)), mm, offset, method) if mm else None)
+    return masks, heads
 
 
 def flags_path(out: Path) -> Path:
@@ -97,7 +120,7 @@ def flag_table(filenames: list[str], measured: list, evaluation: dict) -> pd.Dat
 def predict(
     client, run_id: str, images_dir: Path, pixel_csv: Path, out: Path, masks_dir: Path | None = None
 ) -> pd.DataFrame:
-    """Write the submission CSV (the 6 official columns; zeros where no head was found).
+    """Write the submission CSV of a run id or `models:/NAME/VERSION` (the 6 official columns; zeros where no head was found).
 
     Beside it, `flags_path(out)` lists per image the HC in mm, its head-size range (`hc_range`,
     `segexp.evaluation.HEAD_SIZE_RANGES`), the eccentricity, the boundary width and `hc_flag`:
@@ -106,27 +129,18 @@ def predict(
     the predictions to check by hand; `hc_flag_reason` says why, naming an out-of-range head's
     size range (`segexp.evaluation.flag_reasons`).
     """
-    net, cfg, evaluation = load_run_model(client, run_id)
+    net, cfg, evaluation = load_model(client, run_id)
     cases = scan_listed(images_dir, pixel_csv)
-    flip = evaluation.get("flip_tta", False)
-    probabilities, original_sizes = run_probabilities(net, cfg, cases, flip)
-    offset = cfg.dataset.get("hc_boundary_offset_px") or 0.0
-    method = evaluation.get("hc_ellipse_fit", "moment")
+    masks, measured = measure_cases(net, cfg, evaluation, cases)
     if masks_dir is not None:
         Path(masks_dir).mkdir(parents=True, exist_ok=True)
-    rows, measured = [], []
-    for case, prob, (h, w) in zip(cases, probabilities, original_sizes, strict=True):
-        mm = case.pixel_size_mm
-        head = measure_hc(prob, (int(h), int(w)), mm, offset, method)
+    rows = []
+    for case, mask, head in zip(cases, masks, measured, strict=True):
         if masks_dir is not None:
-            mask = cv2.resize(prob, (int(w), int(h)), interpolation=cv2.INTER_LINEAR) >= 0.5
-            Image.fromarray(mask.astype(np.uint8) * 255).save(
-                Path(masks_dir) / f"{case.case_id}_mask.png"
-            )
-        e = head.ellipse
+            Image.fromarray(mask * 255).save(Path(masks_dir) / f"{case.case_id}_mask.png")
+        mm, e = case.pixel_size_mm, head.ellipse
         values = (0.0,) * 5 if e is None else (e.cx * mm, e.cy * mm, e.a * mm, e.b * mm, e.angle)
         rows.append([Path(case.image).name, *values])
-        measured.append(head)
     table = pd.DataFrame(rows, columns=SUBMISSION_COLUMNS)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False, quoting=csv.QUOTE_MINIMAL)

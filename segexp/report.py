@@ -20,7 +20,7 @@ from segexp import config, tracking
 from segexp.data import SegDataModule
 from segexp.evaluation import hc_range_table, summarize, volume_table
 from segexp.files import atomic_write_text
-from segexp.models import SegModule, load_checkpoint
+from segexp.models import SegModule, load_checkpoint, registry
 from segexp.plots import epoch_axis, figure, save
 
 CURVE_KEYS = ["train/loss", "val/loss", "val/dice", "val/iou", "val/dice_volume"]
@@ -271,8 +271,10 @@ def log_final_evaluation(
     module: SegModule,
     datamodule: SegDataModule,
     output_dir: Path,
+    model: DictConfig | dict,
 ) -> dict[str, float]:
-    """Re-evaluate the best epoch's weights; log its metrics, per-case CSVs, curves and checkpoint."""
+    """Re-evaluate the best epoch's weights; log its metrics, per-case CSVs, curves and checkpoint,
+    and (`model`: `log_model`, `register_as` of the tracking config) the MLflow model."""
     best = Path(
         trainer.checkpoint_callback.best_model_path or output_dir / "checkpoints" / "last.ckpt"
     )
@@ -302,4 +304,9 @@ def log_final_evaluation(
     run.log_artifact(output_dir / "curves.png", "plots")
     log_plots(run, datamodule, module, output_dir)
     run.log_artifact(best, "checkpoints")
+    if model.get("log_model") or model.get("register_as"):  # the Models tab, the registry
+        step = trainer.current_epoch - 1
+        registry.log_model(run.client, run.run_id, best, step)
+        if model.get("register_as"):
+            registry.register(run.client, run.run_id, str(model.get("register_as")))
     return final

@@ -220,7 +220,9 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             ckpt_path=resume and str(resume.checkpoint),
             weights_only=True,
         )
-        final = report.log_final_evaluation(run, trainer, module, datamodule, output_dir)
+        final = report.log_final_evaluation(
+            run, trainer, module, datamodule, output_dir, cfg.tracking
+        )
     final["run_id"] = run.run_id
     server = client.tracking_uri.startswith(("http://", "https://"))
     ui = "" if server else f"segexp ui --work-dir {Path(cfg.work_dir).resolve()}, then "

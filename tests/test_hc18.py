@@ -27,7 +27,7 @@ from segexp.evaluation import (
 )
 from segexp.evaluation.hc import HeadMeasure
 from segexp.models import UNet, flip_tta_logits
-from segexp.predict import SUBMISSION_COLUMNS, flag_table, flags_path, load_run_model, predict
+from segexp.predict import SUBMISSION_COLUMNS, flag_table, flags_path, load_model, predict
 from segexp.train import train
 
 HC18_SIZE = (540, 800)  # (H, W) of an HC18 image
@@ -209,7 +209,7 @@ def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir,
             f"val/hc_bias_mm_{name}_best" in final and f"val/hc_outliers_10mm_{name}_best" in final
         )
     # predict flags with the width limit of the validation epoch the best weights had
-    evaluation = load_run_model(client, run.info.run_id)[2]  # what the checkpoint carries
+    evaluation = load_model(client, run.info.run_id)[2]  # what the checkpoint carries
     assert evaluation["flip_tta"] and evaluation["single_object"]
     limit = evaluation["hc_width_limit_px"]
     assert limit == pytest.approx(1.5 * cases.boundary_width_px.median())

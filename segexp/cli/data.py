@@ -58,8 +58,17 @@ def predict(args) -> int:
     return 0
 
 
+def register(args) -> int:
+    from segexp.models import registry
+
+    client, _, _ = store_of(args)
+    number = registry.register(client, args.run_id, args.name)
+    print(f"registered run {args.run_id} as models:/{args.name}/{number}")
+    return 0
+
+
 def data_commands(add) -> None:
-    """train, make-data, check-data, predict."""
+    """train, make-data, check-data, predict, register."""
     train = add(
         "train",
         None,
@@ -96,8 +105,12 @@ def data_commands(add) -> None:
     command.add_argument("overrides", nargs="*", help="Hydra overrides")
 
     command = add("predict", predict, "HC18 challenge CSV from a run's best checkpoint")
-    command.add_argument("run_id")
+    command.add_argument("run_id", help="a run id, or a registered model: models:/NAME/VERSION")
     command.add_argument("--images", required=True, help="folder of images, e.g. test_set/")
     command.add_argument("--pixel-csv", required=True, help="CSV: filename, 'pixel size(mm)'")
     command.add_argument("--out", required=True, help="submission CSV to write")
     command.add_argument("--masks", default=None, help="also write predicted masks here")
+
+    command = add("register", register, "a run's best weights as a version of a registered model")
+    command.add_argument("run_id")
+    command.add_argument("--name", required=True, help="the registered model's name")
