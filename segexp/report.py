@@ -265,6 +265,23 @@ def log_plots(
         run.log_artifact(path, "plots")
 
 
+LAST_KEYS = ("val/dice", "val/dice_volume", "val/hc_mae_mm")  # also logged as `<key>_last`
+
+
+def log_test_evaluation(run, trainer, module, datamodule, best: Path, output_dir: Path) -> dict:
+    """The best weights on the held-out test cases, once: `test/*` metrics and test_cases.csv."""
+    trainer.validate(
+        module, datamodule.test_dataloader(), ckpt_path=str(best), verbose=False, weights_only=True
+    )
+    cases = module.val_cases  # the module keeps the last evaluation's cases, the test's here
+    summary = summarize(cases, datamodule.volumetric)
+    if "hc_true_mm" in cases:
+        cases.insert(0, "filename", cases.case_id + ".png")
+    cases.to_csv(output_dir / "test_cases.csv", index=False)
+    run.log_artifact(output_dir / "test_cases.csv", "evaluation")
+    return {"test/" + k.removeprefix("val/"): v for k, v in summary.items()}
+
+
 def log_final_evaluation(
     run: tracking.TrackedRun,
     trainer: pl.Trainer,
@@ -287,6 +304,9 @@ def log_final_evaluation(
     final["best_epoch"] = best_epoch
     if not run.active:  # DDP rank > 0: validated with the others, rank 0 writes the results
         return final
+    history = run.metric_history([k for k in LAST_KEYS if f"{k}_best" in final])
+    # the last epoch beside the best: the best is picked on these same validation cases
+    final.update({f"{k}_last": points[-1][1] for k, points in history.items() if points})
     # one evaluation per fit: a run resumed for more epochs adds a point, never a duplicate
     run.log_metrics(final, step=trainer.current_epoch - 1)
 
@@ -304,6 +324,10 @@ def log_final_evaluation(
     run.log_artifact(output_dir / "curves.png", "plots")
     log_plots(run, datamodule, module, output_dir)
     run.log_artifact(best, "checkpoints")
+    if datamodule.test_idx:  # last: it replaces the module's cases, which the plots read
+        tested = log_test_evaluation(run, trainer, module, datamodule, best, output_dir)
+        run.log_metrics(tested, step=trainer.current_epoch - 1)
+        final.update(tested)
     if model.get("log_model") or model.get("register_as"):  # the Models tab, the registry
         step = trainer.current_epoch - 1
         registry.log_model(run.client, run.run_id, best, step)

@@ -178,6 +178,7 @@ def test_predict_flags_name_the_head_size_range_of_a_head_outside_the_training_r
     ]
 
 
+@pytest.mark.slow  # the real recipe's net at 128 px: ~13 s
 def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir, client):
     cfg = make_cfg(
         work_dir,

@@ -127,6 +127,7 @@ def test_hc_reproduces_the_synthetic_ground_truth(hc18_root, tmp_path):
     assert np.median(np.abs(errors)) < 1.0 and abs(np.median(errors)) < 0.5
 
 
+@pytest.mark.slow  # decodes all 869 real annotations: ~13 s
 @pytest.mark.skipif(not SHARED_HC18.is_dir(), reason=f"real HC18 data not found at {SHARED_HC18}")
 def test_hc_calibration_on_every_real_annotation(tmp_path):
     offset = make_cfg(tmp_path, "dataset=hc18").dataset.hc_boundary_offset_px

@@ -256,6 +256,7 @@ def test_rest_api_of_a_real_server_has_the_sweep(server):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow  # a browser and an MLflow server: ~15 s
 def test_mlflow_ui_in_headless_chromium_shows_children_and_val_dice(server, swept):
     if CHROMIUM is None:
         pytest.skip("no chromium on PATH: `make browser` installs Debian's chromium")

@@ -26,7 +26,8 @@ from segexp import performance
 from segexp.evaluation import pixel_spacings, shape_ranges
 
 from .arrays import cache_entry, cached_volume_stats, load_arrays, size_hw, volume_stats
-from .cases import SCANNERS, Case, DataError, fingerprint, split_groups
+from .cases import SCANNERS, Case, DataError, fingerprint
+from .splits import SplitSpec, make_splits
 
 
 class SegDataset(Dataset):
@@ -88,6 +89,11 @@ class SegDataModule(pl.LightningDataModule):
     Args:
         layout: `hc18` (official HC18 layout) or `lgg` (Kaggle `kaggle_3m` layout).
         val_fraction / val_count: share or number of exams/patients held out for validation.
+        test_fraction / test_count: share or number held out for testing first (default none):
+            never trained on nor used to pick the best epoch; chosen by `test_seed` alone, so
+            every run (every seed) tests the same cases.
+        folds / fold: k-fold cross-validation (default none): the non-test groups dealt into
+            `folds` folds by `split_seed`; fold `fold` validates, the others train.
         train_fraction: share of the training exams/patients trained on (a screen's lower
             fidelity): the same ones for a split seed, the validation split unchanged.
         normalize: `minmax` (pixel / 255) or `volume` (per-patient percentile clip + z-score).
@@ -108,6 +114,11 @@ class SegDataModule(pl.LightningDataModule):
         val_fraction: float | None = 0.2,
         val_count: int | None = None,
         split_seed: int = 0,
+        test_fraction: float | None = None,
+        test_count: int | None = None,
+        test_seed: int = 0,
+        folds: int | None = None,
+        fold: int = 0,
         train_fraction: float = 1.0,
         normalize: str = "minmax",
         cache_dir: str | None = None,
@@ -131,7 +142,11 @@ class SegDataModule(pl.LightningDataModule):
         self.name, self.layout, self.root = name, layout, Path(root)
         self.channels, self.image_size, self.batch_size = channels, image_size, batch_size
         self.num_workers, self.normalize = num_workers, normalize
-        self.val_fraction, self.val_count, self.split_seed = val_fraction, val_count, split_seed
+        self.split = SplitSpec(
+            val_fraction, val_count, split_seed, test_fraction, test_count, test_seed, folds, fold
+        )
+        self.split.check()
+        self.split_seed = split_seed
         self.train_fraction = train_fraction
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.train_transform = train_transform
@@ -160,9 +175,11 @@ class SegDataModule(pl.LightningDataModule):
             self.cases, self.image_size, self.channels, entry
         )
         self.load_seconds = time.perf_counter() - start
-        val_groups = split_groups(self.cases, self.val_fraction, self.val_count, self.split_seed)
-        self.val_idx = [i for i, c in enumerate(self.cases) if c.group in val_groups]
-        self.train_idx = [i for i, c in enumerate(self.cases) if c.group not in val_groups]
+        self.splits = make_splits(self.cases, self.split)
+        held = self.splits.val | self.splits.test
+        self.val_idx = [i for i, c in enumerate(self.cases) if c.group in self.splits.val]
+        self.test_idx = [i for i, c in enumerate(self.cases) if c.group in self.splits.test]
+        self.train_idx = [i for i, c in enumerate(self.cases) if c.group not in held]
         if self.train_fraction < 1:
             kept = kept_groups(self.cases, self.train_idx, self.train_fraction, self.split_seed)
             self.train_idx = [i for i in self.train_idx if self.cases[i].group in kept]
@@ -181,6 +198,7 @@ class SegDataModule(pl.LightningDataModule):
         extra = {"stats": self.stats, "original_sizes": self.original_sizes}
         self.train_set = SegDataset(*arrays, self.train_idx, self.train_transform, **extra)
         self.val_set = SegDataset(*arrays, self.val_idx, None, **extra)
+        self.test_set = SegDataset(*arrays, self.test_idx, None, **extra)
         if self.layout == "hc18" and self.masks is not None and self.train_idx:
             self.hc_plausible = shape_ranges(
                 np.asarray(self.masks[self.train_idx]),
@@ -198,15 +216,23 @@ class SegDataModule(pl.LightningDataModule):
         return fingerprint(self.cases)
 
     def split_table(self) -> pd.DataFrame:
-        """One row per case: case_id, group, split (train/val/unused), for the run's split file."""
-        split = {**dict.fromkeys(self.val_idx, "val"), **dict.fromkeys(self.train_idx, "train")}
-        return pd.DataFrame(
+        """One row per case: case_id, group, split (train/val/test/unused) and, with k folds, its
+        fold: the run's split file."""
+        split = {
+            **dict.fromkeys(self.test_idx, "test"),
+            **dict.fromkeys(self.val_idx, "val"),
+            **dict.fromkeys(self.train_idx, "train"),
+        }
+        table = pd.DataFrame(
             {
                 "case_id": [c.case_id for c in self.cases],
                 "group": [c.group for c in self.cases],
                 "split": [split.get(i, "unused") for i in range(len(self.cases))],
             }
         )
+        if self.splits.folds:
+            table["fold"] = [self.splits.folds.get(c.group, -1) for c in self.cases]
+        return table
 
     def summary(self) -> dict:
         """Counts and label statistics, as `segexp check-data` prints them."""
@@ -255,6 +281,9 @@ class SegDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
 
     def loader_of(self, cases: list[Case], cache: bool = True) -> DataLoader:
         """Unaugmented batches of other `cases`, preprocessed as this dataset's (size, normalize)."""
