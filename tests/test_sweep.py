@@ -36,10 +36,13 @@ def sweep_parents(client: MlflowClient, experiment: str = "hc18_synthetic"):
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, hc18_root) -> Path:
-    """4 jobs at once (joblib, n_jobs=4) on a fresh store that no one created beforehand."""
+    """4 jobs at once (joblib, n_jobs=4) on a fresh store that no one created beforehand; the
+    FINISHED ones log their model (the browser test opens the Models page)."""
     work_dir = tmp_path_factory.mktemp("sweep")
     done = run_segexp(
-        *sweep_args(hc18_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=4"),
+        *sweep_args(
+            hc18_root, "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "tracking.log_model=true"
+        ),
         work_dir=work_dir,
     )
     assert done.returncode != 0, "a sweep with a FAILED job must exit non-zero"
@@ -268,19 +271,7 @@ def test_mlflow_ui_in_headless_chromium_shows_children_and_val_dice(server, swep
     artifacts = Path(os.environ.get("SEGEXP_TEST_ARTIFACTS", swept))
     artifacts.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            # the closed network refuses Chromium's background connections; keep it quiet
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        browser, page = chromium_page(sync_api, pw)
         page.goto(f"{server}/#/experiments/{parent.info.experiment_id}/runs")
         row = page.locator('[role="row"]', has_text=parent.info.run_name[:40])
         row.first.wait_for(timeout=60_000)
@@ -305,6 +296,58 @@ def test_mlflow_ui_in_headless_chromium_shows_children_and_val_dice(server, swep
         browser.close()
     assert "lr=1e-3 s=2 (val/dice)" in body
     assert (artifacts / "mlflow_ui_sweep.png").stat().st_size > 20_000
+
+
+def chromium_page(sync_api, pw):
+    browser = pw.chromium.launch(
+        executable_path=CHROMIUM,
+        # the closed network refuses Chromium's background connections; keep it quiet
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ],
+    )
+    return browser, browser.new_page(viewport={"width": 1800, "height": 1000})
+
+
+@pytest.mark.slow  # a browser and an MLflow server: ~30 s
+def test_mlflow_ui_shows_datasets_system_metrics_and_models(server, swept):
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH: `make browser` installs Debian's chromium")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed: `make browser` installs it"
+    )
+    client = store(swept)
+    [parent] = sweep_parents(client)
+    experiment = parent.info.experiment_id
+    kid = next(k for k in tracking.children(client, parent) if k.info.status == "FINISHED")
+    artifacts = Path(os.environ.get("SEGEXP_TEST_ARTIFACTS", swept))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser, page = chromium_page(sync_api, pw)
+        page.goto(f"{server}/#/experiments/{experiment}/runs?workflowType=machine_learning")
+        row = page.locator('[role="row"]', has_text=parent.info.run_name[:40])
+        row.first.wait_for(timeout=60_000)
+        row.first.locator('button[data-component-id*="runnamecellrenderer"]').click()  # expand
+        page.get_by_text("hc18_synthetic/train@").first.wait_for(timeout=30_000)  # Dataset
+        page.screenshot(path=str(artifacts / "mlflow_ui_datasets.png"))
+        table = page.inner_text("body")
+        page.goto(f"{server}/#/experiments/{experiment}/runs/{kid.info.run_id}/system-metrics")
+        page.get_by_text("cpu_utilization_percentage").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(artifacts / "mlflow_ui_system_metrics.png"))
+        page.goto(f"{server}/#/experiments/{experiment}/models")
+        page.get_by_text(kid.info.run_name, exact=True).first.wait_for(timeout=60_000)
+        page.screenshot(path=str(artifacts / "mlflow_ui_models.png"))
+        models = page.inner_text("body")
+        browser.close()
+    assert "Models" in table and table.count("hc18_synthetic/train@") >= 2
+    assert "Ready" in models and "train.py" in models  # a LoggedModel of each FINISHED child
+    for name in ("datasets", "system_metrics", "models"):
+        assert (artifacts / f"mlflow_ui_{name}.png").stat().st_size > 20_000
 
 
 def test_slurm_launcher_config_composes(tmp_path):
