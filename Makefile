@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-slow test-all lint format demo demo-blame demo-hc18 ui server postgres browser bench data clean
+.PHONY: install test test-slow test-all lint format demo demo-blame demo-hc18 ui server postgres browser slurm bench data clean
 
 install: $(STAMP)
 
@@ -77,6 +77,11 @@ postgres:
 browser: install
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(BIN)/python -m pip install --quiet -e '.[dev,browser]'
+
+# A one-node SLURM cluster here (slurm-wlm + munge from apt, as root; state in /tmp/segexp-slurm):
+# the slow tests in tests/test_slurm.py submit to it. `.ci/slurm stop` ends it.
+slurm: install
+	.ci/slurm
 
 clean:
 	rm -rf mlruns/outputs mlruns/cache

@@ -91,7 +91,10 @@ class TrackedRun:
                 self.experiment_id, run_name=self.run_name, tags={**self.tags, **parent}
             )
             self.run_id = run.info.run_id
-        self.set_tags({tags.PID: str(os.getpid()), tags.HOST: socket.gethostname()})
+        where = {tags.PID: str(os.getpid()), tags.HOST: socket.gethostname()}
+        if os.environ.get("SLURM_JOB_ID"):  # squeue / sacct / scancel know the run by it
+            where[tags.SLURM_JOB] = os.environ["SLURM_JOB_ID"]
+        self.set_tags(where)
         if self.system_metrics:
             resumed = bool(self.resume_run_id)
             self.monitor = system.start(self.client.tracking_uri, self.run_id, resumed)

@@ -2,6 +2,7 @@
 
 PID = "segexp.pid"  # with HOST: whether a RUNNING run's process still lives
 HOST = "segexp.host"
+SLURM_JOB = "segexp.slurm_job_id"  # SLURM_JOB_ID of a job run by a SLURM launcher
 ROLE = "segexp.role"  # "sweep" or "blame" on parent runs
 CONFIG_HASH = "segexp.config_hash"  # what was trained, bookkeeping keys left out
 CHOICES = "segexp.choices"  # the config-group options Hydra chose, as JSON
