@@ -110,7 +110,9 @@ def test_sweep_resume_skips_finished_configs_and_reruns_failed(swept, hc18_root,
     shutil.copytree(swept, work_dir)
     client = store(work_dir)
     before = {r.info.run_id for r in client.search_runs(["1"], max_results=100)}
-    done = run_segexp(*sweep_args(hc18_root, "sweep.resume=true"), work_dir=work_dir)
+    done = run_segexp(
+        *sweep_args(hc18_root, "tracking.log_model=true", "sweep.resume=true"), work_dir=work_dir
+    )
     assert done.returncode != 0  # lr=-1 still fails
     assert done.stdout.count("sweep.resume: reusing FINISHED run") == 2, done.stdout[-3000:]
     [parent] = sweep_parents(client)  # the same parent, re-opened
