@@ -261,23 +261,57 @@ def test_rest_api_of_a_real_server_has_the_sweep(server):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.slow  # a browser and an MLflow server: ~15 s
-def test_mlflow_ui_in_headless_chromium_shows_children_and_val_dice(server, swept):
+@pytest.fixture
+def sync_api():
+    """Playwright's sync API, or a skip saying what `make browser` installs."""
     if CHROMIUM is None:
         pytest.skip("no chromium on PATH: `make browser` installs Debian's chromium")
-    sync_api = pytest.importorskip(
+    return pytest.importorskip(
         "playwright.sync_api", reason="playwright is not installed: `make browser` installs it"
     )
+
+
+@pytest.fixture
+def artifacts(swept) -> Path:
+    """Where the screenshots are kept: SEGEXP_TEST_ARTIFACTS, else the sweep's work dir."""
+    folder = Path(os.environ.get("SEGEXP_TEST_ARTIFACTS", swept))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def chromium_page(pw):
+    browser = pw.chromium.launch(
+        executable_path=CHROMIUM,
+        # the closed network refuses Chromium's background connections; keep it quiet
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ],
+    )
+    return browser, browser.new_page(viewport={"width": 1800, "height": 1000})
+
+
+def expand_sweep(page, url: str, parent) -> None:
+    """Open the runs table at `url` and expand the sweep's parent row."""
+    page.goto(url)
+    row = page.locator('[role="row"]', has_text=parent.info.run_name[:40])
+    row.first.wait_for(timeout=60_000)
+    row.first.locator('button[data-component-id*="runnamecellrenderer"]').click()
+
+
+@pytest.mark.slow  # a browser and an MLflow server: ~15 s
+def test_mlflow_ui_in_headless_chromium_shows_children_and_val_dice(
+    server, swept, sync_api, artifacts
+):
     client = store(swept)
     [parent] = sweep_parents(client)
-    artifacts = Path(os.environ.get("SEGEXP_TEST_ARTIFACTS", swept))
-    artifacts.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as pw:
-        browser, page = chromium_page(sync_api, pw)
-        page.goto(f"{server}/#/experiments/{parent.info.experiment_id}/runs")
-        row = page.locator('[role="row"]', has_text=parent.info.run_name[:40])
-        row.first.wait_for(timeout=60_000)
-        row.first.locator('button[data-component-id*="runnamecellrenderer"]').click()  # expand
+        browser, page = chromium_page(pw)
+        expand_sweep(page, f"{server}/#/experiments/{parent.info.experiment_id}/runs", parent)
         page.get_by_text("lr=1e-3 s=1").first.wait_for(timeout=30_000)
         assert "lr=-1 s=2" in page.inner_text("body")  # the FAILED children too
         # chart view: the radio input is hidden behind its styled label; a click that lands
@@ -300,41 +334,16 @@ def test_mlflow_ui_in_headless_chromium_shows_children_and_val_dice(server, swep
     assert (artifacts / "mlflow_ui_sweep.png").stat().st_size > 20_000
 
 
-def chromium_page(sync_api, pw):
-    browser = pw.chromium.launch(
-        executable_path=CHROMIUM,
-        # the closed network refuses Chromium's background connections; keep it quiet
-        args=[
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-        ],
-    )
-    return browser, browser.new_page(viewport={"width": 1800, "height": 1000})
-
-
 @pytest.mark.slow  # a browser and an MLflow server: ~30 s
-def test_mlflow_ui_shows_datasets_system_metrics_and_models(server, swept):
-    if CHROMIUM is None:
-        pytest.skip("no chromium on PATH: `make browser` installs Debian's chromium")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed: `make browser` installs it"
-    )
+def test_mlflow_ui_shows_datasets_system_metrics_and_models(server, swept, sync_api, artifacts):
     client = store(swept)
     [parent] = sweep_parents(client)
     experiment = parent.info.experiment_id
     kid = next(k for k in tracking.children(client, parent) if k.info.status == "FINISHED")
-    artifacts = Path(os.environ.get("SEGEXP_TEST_ARTIFACTS", swept))
-    artifacts.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as pw:
-        browser, page = chromium_page(sync_api, pw)
-        page.goto(f"{server}/#/experiments/{experiment}/runs?workflowType=machine_learning")
-        row = page.locator('[role="row"]', has_text=parent.info.run_name[:40])
-        row.first.wait_for(timeout=60_000)
-        row.first.locator('button[data-component-id*="runnamecellrenderer"]').click()  # expand
+        browser, page = chromium_page(pw)
+        runs = f"{server}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+        expand_sweep(page, runs, parent)
         page.get_by_text("hc18_synthetic/train@").first.wait_for(timeout=30_000)  # Dataset
         page.screenshot(path=str(artifacts / "mlflow_ui_datasets.png"))
         table = page.inner_text("body")

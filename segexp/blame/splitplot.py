@@ -84,7 +84,7 @@ def term_names(factors: list[str]) -> list[str]:
 
 
 def subplot(found: Pairs, factors: list[str], metric: str, alpha: float, drop=()) -> tuple:
-    """Epochs and its interactions from the runs' differences: (effects table, SD, dof).
+    """Epochs and its interactions from the runs' differences: (effects table, SD, dof, notes).
 
     drop: whole-plot rows left out (runs that never learned or are unusual).
     """
