@@ -7,26 +7,32 @@ every job through the environment (in-process, joblib workers and submitit jobs 
 When the sweep ends, or the process exits because a job failed, it writes the summary
 (`sweep/summary.csv`, `sweep/by_seed.csv`, `sweep/val_dice.png`) and ends the parent: FINISHED
 when every job finished, else FAILED (KILLED on Ctrl-C / SIGTERM).
+A search (`hparams_search=`: Optuna's sweeper proposes each config) is the same with `n_trials`
+jobs; its parent also records the search space, from which `segexp effects` ranks parameters.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import signal
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from mlflow import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from segexp import compare, config, performance, tracking
-from segexp.config import config_hash, redact, redacted
+from segexp.compare.search import SAMPLER_TAG, SPACE_TAG
+from segexp.config import ConfigError, config_hash, redact, redacted
+from segexp.evaluation import lower_is_better
 from segexp.tracking import tags
 
 PARENT_ENV = "SEGEXP_SWEEP_PARENT_RUN_ID"
@@ -43,8 +49,83 @@ def child_run_name(overrides: list[str]) -> str:
     """A sweep job's run name: its swept values, short and distinct, e.g. `lr=3e-4 bs=16 s=2`."""
     keys = os.environ.get(SWEPT_ENV, "").split()
     values = config.assigned(overrides)
+    if searching():  # a sampled 0.013826232179369865 names its run as 0.0138
+        values = {k: rounded(v) for k, v in values.items()}
     seed = values.get("seed") if "seed" in keys else None
     return tracking.run_label(((k, values[k]) for k in keys if k in values and k != "seed"), seed)
+
+
+def rounded(value: str) -> str:
+    """A float to 3 significant digits, anything else as it is."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() else f"{number:.3g}"
+
+
+@dataclass(frozen=True)
+class Search:
+    """A sweep whose configs a sampler proposes (Optuna's), not a grid."""
+
+    space: list[str]  # `key=distribution` as the sweeper reads them: its params, then task sweeps
+    trials: int
+    direction: str
+    sampler: dict
+
+    @property
+    def keys(self) -> list[str]:
+        return [o.key_or_group for o in config.parse_overrides(self.space)]
+
+    def grid(self) -> str:
+        """What makes two searches the same search (`sweep.resume`), beside the task overrides."""
+        sampler = json.dumps(self.sampler, sort_keys=True, default=str)
+        return f" | search {self.direction} n_trials={self.trials} {sampler} " + " ".join(
+            sorted(self.space)
+        )
+
+
+def searching() -> bool:
+    """Whether this job is a trial of a search: its sweeper proposes `n_trials` configs."""
+    return in_multirun() and "n_trials" in HydraConfig.get().sweeper
+
+
+def search_of(cfg: DictConfig) -> Search | None:
+    """The multirun's search, checked key by key; None for a grid (Hydra's basic sweeper)."""
+    sweeper = cfg.hydra.sweeper
+    if "n_trials" not in sweeper:
+        return None
+    task = list(cfg.hydra.overrides.task)  # sweeps here are searched as the sweeper's params
+    parsed = config.parse_overrides(task)
+    swept = [t for t, o in zip(task, parsed, strict=True) if o.is_sweep_override()]
+    space = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()] + swept
+    trials, direction = sweeper.n_trials, getattr(sweeper.direction, "name", sweeper.direction)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ConfigError(f"hydra.sweeper.n_trials={trials!r} must be an integer >= 1")
+    metric = cfg.optimized_metric
+    wanted = "minimize" if lower_is_better(metric) else "maximize"
+    if direction != wanted:
+        raise ConfigError(
+            f"hydra.sweeper.direction={direction!r} does not match optimized_metric {metric} "
+            f"(better {'lower' if wanted == 'minimize' else 'higher'}): set it to {wanted}"
+        )
+    if not space:
+        raise ConfigError("hydra.sweeper.params is empty: the search has nothing to search")
+    sampler = OmegaConf.to_container(sweeper.sampler, resolve=True) if "sampler" in sweeper else {}
+    search = Search(space, trials, direction, sampler)
+    for key in search.keys:  # else every trial would fail, after the parent run is open
+        if (
+            not key.startswith("+")
+            and key not in cfg.hydra.runtime.choices
+            and not has_key(cfg, key)
+        ):
+            raise ConfigError(f"hydra.sweeper.params.{key}: no such config key or group")
+    return search
+
+
+def has_key(cfg: DictConfig, key: str) -> bool:
+    missing = object()
+    return OmegaConf.select(cfg, key, default=missing, throw_on_missing=False) is not missing
 
 
 def sweep_shape(overrides: list[str]) -> tuple[list[str], int]:
@@ -121,14 +202,19 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if os.environ.get(PARENT_ENV):
             return  # jobs of an outer run (`segexp blame` cells): that run is their parent
+        try:
+            search = search_of(config)  # before the store: a bad search trains nothing
+        except ConfigError as err:
+            raise SystemExit(f"segexp train: {err}") from None
         self.client, artifact_root = tracking.open_store(config.tracking, Path(config.work_dir))
         experiment = config.tracking.experiment
         self.parent = tracking.TrackedRun(
             self.client, experiment, artifact_root, "", tags={tags.ROLE: "sweep"}
         )
         tracking.cleanup_stale_runs(self.client, [self.parent.experiment_id])
-        sweep_grid = redact("overrides", grid(list(config.hydra.overrides.task)))
-        keys, jobs = sweep_shape(list(config.hydra.overrides.task))
+        task = list(config.hydra.overrides.task)
+        sweep_grid = redact("overrides", grid(task) + (search.grid() if search else ""))
+        keys, jobs = (search.keys, search.trials) if search else sweep_shape(task)
         previous = config.get("sweep", {}).get("resume") and previous_parent(
             self.client, self.parent.experiment_id, sweep_grid
         )
@@ -144,6 +230,7 @@ class SweepCallback(Callback):
                     "segexp.sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
                     "hydra.launcher": str(config.hydra.launcher.get("_target_", "")),
                     **tracking.git_tags(),
+                    **(search_tags(search) if search else {}),
                 }
             )
         parent_run_id = self.parent.open()
@@ -159,7 +246,8 @@ class SweepCallback(Callback):
         self.interrupted = True
         tracking.received_signal.append(signum)  # no further job starts, whatever catches this
         if not self.closing:  # raised in the summary, it would leave the parent RUNNING
-            tracking.interrupt(signum, frame)  # not inside a store call: it would keep SQLite locked
+            # not inside a store call: it would keep SQLite locked
+            tracking.interrupt(signum, frame)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         self.finish()
@@ -197,6 +285,12 @@ class SweepCallback(Callback):
             run.set_tags({"segexp.jobs": str(len(latest))})
             run.close(status)
         print(f"sweep parent run {run.run_id}: {status}, {len(runs)} runs")
+
+
+def search_tags(search: Search) -> dict[str, str]:
+    """The parent's record of its search: `segexp effects` rebuilds the distributions from it."""
+    space = [redact("overrides", o) for o in search.space]
+    return {SPACE_TAG: json.dumps(space), SAMPLER_TAG: str(search.sampler.get("_target_", ""))}
 
 
 def wait_for_jobs(client: MlflowClient, parent, timeout: float = 30.0) -> None:

@@ -50,11 +50,14 @@ def comparison_commands(add) -> None:
     command = add(
         "effects",
         effects,
-        "which hyperparameter matters across a sweep: ANOVA importance and marginal means",
+        "which hyperparameter matters across a sweep: ANOVA importance and marginal means over a"
+        " grid, Optuna's importance (PED-ANOVA, fANOVA or MDI, named) over a search",
     )
     command.add_argument("parent_run_id")
     command.add_argument("--metric", default=None, help="default: the runs' optimized_metric")
-    command.add_argument("--out", default="effects.png", help="PNG of the marginal means")
+    command.add_argument(
+        "--out", default="effects.png", help="PNG of the marginal means (a search: metric by value)"
+    )
 
     command = add(
         "fidelity", fidelity, "how early a sweep's or blame's runs rank as at the end (no training)"

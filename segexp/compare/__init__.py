@@ -1,16 +1,17 @@
-"""Compare: runs side by side with their curves, and the importance of swept parameters."""
+"""Compare: runs side by side with their curves, and the importance of swept parameters
+(ANOVA over a grid, optuna.importance over a search: `effects` picks by the parent)."""
 
 from .importance import importance_table, marginal_means, plot_marginal_means
 from .runs import (
     by_replicates,
     compare,
-    effects,
     expand,
     plot_runs,
     ranked,
     runs_table,
     show,
 )
+from .search import SearchImportance, effects, search_importance
 
 __all__ = [
     "importance_table",
@@ -24,4 +25,6 @@ __all__ = [
     "ranked",
     "runs_table",
     "show",
+    "SearchImportance",
+    "search_importance",
 ]
