@@ -17,7 +17,6 @@ import atexit
 import json
 import os
 import signal
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -280,7 +279,7 @@ class SweepCallback(Callback):
             status = "FINISHED" if latest and statuses == {"FINISHED"} else "FAILED"
         try:
             if latest:
-                write_summary(client, run.run_id, latest)
+                compare.write_summary(client, run.run_id, latest)
         finally:  # a summary that could not be written leaves no parent RUNNING
             run.set_tags({"segexp.jobs": str(len(latest))})
             run.close(status)
@@ -331,16 +330,3 @@ def latest_per_config(runs: list) -> list:
         ):
             latest[key] = run
     return list(latest.values())
-
-
-def write_summary(client: MlflowClient, parent_run_id: str, runs: list) -> None:
-    """summary.csv (one row per run), by_seed.csv (mean/std over seeds), val_dice.png."""
-    table = compare.runs_table(runs)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        table.to_csv(out / "summary.csv", index=False)
-        compare.by_replicates(table).to_csv(out / "by_seed.csv", index=False)
-        compare.plot_runs(client, runs, table.attrs["params"], out / "val_dice.png")
-        for name in ("summary.csv", "by_seed.csv", "val_dice.png"):
-            client.log_artifact(parent_run_id, str(out / name), "sweep")
-    compare.show(table)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import signal
 import subprocess
@@ -9,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from mlflow import MlflowClient
+from omegaconf import open_dict
 
-from segexp import config
+from segexp import config, report, tracking
 
 SHARED_HC18 = Path(__file__).resolve().parents[2] / "shared" / "data" / "hc18"
 TRAINING_TIMEOUT = 240  # seconds for one tiny `segexp` command on a loaded 2-core machine
@@ -172,3 +177,42 @@ def predict_args(run_id: str, hc18_root: Path, work_dir: Path) -> list[str]:
         "--work-dir",
         str(work_dir),
     ]
+
+
+@contextlib.contextmanager
+def hydra_job(overrides: list[str]):
+    """The job config of `segexp train OVERRIDES`, Hydra's runtime config set as Hydra's
+    run_job sets it for the job (what `report.choice_tags` reads)."""
+    with initialize_config_dir(str(config.CONFIG_DIR), version_base="1.3"):
+        composed = compose("train", overrides=overrides, return_hydra_config=True)
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(composed)
+    try:
+        cfg = copy.deepcopy(composed)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        yield cfg
+    finally:
+        HydraConfig.instance().cfg = previous
+
+
+def recorded_run(work_dir: Path, root: Path, *overrides: str, hydra: bool = True) -> str:
+    """A run whose inputs (tags, config.yaml) `segexp train OVERRIDES` recorded; no training.
+
+    `hydra=False`: as `train(cfg, overrides)` called from Python records them, without the
+    config-group choices only a Hydra job knows.
+    """
+    from segexp.train import build_datamodule
+
+    overrides = [f"work_dir={work_dir}", f"dataset.root={root}", *overrides]
+    job = hydra_job(overrides) if hydra else contextlib.nullcontext(config.compose(overrides))
+    with job as cfg:
+        client, artifacts = tracking.open_store(cfg.tracking, work_dir)
+        datamodule = build_datamodule(cfg)
+        name = " ".join(overrides[2:]) or "defaults"
+        with tracking.TrackedRun(client, cfg.tracking.experiment, artifacts, name) as run:
+            output_dir = work_dir / "outputs" / run.run_id
+            # what `segexp train` passes on: the overrides of the job, as Hydra parsed them
+            task = list(HydraConfig.get().overrides.task) if hydra else overrides
+            report.log_run_inputs(run, cfg, task, datamodule, output_dir)
+    return run.run_id

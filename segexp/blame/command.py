@@ -81,6 +81,7 @@ def blame(
     nest_epochs: bool = True,
     fidelity: str = "auto",
     screen_options: dict | None = None,
+    replicate: str = "seed",
 ) -> BlameResult:
     """Design, train (or reuse) and analyse the cells between A and B.
 
@@ -91,8 +92,9 @@ def blame(
     """
     overrides = list(overrides or [])
     plan = make_plan(
-        client, run_a, run_b, metric, seeds, design, overrides, budget, work_dir, nest_epochs
-    )
+        client, run_a, run_b, metric, seeds, design, overrides, budget, work_dir, nest_epochs,
+        replicate,
+    )  # fmt: skip
     probe, lines = choose_screen(client, plan, fidelity, screen_options or {})
     print("\n".join(plan.lines + lines), flush=True)
     if dry_run:
@@ -141,6 +143,8 @@ def choose_screen(client: MlflowClient, plan: Plan, fidelity: str, given: dict):
         return None, [f"fidelity: full{why}"]
     if plan.adaptive:
         return None, ["fidelity: full (the ablation path is walked at full fidelity)"]
+    if plan.cells.replicate.crossed:
+        return None, ["fidelity: full (folds as replicates: every fold trains at full fidelity)"]
     if fidelity == "auto" and not screening.worth_screening(plan, cost(plan, plan.planned())):
         return None, [
             f"fidelity: full (the design costs at most {screening.AUTO_TRAININGS} trainings of A; "
@@ -291,7 +295,7 @@ def write_outputs(client, plan: Plan, result: BlameResult, decision, parent, cas
     report = write_report(
         result.analysis, out_dir, title=title,
         factor_labels=labels, trainings=result.trained, minutes=result.minutes, context=context,
-        cases=evidence.case_lines(cases, result.results, result.analysis),
+        cases=evidence.case_lines(cases, result.results, result.analysis, replicate_word(plan)),
     )  # fmt: skip
     # the verdict where MLflow shows it: the parent's description (Overview, runs table)
     verdict = note(result.analysis, labels, ends, result.trained, result.minutes)
@@ -307,3 +311,8 @@ def write_outputs(client, plan: Plan, result: BlameResult, decision, parent, cas
     parent.log_metrics(
         {"blame/trainings": result.trained, "blame/seed_sd": result.analysis.seed_sd}, step=0
     )
+
+
+def replicate_word(plan: Plan) -> str:
+    """What the report calls one replicate of a cell."""
+    return {"seed": "seed", "fold": "fold"}.get(plan.cells.replicate.by, "replicate")

@@ -98,21 +98,28 @@ def mask_levels(cases: dict[str, pd.DataFrame], results: pd.DataFrame) -> pd.Dat
 
 
 def case_lines(
-    cases: dict[str, pd.DataFrame], results: pd.DataFrame, analysis: Analysis
+    cases: dict[str, pd.DataFrame], results: pd.DataFrame, analysis: Analysis, word: str = "seed"
 ) -> list[str]:
-    """Per-case Dice per factor, B's level against A's within each seed, no p-values."""
+    """Per-case Dice per factor, B's level against A's within each replicate, no p-values.
+
+    `word`: what a replicate is (`seed`, `fold`, or `replicate` for folds x seeds).
+    """
     left = {run.run_id for run in analysis.left_out}
     runs = results[results.run_id.isin(cases) & ~results.run_id.isin(left)]
     if runs.empty or "seed" not in runs:
         return []
     per_seed = {s: set(cases[group.run_id.iloc[0]].case_id) for s, group in runs.groupby("seed")}
     shared = set.intersection(*per_seed.values())
-    sizes = ", ".join(f"seed {s}: {len(c)}" for s, c in per_seed.items())
+    sizes = ", ".join(f"{word} {s}: {len(c)}" for s, c in per_seed.items())
+    why = (
+        "with split_seed following seed, seeds validate on different cases"
+        if word == "seed"
+        else "each fold validates its own cases"
+    )
     lines = [
-        f"- validation cases: {sizes}; {len(shared)} validated by every seed (with split_seed "
-        "following seed, seeds validate on different cases). Each comparison below pairs runs "
-        "of the same seed on the cases both levels validated.",
-        "- no per-case p-values: a run's cases share its seed's noise, so the run is the unit "
+        f"- validation cases: {sizes}; {len(shared)} validated by every {word} ({why}). Each "
+        f"comparison below pairs runs of the same {word} on the cases both levels validated.",
+        f"- no per-case p-values: a run's cases share its {word}'s noise, so the run is the unit "
         "of replication, as in the verdicts above.",
         "",
         "| factor | case pairs | mean Dice at A's level | at B's level | pairs worse at B |",

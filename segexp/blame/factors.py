@@ -26,6 +26,7 @@ from segexp.config import ConfigError
 from segexp.tracking import run_label, short_value, tags
 
 from .nested import value_at_budget
+from .replicates import Replicate
 
 ABSENT = "<default>"  # a leaf the run did not override: the group's own default
 PLAIN = re.compile(r"[A-Za-z_][\w./:-]*")
@@ -190,10 +191,10 @@ def from_leaves(config_a: dict, config_b: dict) -> Change:
     return Change(factors, stored=config_a)
 
 
-def cell_name(change: Change, levels: tuple[int, ...], seed: int) -> str:
+def cell_name(change: Change, levels: tuple[int, ...], replicate: list[tuple[str, int]]) -> str:
     """A short, distinct run name: the factors at B's level, e.g. `optimizer=sgd lr=1e-3 s=43`."""
     at_b = [(f.name, f.levels[1]) for f, level in zip(change.factors, levels, strict=True) if level]
-    return run_label(at_b, seed) if at_b else f"A {run_label([], seed)}"
+    return run_label(at_b + replicate) if at_b else f"A {run_label(replicate)}"
 
 
 @dataclass
@@ -201,7 +202,7 @@ class Cell:
     """One (cell, seed) of the design: its composed config, hash, and run once known."""
 
     levels: tuple[int, ...]
-    seed: int
+    seed: int  # the replicate (replicates.py): the seed, unless folds are replicates too
     name: str
     overrides: list[str]
     cfg: DictConfig
@@ -209,13 +210,19 @@ class Cell:
     run_id: str | None = None
     source: Cell | None = None  # a cell to more epochs whose history holds this one's value
     tags: dict[str, str] = field(default_factory=dict)  # set on its run (e.g. its fidelity)
+    run_seed: int | None = None  # the seed it trains at, where that is not `seed`
+
+    @property
+    def training_seed(self) -> int:
+        return self.seed if self.run_seed is None else self.run_seed
 
 
 class Cells:
     """Every (cell, seed) of the design, by (levels, seed), and the cells that cannot exist."""
 
-    def __init__(self, change: Change, extra: list[str], prefix: str = "", tags=None):
+    def __init__(self, change: Change, extra: list[str], prefix="", tags=None, replicate=None):
         self.change, self.extra = change, extra
+        self.replicate = replicate or Replicate()  # seeds
         self.prefix, self.tags = prefix, dict(tags or {})  # run names and tags of every cell
         self.rows: dict[tuple, Cell] = {}  # (levels, seed) -> cell
         self.impossible: dict[tuple, str] = {}  # levels -> why it cannot be composed
@@ -224,7 +231,7 @@ class Cells:
         key = (levels, seed)
         if key in self.rows or levels in self.impossible:
             return self.rows.get(key)
-        overrides = [*self.extra, f"seed={seed}"]
+        overrides = [*self.extra, *self.replicate.overrides(seed)]
         try:
             cfg = self.change.cell_config(levels, overrides)
         except ConfigError as err:
@@ -233,11 +240,12 @@ class Cells:
         self.rows[key] = Cell(
             levels,
             seed,
-            self.prefix + cell_name(self.change, levels, seed),
+            self.prefix + cell_name(self.change, levels, self.replicate.label(seed)),
             self.change.cell_overrides(levels, overrides),
             cfg,
             config.config_hash(config.redacted(cfg)),
             tags=self.tags,
+            run_seed=self.replicate.seed_of(seed),
         )
         return self.rows[key]
 

@@ -14,6 +14,7 @@ from segexp.config import ConfigError
 from . import designs, factors
 from .factors import Cell
 from .nested import EPOCHS, Nesting, nesting
+from .replicates import replicate_of
 
 FULL = {tracking.tags.FIDELITY: "full"}  # the tags of a full-fidelity cell
 LAUNCHER_KEYS = ("hydra/launcher", "hydra.launcher", "hydra/sweeper", "hydra.sweeper")
@@ -98,8 +99,12 @@ def make_plan(
     budget: int | None,
     work_dir: Path | None,
     nest_epochs: bool = True,
+    replicate: str = "seed",
 ) -> Plan:
-    """The factors from the two runs' stored configs, the design and its cells (nothing trains)."""
+    """The factors from the two runs' stored configs, the design and its cells (nothing trains).
+
+    `replicate`: what the analysis treats as replicates (replicates.py: seed, fold, fold,seed).
+    """
     launcher = [o for o in overrides if o.startswith(LAUNCHER_KEYS)]
     extra = [o for o in overrides if o not in launcher]
     runs = {r: client.get_run(r) for r in (run_a, run_b)}
@@ -117,6 +122,7 @@ def make_plan(
     chosen = designs.make_design(len(change.factors), design)
     auto = seeds == "auto"
     first_seed, per_cell = int(config_a["seed"]), 2 if auto else int(seeds)
+    scheme = replicate_of(replicate, config_a, [f.name for f in change.factors], auto)
     rounds = 1
     if auto:
         rounds = designs.seed_rounds(budget, len(chosen.cells)) if budget else 4
@@ -125,9 +131,9 @@ def make_plan(
     if client.tracking_uri != tracking.store_locations({}, work_dir)[0]:
         extra.insert(1, f"tracking.uri='{client.tracking_uri}'")
     plan = Plan(
-        run_a, run_b, change, chosen, factors.Cells(change, extra, tags=FULL),
+        run_a, run_b, change, chosen, factors.Cells(change, extra, tags=FULL, replicate=scheme),
         metric or config_a["optimized_metric"], config_a["tracking"]["experiment"], work_dir,
-        launcher, list(range(first_seed, first_seed + per_cell)), rounds, auto, budget,
+        launcher, scheme.first(first_seed, per_cell), rounds, auto, budget,
     )  # fmt: skip
     plan.add_cells(chosen.cells)
     why = None
@@ -149,7 +155,8 @@ def make_plan(
 
 def plan_nesting(plan: Plan) -> tuple[Nesting | None, str | None]:
     """Whether the plan's epochs factor is read from histories (see nested.py), and why not."""
-    change, extra = plan.change, [*plan.cells.extra, f"seed={plan.seeds[0]}"]
+    change = plan.change
+    extra = [*plan.cells.extra, *plan.cells.replicate.overrides(plan.seeds[0])]
     return nesting(change, plan.metric, lambda levels: change.cell_config(levels, extra))
 
 
@@ -173,14 +180,14 @@ def describe(plan: Plan) -> list[str]:
     if plan.adaptive:  # the path's other configurations, each at every seed
         planned += len(plan.seeds) * (k * (k + 1) // 2 - 1)
     if plan.auto:
-        seeds = f"auto: 2 per cell, then one more per round, at most {plan.rounds} rounds"
+        seeds = f"seeds: auto: 2 per cell, then one more per round, at most {plan.rounds} rounds"
         planned += (plan.rounds - 1) * cells
     else:
-        seeds = str(plan.seeds)
+        seeds = plan.cells.replicate.text(plan.seeds)
     lines = [
         f"factors ({k}): " + ", ".join(f.label() for f in plan.change.factors),
         f"design: {plan.design.name}; {plan.design.note}",
-        f"seeds: {seeds}; trainings at most: {planned}"
+        f"{seeds}; trainings at most: {planned}"
         " (runs of the same config and seed already FINISHED, A and B among them, are reused)",
     ]
     if nest is not None:

@@ -105,7 +105,8 @@ def sub_plan(plan: Plan, keep: list[int], seeds: list[int], kind: str, fidelity=
     lowered = fidelity.overrides(dotlist=change.stored is not None) if fidelity else []
     extra = [*plan.cells.extra, *lowered]
     tags = {FIDELITY: "screen", FIDELITY_DETAIL: fidelity.text()} if fidelity else FULL
-    cells = Cells(change, extra, prefix="screen " if fidelity else "", tags=tags)
+    prefix = "screen " if fidelity else ""
+    cells = Cells(change, extra, prefix, tags, plan.cells.replicate)
     sub = dataclasses.replace(
         plan, change=change, design=designs.make_design(len(keep), kind), cells=cells,
         seeds=list(seeds), nesting=None, lines=[],

@@ -25,7 +25,9 @@ def reuse(
     todo = []
     for cell in cells:
         if cell.run_id is None and cell.source is None:
-            twin = tracking.finished_run(client, experiment_id, cell.hash, cell.seed, fingerprint)
+            twin = tracking.finished_run(
+                client, experiment_id, cell.hash, cell.training_seed, fingerprint
+            )
             cell.run_id = twin and twin.info.run_id
             todo += [] if cell.run_id else [cell]
     return todo

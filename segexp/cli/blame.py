@@ -48,6 +48,7 @@ def blame(args) -> int:
             "fraction": args.screen_fraction,
             "image_size": args.screen_size,
         },
+        replicate=args.replicate,
     )
     return 0
 
@@ -75,6 +76,13 @@ def blame_command(add) -> None:
         "path: the ablation path; oat: each change alone",
     )
     command.add_argument("--budget", type=positive_int, help="--seeds auto: most trainings")
+    command.add_argument(
+        "--replicate",
+        choices=("seed", "fold", "fold,seed"),
+        default="seed",
+        help="what replicates a cell: seeds; the folds of A's k-fold split (dataset.folds), each "
+        "a block, so a verdict holds over data draws; or folds x --seeds seeds",
+    )
     command.add_argument(
         "--train-every-budget",
         action="store_true",

@@ -68,7 +68,9 @@ def comparison_commands(add) -> None:
 
     command = add("compare", compare, "runs side by side: what differs and how they did")
     command.add_argument("ids", nargs="+", help="run ids; a sweep (parent) id means its runs")
-    command.add_argument("--by", default=None, help="group replicates by this param (seed)")
+    command.add_argument(
+        "--by", default=None, help="pool replicates over: seed, fold (k-fold CV) or fold,seed"
+    )
     command.add_argument("--out", default="compare.png", help="PNG of the curves")
     command.add_argument(
         "--metric", default=None, help="rank by this metric (default: the runs' optimized_metric)"

@@ -1,6 +1,8 @@
-"""Compare: runs side by side with their curves, and the importance of swept parameters
-(ANOVA over a grid, optuna.importance over a search: `effects` picks by the parent)."""
+"""Compare: runs side by side with their curves, a sweep's summary (folds pooled as a
+cross-validation), and the importance of swept parameters (ANOVA over a grid,
+optuna.importance over a search: `effects` picks by the parent)."""
 
+from .crossval import CrossValidation, cross_validation, is_cross_validation
 from .importance import importance_table, marginal_means, plot_marginal_means
 from .runs import (
     by_replicates,
@@ -12,6 +14,7 @@ from .runs import (
     show,
 )
 from .search import SearchImportance, effects, search_importance
+from .summary import write_summary
 
 __all__ = [
     "importance_table",
@@ -27,4 +30,8 @@ __all__ = [
     "show",
     "SearchImportance",
     "search_importance",
+    "CrossValidation",
+    "cross_validation",
+    "is_cross_validation",
+    "write_summary",
 ]

@@ -91,14 +91,29 @@ def ranked(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def by_replicates(table: pd.DataFrame, by: str = "seed") -> pd.DataFrame:
-    """Mean, sd, count and a 95% t CI of the metric per config over its replicates (`by`)."""
+REPLICATES = {"seed": "seed", "fold": "dataset.fold"}  # `--by` names: what varies between draws
+
+
+def replicate_columns(by: str | list[str]) -> list[str]:
+    """`fold,seed` -> ["dataset.fold", "seed"]: the table columns a `--by` pools over."""
+    names = by.split(",") if isinstance(by, str) else list(by)
+    return [REPLICATES.get(n.strip(), n.strip()) for n in names]
+
+
+def by_replicates(table: pd.DataFrame, by: str | list[str] = "seed") -> pd.DataFrame:
+    """Mean, sd, count and a 95% t CI of the metric per config over its replicates (`by`).
+
+    `by`: `seed`, `fold` (k-fold CV: `dataset.fold`), `fold,seed` or any param; a replicate not
+    pooled over stays a key (`--by fold` with several seeds: one row per config and seed).
+    """
     from scipy import stats
 
     metric = table.attrs["metric"]
-    params = [p for p in table.attrs.get("params", []) if p != by]
+    pooled = replicate_columns(by)
+    params = [p for p in table.attrs.get("params", []) if p not in pooled]
+    kept = [c for c in REPLICATES.values() if c in table and c not in pooled and c not in params]
     finished = table[table.status == "FINISHED"]
-    keys = params or (lambda _: "all")
+    keys = params + kept or (lambda _: "all")
     grouped = finished.groupby(keys, dropna=False)
     out = grouped[metric].agg(["mean", "std", "count"])
     half = stats.t.ppf(0.975, (out["count"] - 1).clip(lower=1)) * out["std"] / out["count"] ** 0.5
@@ -107,7 +122,7 @@ def by_replicates(table: pd.DataFrame, by: str = "seed") -> pd.DataFrame:
     out["best_epoch_mean"] = grouped["best_epoch"].mean()
     out["seconds_mean"] = grouped["seconds"].mean()
     out = out.reset_index()
-    out.attrs = {**table.attrs, "params": params, "metric": f"{metric}_mean"}
+    out.attrs = {**table.attrs, "params": params + kept, "metric": f"{metric}_mean"}
     return out
 
 

@@ -1,0 +1,96 @@
+"""k-fold cross-validation pooled over a sweep's folds, as nnU-Net's summary gives it.
+
+`segexp train -m dataset.folds=5 dataset.fold=0,1,2,3,4` trains one run per fold; each run's
+`evaluation/val_cases.csv` holds its best weights' scores on the cases its fold validated.
+Pooled, every case appears once, scored by the one model that never trained on it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from .runs import by_replicates, param_value
+
+FOLD = "dataset.fold"
+CASES_ARTIFACT = "evaluation/val_cases.csv"
+
+
+@dataclass
+class CrossValidation:
+    """A sweep's folds pooled: per config, the metric over folds and every case's score once."""
+
+    folds: pd.DataFrame  # one row per config (and seed): metric mean, sd, count and CI over folds
+    cases: pd.DataFrame  # cv_cases.csv: one row per (config, seed, case), from its validating fold
+    pooled: pd.DataFrame  # one row per config (and seed): mean case dice over cv_cases, n cases
+    keys: list[str]  # the columns that name a config (swept params, seed where it varies)
+
+    def summary(self) -> pd.DataFrame:
+        """cv.csv: the over-folds columns beside the pooled case dice, one row per config."""
+        if self.keys:
+            return self.folds.merge(self.pooled, on=self.keys)
+        return self.folds.assign(**self.pooled.iloc[0].to_dict())
+
+    def lines(self) -> list[str]:
+        """What the sweep prints: one line per config."""
+        metric = self.folds.attrs["metric"].removesuffix("_mean")
+        out = []
+        for _, row in self.summary().iterrows():
+            name = " ".join(f"{k}={row[k]}" for k in self.keys) or "all runs"
+            out.append(
+                f"cross-validation, {name}: {metric} {row[f'{metric}_mean']:.4f} "
+                f"(sd {row[f'{metric}_std']:.4f} over {int(row[f'{metric}_count'])} folds); "
+                f"pooled dice over {int(row['cases'])} cases {row['case_dice']:.4f}"
+            )
+        return out
+
+
+def is_cross_validation(table: pd.DataFrame) -> bool:
+    """Whether a runs table's runs differ by their fold."""
+    return FOLD in table.attrs.get("params", [])
+
+
+def fold_cases(client: MlflowClient, run: Run, keys: dict) -> pd.DataFrame:
+    """One run's validation cases, with the config keys and fold that name where they came from."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run.info.run_id, CASES_ARTIFACT, tmp)
+        cases = pd.read_csv(path)
+    identity = {**keys, FOLD: param_value(run.data.params.get(FOLD)), "run_id": run.info.run_id}
+    return cases.assign(**identity)[[*identity, *cases.columns]]
+
+
+def cross_validation(client: MlflowClient, runs: list[Run], table: pd.DataFrame) -> CrossValidation:
+    """Pool the FINISHED runs of a fold sweep (`table`: their runs_table)."""
+    folds = by_replicates(table, "fold")
+    keys = folds.attrs["params"]
+    finished = table[table.status == "FINISHED"].set_index("run_id")
+    by_id = {r.info.run_id: r for r in runs}
+    parts = [
+        fold_cases(client, by_id[run_id], {k: row[k] for k in keys})
+        for run_id, row in finished.iterrows()
+    ]
+    cases = pd.concat(parts, ignore_index=True)
+    twice = cases.duplicated([*keys, "case_id"], keep=False)
+    if twice.any():  # folds that overlap are not a cross-validation: say which case, not a mean
+        first = cases[twice].iloc[0]
+        raise ValueError(
+            f"case {first.case_id} was validated by more than one fold of the same config: "
+            "the runs do not share one fold assignment (dataset.folds / split_seed differ)"
+        )
+    grouped = cases.groupby(keys) if keys else cases.groupby(lambda _: 0)
+    pooled = grouped.agg(case_dice=("dice", "mean"), cases=("case_id", "size")).reset_index()
+    pooled = pooled.drop(columns="index", errors="ignore")
+    return CrossValidation(folds, cases, pooled, keys)
+
+
+def write(result: CrossValidation, out: Path) -> list[Path]:
+    """cv.csv and cv_cases.csv in `out`."""
+    paths = [out / "cv.csv", out / "cv_cases.csv"]
+    result.summary().to_csv(paths[0], index=False)
+    result.cases.to_csv(paths[1], index=False)
+    return paths
