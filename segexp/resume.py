@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow.utils.file_utils import local_file_uri_to_path
 from omegaconf import DictConfig, OmegaConf
 
 from segexp import config, tracking
@@ -22,24 +23,56 @@ class Resume:
     output_dir: Path
 
 
-def resume_target(client, run_id: str, overrides: list[str]) -> tuple[Resume, DictConfig]:
+def check_own_store(client, run, artifact_root: str | None) -> None:
+    """Refuse a run whose files another store holds: resuming it would overwrite them.
+
+    A copied SQLite store keeps its runs' absolute artifact URIs and output dirs, so resuming a
+    run found in the copy would write checkpoints and evaluations into the original's run. The
+    STORE tag names the database that created a run; a run logged before that tag is judged by
+    its artifact URI, which must lie under this store's artifact root.
+    """
+    run_id, created_by = run.info.run_id, run.data.tags.get(tracking.tags.STORE)
+    here = tracking.store_file(client.tracking_uri)
+    if not here:  # a server: its runs have no copies
+        return
+    if created_by:
+        if created_by != here:
+            raise ConfigError(
+                f"resume={run_id}: the run was created by the store {created_by}, not {here} (a "
+                "copy?): its checkpoints and artifacts belong to that store's run; resume it there"
+            )
+        return
+    root = artifact_root or (Path(here).parent / "artifacts").as_uri()
+    if not is_local(root) or not is_local(run.info.artifact_uri):
+        return
+    artifacts, root = (
+        Path(local_file_uri_to_path(u)).resolve() for u in (run.info.artifact_uri, root)
+    )
+    if not artifacts.is_relative_to(root):
+        raise ConfigError(
+            f"resume={run_id}: the run's artifacts are at {artifacts}, outside this store's "
+            f"artifact root {root} (a copied store?): resuming would overwrite them; resume it "
+            "in the store that holds them"
+        )
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith("file:") or "://" not in uri
+
+
+def resume_target(
+    client, run_id: str, overrides: list[str], artifact_root: str | None = None
+) -> tuple[Resume, DictConfig]:
     """The run's last checkpoint and its logged config with `overrides` applied on top.
 
     The stored config is data from the store: `train` checks it again before use.
+    `artifact_root` is the store's (default: the `artifacts` folder beside its SQLite file).
     """
     try:
         run = client.get_run(run_id)
     except Exception as err:
         raise ConfigError(f"resume={run_id}: no such run in the tracking store ({err})") from err
-    created_by, here = (
-        run.data.tags.get(tracking.tags.STORE),
-        tracking.store_file(client.tracking_uri),
-    )
-    if created_by and here and created_by != here:
-        raise ConfigError(
-            f"resume={run_id}: the run was created by the store {created_by}, not {here} (a "
-            "copy?): its checkpoints and artifacts belong to that store's run; resume it there"
-        )
+    check_own_store(client, run, artifact_root)
     output_dir = Path(run.data.tags.get(tracking.tags.OUTPUT_DIR, ""))
     checkpoint = output_dir / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():

@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -182,7 +183,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     client, artifact_root = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
     resume = None
     if cfg.resume:
-        resume, cfg = resume_target(client, cfg.resume, overrides)
+        resume, cfg = resume_target(client, cfg.resume, overrides, artifact_root)
         check_run_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
@@ -257,10 +258,15 @@ def main(cfg: DictConfig) -> float | None:
         cfg.run_name = cfg.run_name or sweep.child_run_name(overrides) or None
         if cfg.sweep.resume and (reused := skip_finished(cfg)) is not None:
             return reused
+    started_ms = int(time.time() * 1000)
     try:
         with output_to(log) if log else contextlib.nullcontext():
             final = train(cfg, overrides)
-    except (ConfigError, DataError, tracking.StoreError) as err:
+    except Exception as err:
+        if log:  # a failed cell's output is what explains it: with its run, if it got one
+            log_failed_cell(cfg, log, started_ms)
+        if not isinstance(err, ConfigError | DataError | tracking.StoreError):
+            raise
         if sweep.in_multirun():
             raise  # Hydra records the failed job; the sweep's summary counts it
         raise SystemExit(f"segexp train: {err}") from None
@@ -275,6 +281,22 @@ def main(cfg: DictConfig) -> float | None:
         parent = cfg.tracking.parent_run_id
         print(sweep.progress_line(client, parent, name, metric, final.get(metric)))
     return final.get(metric)
+
+
+def log_failed_cell(cfg: DictConfig, log: Path, started_ms: int) -> None:
+    """Log `log` to the run this failed job made: its parent's newest child of its name."""
+    try:
+        client, _ = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
+        parent = client.get_run(cfg.tracking.parent_run_id)
+        runs = [
+            r
+            for r in tracking.children(client, parent)
+            if r.info.run_name == cfg.run_name and r.info.start_time >= started_ms
+        ]
+        if runs:
+            client.log_artifact(runs[-1].info.run_id, str(log))
+    except Exception as err:  # the job's own failure is what Hydra must report
+        print(f"segexp train: {log} not logged to the cell's run ({err})", file=sys.stderr)
 
 
 def skip_finished(cfg: DictConfig) -> float | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -10,20 +9,14 @@ import shutil
 import socket
 import subprocess
 import time
-import zipfile
 
-import numpy as np
 import pytest
-import torch
 import yaml
-from helpers import no_runs, planted_run, predict_args, run_segexp, tiny
-from PIL import Image
+from helpers import planted_run, run_segexp, tiny
 
 from segexp import config
 from segexp.blame import blame
 from segexp.config import ConfigError
-from segexp.data import DataError
-from segexp.models import CheckpointError, load_checkpoint
 from segexp.resume import resume_target
 from segexp.train import train
 
@@ -124,136 +117,6 @@ def test_make_data_refuses_a_folder_that_holds_anything(tmp_path, capsys):
     assert "not empty: pass --force" in capsys.readouterr().err
     assert (target / "training_set_pixel_size_and_HC.csv").read_text() == "real data\n"
     assert cli.main(["make-data", "hc18", str(target), "--n", "4", "--force"]) == 0
-
-
-def check_data(root, work_dir) -> list[str]:
-    """`segexp check-data` of the HC18 set at `root`."""
-    return ["check-data", "dataset=hc18", f"dataset.root={root}", f"work_dir={work_dir}"]
-
-
-def test_a_file_on_two_csv_rows_is_named_and_trains_nothing(
-    hc18_root, work_dir, client, tmp_path, capsys
-):
-    """Looked up by filename, the last of two rows would win without a word."""
-    from segexp import cli
-
-    root = shutil.copytree(hc18_root, tmp_path / "dup")
-    with open(root / "training_set_pixel_size_and_HC.csv", "a") as f:
-        f.write("000_HC.png,0.1,150.0\n")  # line 26: 24 rows after the header
-    assert cli.main(check_data(root, work_dir)) == 2
-    assert "000_HC.png is listed on more than one row (lines 2, 26)" in capsys.readouterr().err
-    with pytest.raises(DataError, match="000_HC.png is listed on more than one row"):
-        train(tiny(work_dir, root))
-    assert no_runs(client)
-
-
-def test_an_alpha_only_or_empty_annotation_is_named_before_any_run(
-    hc18_root, work_dir, client, tmp_path, capsys
-):
-    from segexp import cli
-
-    root = shutil.copytree(hc18_root, tmp_path / "masks")
-    training = root / "training_set"
-    ellipse = np.asarray(Image.open(training / "000_HC_Annotation.png").convert("L"))
-    rgba = np.zeros((*ellipse.shape, 4), np.uint8)
-    rgba[..., 3] = ellipse  # drawn in the alpha channel, the colours all black
-    Image.fromarray(rgba, "RGBA").save(training / "000_HC_Annotation.png")
-    Image.fromarray(np.zeros_like(ellipse)).save(training / "001_HC_Annotation.png")
-    assert cli.main(check_data(root, work_dir)) == 2
-    err = capsys.readouterr().err
-    assert "000_HC_Annotation.png: annotation drawn in its alpha channel only" in err
-    assert "001_HC_Annotation.png: empty annotation, but its CSV row gives HC" in err
-    with pytest.raises(DataError, match="alpha channel only"):
-        train(tiny(work_dir, root))
-    assert no_runs(client)
-
-
-def billion_laughs(levels: int = 9) -> bytes:
-    """A YAML mapping of 10^levels values written in under 1 KB, by aliases of aliases."""
-    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    for i in range(1, levels):
-        lines.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]")
-    return ("\n".join(lines) + "\n").encode()
-
-
-@pytest.mark.parametrize(
-    ("content", "bound"),
-    [
-        (billion_laughs(), "expands beyond 20000 values"),
-        (b"a: [" + b"1, " * (1 << 19) + b"]\n", "is over 1048576 bytes"),
-        (
-            b"a:" + b"".join(b"\n" + b"  " * d + b"- " for d in range(1, 40)) + b"x\n",
-            "expands beyond depth 32",
-        ),
-    ],
-)
-def test_a_stored_config_beyond_its_bounds_is_refused_at_once(client, work_dir, content, bound):
-    """Every walk of a billion laughs would expand it: 10^9 values, minutes and gigabytes."""
-    from segexp import tracking
-
-    run_id = planted_run(client, work_dir, {"config.yaml": content})
-    started = time.monotonic()
-    with pytest.raises(ConfigError, match=f"run {run_id}: config.yaml {bound}"):
-        tracking.stored_config(client, run_id)
-    assert time.monotonic() - started < 1.5
-
-
-def checkpoint_file(state: dict, legacy=False, deflate=False, extra: dict | None = None) -> bytes:
-    """`torch.save(state)`'s bytes: the pre-zip format, or its zip entries deflated, `extra` added."""
-    saved = io.BytesIO()
-    torch.save(state, saved, _use_new_zipfile_serialization=not legacy)
-    if legacy or not (deflate or extra):
-        return saved.getvalue()
-    source, out = zipfile.ZipFile(saved), io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as z:
-        for entry in source.infolist():
-            z.writestr(entry.filename, source.read(entry.filename))
-        for name, content in (extra or {}).items():
-            z.writestr(name, content)
-    return out.getvalue()
-
-
-def hostile_checkpoints() -> dict[str, tuple[bytes, str]]:
-    """{case: (file, what the refusal says)}; the bomb inflates ~1000x (16 MiB of zeros here)."""
-    state = {"epoch": 0, "state_dict": {"net.w": torch.zeros(8)}}
-    bomb = {"epoch": 0, "state_dict": {"net.w": torch.zeros(1 << 22)}}
-    return {
-        "old pickle": (checkpoint_file(state, legacy=True), "is unreadable as a torch zip"),
-        "../ entry": (
-            checkpoint_file(state, extra={"archive/../../evil.sh": b"rm -rf ~"}),
-            "holds entry 'archive/../../evil.sh', not a plain relative name",
-        ),
-        "deflate bomb": (checkpoint_file(bomb, deflate=True), "unpacks to 16"),
-    }
-
-
-def test_a_hostile_checkpoint_is_refused_by_name_before_it_is_unpacked(
-    client, work_dir, hc18_root, capsys
-):
-    """Refused from its zip directory: nothing is inflated or unpickled, whichever reads it."""
-    from segexp import cli
-    from segexp.resume import resume_target
-
-    for i, (case, (content, reason)) in enumerate(hostile_checkpoints().items()):
-        path = work_dir / f"run{i}" / "checkpoints" / "last.ckpt"
-        path.parent.mkdir(parents=True)
-        path.write_bytes(content)
-        started = time.monotonic()
-        with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {path} {reason}")):
-            load_checkpoint(path)
-        assert time.monotonic() - started < 0.5, case
-        run_id = client.create_run("0", tags={"segexp.output_dir": str(path.parent.parent)})
-        with pytest.raises(
-            ConfigError, match=f"resume={run_id.info.run_id}: .*{re.escape(reason)}"
-        ):
-            resume_target(client, run_id.info.run_id, [])
-    stored = yaml.safe_dump(config.redacted(config.compose(["debug=tiny"])))
-    content, reason = hostile_checkpoints()["deflate bomb"]
-    run_id = planted_run(
-        client, work_dir, {"config.yaml": stored.encode(), "checkpoints/best.ckpt": content}
-    )
-    assert cli.main(predict_args(run_id, hc18_root, work_dir)) == 2
-    assert f"checkpoint checkpoints/best.ckpt of run {run_id} {reason}" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -383,3 +246,44 @@ def test_resume_in_a_copied_store_is_refused_before_it_writes(work_dir, client, 
         resume_target(copy, run_id, ["trainer.max_epochs=3"])
     with pytest.raises(ConfigError, match="no checkpoint"):  # its own store: checked further
         resume_target(client, run_id, ["trainer.max_epochs=3"])
+
+
+def test_resume_of_an_untagged_run_in_a_copied_work_dir_is_refused(work_dir, client, tmp_path):
+    """A run logged before the store tag: its artifact URI, into the original, gives it away."""
+    from mlflow import MlflowClient
+
+    run_id = planted_run(client, work_dir, {})  # no segexp.store tag
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(work_dir / "mlflow.db", copy / "mlflow.db")
+    copied = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    original = (work_dir / "artifacts").resolve()
+    with pytest.raises(
+        ConfigError,
+        match=f"artifacts are at {re.escape(str(original))}/.*, outside this store's artifact root",
+    ):
+        resume_target(copied, run_id, ["trainer.max_epochs=3"])  # root: copy/artifacts
+    with pytest.raises(ConfigError, match="no checkpoint"):  # its own store: checked further
+        resume_target(client, run_id, ["trainer.max_epochs=3"])
+
+
+def test_a_failed_blame_cells_output_goes_to_its_own_run(work_dir, client, cfg):
+    """A cell's terminal output is only in its cell.log: a failed cell's too, not an older twin's."""
+    from segexp import tracking
+    from segexp.train import log_failed_cell
+
+    experiment = client.create_experiment("cells", (work_dir / "artifacts").as_uri())
+    parent = client.create_run(experiment).info.run_id
+    named = {"run_name": "cell 1", "tags": {tracking.tags.PARENT: parent}}
+    older = client.create_run(experiment, **named).info
+    started = older.start_time + 1
+    failed = client.create_run(experiment, start_time=started, **named).info.run_id
+    log = work_dir / "job" / "cell.log"
+    log.parent.mkdir()
+    log.write_text("Traceback: out of memory\n")
+    cfg.tracking.parent_run_id, cfg.run_name = parent, "cell 1"
+    log_failed_cell(cfg, log, started + 60_000)  # the job failed before it made a run
+    assert client.list_artifacts(failed) == client.list_artifacts(older.run_id) == []
+    log_failed_cell(cfg, log, started)
+    assert [a.path for a in client.list_artifacts(failed)] == ["cell.log"]
+    assert client.list_artifacts(older.run_id) == []
