@@ -92,7 +92,8 @@ bench: install
 	PYTHONUNBUFFERED=1 $(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
 
 # Benchmark, not a test: the full `experiment=hc18_best` training on the real HC18 data,
-# then wall time and the best-epoch and last-epoch figures. HC18_ROOT=... points elsewhere.
+# then wall time, the best-epoch and last-epoch figures and the best epoch per head-size range
+# (`segexp.evaluation.hc_range_report` of its val_cases.csv). HC18_ROOT=... points elsewhere.
 HC18_ROOT ?= ../shared/data/hc18
 demo-hc18:
 	@if [ ! -f "$(HC18_ROOT)/training_set_pixel_size_and_HC.csv" ]; then \
@@ -118,5 +119,9 @@ epochs = len(client.get_metric_history(run.info.run_id, 'val/dice'))
 print(f'\nhc18_best: {minutes:.1f} min, {epochs} epochs, {60 * minutes / epochs:.0f} s/epoch (incl. loading and final evaluation), precision {run.data.tags.get("segexp.precision")}')
 print(f'best epoch {final["best_epoch"]}: ' + ', '.join(f'{k}={final[k + "_best"]:.3f}' for k in keys))
 print(f'last epoch {epochs - 1}:  ' + ', '.join(f'{k}={run.data.metrics[k]:.3f}' for k in keys))
+import pandas as pd
+from segexp.evaluation import hc_range_report
+cases = pd.read_csv(Path(run.data.tags['segexp.output_dir']) / 'val_cases.csv')
+print('\nbest epoch per head-size range (reference HC):\n' + hc_range_report(cases))
 endef
 export DEMO_HC18

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from segexp import config, tracking
 from segexp.data import SegDataModule
-from segexp.evaluation import hc_range_table, summarize, volume_table
+from segexp.evaluation import HEAD_SIZE_RANGES, hc_range_table, summarize, volume_table
 from segexp.files import atomic_write_text
 from segexp.models import SegModule, load_checkpoint, registry
 from segexp.plots import epoch_axis, figure, save
@@ -265,20 +265,37 @@ def log_plots(
         run.log_artifact(path, "plots")
 
 
-LAST_KEYS = ("val/dice", "val/dice_volume", "val/hc_mae_mm")  # also logged as `<key>_last`
+# also logged as `<key>_last` where the run has them (a range without validation heads has none)
+LAST_KEYS = (
+    "val/dice",
+    "val/dice_volume",
+    "val/hc_mae_mm",
+    *(f"val/hc_mae_mm_{r.name}" for r in HEAD_SIZE_RANGES),
+)
+
+
+def log_cases(run, cases, output_dir: Path, split: str) -> None:
+    """`<split>_cases.csv` and, with head sizes, `<split>_hc_ranges.csv` (`hc_range_table`) as
+    `evaluation/` artifacts; HC18's rows are named by their image file, as the challenge does."""
+    if "hc_true_mm" in cases and "filename" not in cases:
+        cases.insert(0, "filename", cases.case_id + ".png")
+    tables = {"cases": cases}
+    if "hc_range" in cases:
+        tables["hc_ranges"] = hc_range_table(cases)
+    for name, table in tables.items():
+        path = output_dir / f"{split}_{name}.csv"
+        table.to_csv(path, index=False)
+        run.log_artifact(path, "evaluation")
 
 
 def log_test_evaluation(run, trainer, module, datamodule, best: Path, output_dir: Path) -> dict:
-    """The best weights on the held-out test cases, once: `test/*` metrics and test_cases.csv."""
+    """The best weights on the held-out test cases, once: `test/*` metrics, `log_cases` CSVs."""
     trainer.validate(
         module, datamodule.test_dataloader(), ckpt_path=str(best), verbose=False, weights_only=True
     )
     cases = module.val_cases  # the module keeps the last evaluation's cases, the test's here
     summary = summarize(cases, datamodule.volumetric)
-    if "hc_true_mm" in cases:
-        cases.insert(0, "filename", cases.case_id + ".png")
-    cases.to_csv(output_dir / "test_cases.csv", index=False)
-    run.log_artifact(output_dir / "test_cases.csv", "evaluation")
+    log_cases(run, cases, output_dir, "test")
     return {"test/" + k.removeprefix("val/"): v for k, v in summary.items()}
 
 
@@ -310,13 +327,7 @@ def log_final_evaluation(
     # one evaluation per fit: a run resumed for more epochs adds a point, never a duplicate
     run.log_metrics(final, step=trainer.current_epoch - 1)
 
-    if "hc_true_mm" in cases:  # HC18: name each row by its image file, as the challenge does
-        cases.insert(0, "filename", cases.case_id + ".png")
-    cases.to_csv(output_dir / "val_cases.csv", index=False)
-    run.log_artifact(output_dir / "val_cases.csv", "evaluation")
-    if "hc_range" in cases:  # per head-size range: images, HC MAE, bias, outliers, flagged
-        hc_range_table(cases).to_csv(output_dir / "val_hc_ranges.csv", index=False)
-        run.log_artifact(output_dir / "val_hc_ranges.csv", "evaluation")
+    log_cases(run, cases, output_dir, "val")
     if datamodule.volumetric:
         volume_table(cases).to_csv(output_dir / "val_volumes.csv", index=False)
         run.log_artifact(output_dir / "val_volumes.csv", "evaluation")

@@ -25,9 +25,8 @@ from segexp.evaluation import (
     range_names,
     summarize,
 )
-from segexp.evaluation.hc import HeadMeasure
 from segexp.models import UNet, flip_tta_logits
-from segexp.predict import SUBMISSION_COLUMNS, flag_table, flags_path, load_model, predict
+from segexp.predict import SUBMISSION_COLUMNS, flags_path, load_model, predict
 from segexp.train import train
 
 HC18_SIZE = (540, 800)  # (H, W) of an HC18 image
@@ -153,31 +152,6 @@ def test_boundary_width_measures_the_hesitant_band_and_flags_that_head():
     assert not relaxed.hc_flag.any()
 
 
-def test_predict_flags_name_the_head_size_range_of_a_head_outside_the_training_range():
-    head, nan = Ellipse(400, 270, 150, 100, 0.0), float("nan")
-    measured = [
-        HeadMeasure(150.0, 0.7, 5.0, head),
-        HeadMeasure(250.0, 0.7, 5.0, head),
-        HeadMeasure(320.0, 0.7, 12.0, head),
-        HeadMeasure(0.0, nan, nan, None),
-    ]
-    evaluation = {  # as a checkpoint of a run trained on small heads carries it
-        "hc_plausible": {"hc_mm": (44.0, 199.0), "eccentricity": (0.5, 0.9)},
-        "hc_width_limit_px": 10.0,
-    }
-    flags = flag_table(["a.png", "b.png", "c.png", "d.png"], measured, evaluation)
-    assert flags.hc_range[:3].tolist() == ["100_200", "200_300", "gt300"]
-    assert pd.isna(flags.hc_range[3])  # no head, no size: an empty cell in the CSV
-    assert flags.hc_flag.tolist() == [False, True, True, True]
-    assert flags.hc_flag_reason.tolist() == [
-        "",
-        "HC 250 mm (200-300 mm heads) outside the training range 44-199 mm",
-        "HC 320 mm (> 300 mm heads) outside the training range 44-199 mm; "
-        "boundary 12.0 px wide, over the limit 10.0 px",
-        "no head found",
-    ]
-
-
 @pytest.mark.slow  # the real recipe's net at 128 px: ~13 s
 def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir, client):
     cfg = make_cfg(
@@ -209,6 +183,7 @@ def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir,
         assert (
             f"val/hc_bias_mm_{name}_best" in final and f"val/hc_outliers_10mm_{name}_best" in final
         )
+        assert final[f"val/hc_mae_mm_{name}_last"] == run.data.metrics[f"val/hc_mae_mm_{name}"]
     # predict flags with the width limit of the validation epoch the best weights had
     evaluation = load_model(client, run.info.run_id)[2]  # what the checkpoint carries
     assert evaluation["flip_tta"] and evaluation["single_object"]

@@ -18,12 +18,8 @@ from segexp.evaluation import (
     ellipse_from_mask,
     ellipse_mask,
     hc_from_mask,
-    hc_range_table,
     hd95,
-    head_size_range,
     ramanujan_perimeter,
-    range_names,
-    summarize,
 )
 
 HC18_SIZE = (540, 800)  # (H, W) of an HC18 image
@@ -57,54 +53,6 @@ def test_hd95_known_answers():
     assert hd95(a, shifted, spacing=(0.5, 2.0)) == pytest.approx(6.0)
     assert hd95(np.zeros_like(a), np.zeros_like(a)) == 0.0
     assert hd95(a, np.zeros_like(a)) == pytest.approx(math.hypot(64, 64))
-
-
-def test_head_size_ranges_hold_their_lower_edge_and_no_head_has_none():
-    hc = [44.0, 99.9, 100.0, 199.9, 200.0, 300.0, 335.0]
-    assert range_names(hc) == ["lt100", "lt100", "100_200", "100_200", "200_300", "gt300", "gt300"]
-    assert head_size_range(0.0) is None and head_size_range(float("nan")) is None
-    assert [head_size_range(h).label for h in (50, 150, 250, 350)] == [
-        "< 100 mm",
-        "100-200 mm",
-        "200-300 mm",
-        "> 300 mm",
-    ]
-
-
-def test_hc_metrics_per_head_size_range_on_known_errors():
-    hc_true = [80.0, 90.0, 150.0, 199.9, 100.0, 320.0]
-    errors = [1.0, -3.0, 12.0, -2.0, 2.0, -11.0]  # no head of 200-300 mm
-    cases = pd.DataFrame(
-        {
-            "dice": 1.0,
-            "iou": 1.0,
-            "accuracy": 1.0,
-            "hc_true_mm": hc_true,
-            "hc_range": range_names(hc_true),
-            "hc_error_mm": errors,
-            "hc_abs_error_mm": np.abs(errors),
-            "hc_flag": [False, False, True, False, False, True],
-        }
-    )
-    metrics = summarize(cases, volumetric=False)
-    expected = {
-        "lt100": (2.0, -1.0, 0.0),
-        "100_200": (16 / 3, 4.0, 1.0),
-        "gt300": (11.0, -11.0, 1.0),
-    }
-    for name, (mae, bias, outliers) in expected.items():
-        assert metrics[f"val/hc_mae_mm_{name}"] == pytest.approx(mae)
-        assert metrics[f"val/hc_bias_mm_{name}"] == pytest.approx(bias)
-        assert metrics[f"val/hc_outliers_10mm_{name}"] == outliers
-    assert not [k for k in metrics if k.endswith("200_300")]  # no images: no metric, no nan
-    assert all(math.isfinite(v) for v in metrics.values())
-    assert metrics["val/hc_mae_mm"] == pytest.approx(31 / 6) and metrics[
-        "val/hc_bias_mm"
-    ] == pytest.approx(-1 / 6)
-    assert metrics["val/hc_outliers_10mm"] == 2.0 and metrics["val/hc_flagged"] == 2.0
-    table = hc_range_table(cases.sample(frac=1, random_state=0))  # any row order
-    assert table.hc_range.tolist() == ["lt100", "100_200", "gt300"]
-    assert table.images.tolist() == [2, 3, 1] and table.hc_flagged.tolist() == [0, 1, 1]
 
 
 def calibration_errors(root, offset: float, every: int = 1) -> np.ndarray:

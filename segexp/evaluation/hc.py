@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .ellipse import Ellipse, eccentricity, ellipse_from_mask, moment_ellipse, ramanujan_perimeter
-from .metrics import hd95
+from .metrics import hc_errors, hc_range_table, hd95
 
 
 def hc_from_mask(
@@ -63,6 +63,32 @@ def head_size_range(hc_mm: float) -> HeadSizeRange | None:
 def range_names(hc_mm) -> list[str | None]:
     """Per HC the name of its `head_size_range` (None: no head)."""
     return [getattr(head_size_range(float(hc)), "name", None) for hc in hc_mm]
+
+
+# hc_range_report's columns: hc_range_table's names as a reader reads them
+REPORT_COLUMNS = {
+    "images": "images",
+    "hc_mae_mm": "MAE mm",
+    "hc_bias_mm": "bias mm",
+    "hc_outliers_10mm": "> 10 mm",
+    "hc_flagged": "flagged",
+}
+
+
+def hc_range_report(cases: pd.DataFrame) -> str:
+    """A text table of `hc_range_table(cases)` (e.g. a run's val_cases.csv): per head-size range
+    the images, HC MAE, bias, images off by more than 10 mm and flagged, then all images."""
+    table = hc_range_table(cases)
+    labels = {r.name: r.label for r in HEAD_SIZE_RANGES}
+    table.insert(0, "head size", table.pop("hc_range").map(labels))
+    overall = {"head size": "all", "images": len(cases), **hc_errors(cases)}
+    if "hc_flag" in cases:
+        overall["hc_flagged"] = int(cases.hc_flag.sum())
+    table = pd.concat([table, pd.DataFrame([overall])], ignore_index=True)
+    table["hc_outliers_10mm"] = table.hc_outliers_10mm.astype(int)
+    return table.rename(columns=REPORT_COLUMNS).to_string(
+        index=False, formatters={"MAE mm": "{:.2f}".format, "bias mm": "{:+.2f}".format}
+    )
 
 
 def pixel_spacings(original_sizes, size: tuple[int, int], pixel_sizes) -> np.ndarray:
