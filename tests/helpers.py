@@ -50,10 +50,11 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 def wait_for(predicate, timeout: float = 120.0, interval: float = 0.5):
+    """The predicate's first true value, polled every `interval` s; TimeoutError past `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return
+        if found := predicate():
+            return found
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
 

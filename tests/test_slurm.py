@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import run_segexp
+from helpers import run_segexp, start_segexp, wait_for
 from mlflow import MlflowClient
 
 from segexp import tracking
@@ -100,3 +100,76 @@ def test_blame_cells_run_as_slurm_jobs(work_dir, hc18_root):
     trained = [k for k in kids if k.info.run_id not in (run_a, run_b)]
     assert trained and all(k.data.tags.get(tags.SLURM_JOB) for k in trained)
     assert (work_dir / "blame" / "report.md").is_file()
+
+
+def running_child(client: MlflowClient):
+    """A sweep child RUNNING as a SLURM job with an epoch logged, or None."""
+    if client.get_experiment_by_name("hc18_synthetic") is None:
+        return None
+    _, kids = parent_and_children(client)
+    for kid in kids:
+        running = kid.info.status == "RUNNING" and kid.data.tags.get(tags.SLURM_JOB)
+        if running and client.get_metric_history(kid.info.run_id, "val/dice"):
+            return kid
+    return None
+
+
+def test_a_cancelled_job_ends_killed_and_a_resume_reruns_only_it(work_dir, hc18_root):
+    args = ["train", "-m", *LAUNCHER, "debug=tiny", f"dataset.root={hc18_root}"]
+    args += ["trainer.max_epochs=40", "optimizer.lr=1e-3,3e-3"]
+    log = work_dir / "sweep.log"
+    proc = start_segexp(*args, work_dir=work_dir, env=ENV, log=log)
+    client = store(work_dir)
+    victim = wait_for(lambda: running_child(client), timeout=300)
+    scancel(victim.data.tags[tags.SLURM_JOB])
+    assert proc.wait(timeout=600) != 0, log.read_text()[-3000:]  # the sweep says it failed
+    [parent], kids = parent_and_children(client)
+    status = {k.info.run_id: k.info.status for k in kids}
+    assert status.pop(victim.info.run_id) == "KILLED", log.read_text()[-3000:]
+    assert list(status.values()) == ["FINISHED"]  # the other job ran on
+    assert parent.info.status in ("KILLED", "FAILED")
+    done = run_segexp(*args, "sweep.resume=true", work_dir=work_dir, env=ENV, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    [parent], kids = parent_and_children(client)
+    assert parent.info.status == "FINISHED"
+    assert sorted(k.info.status for k in kids) == ["FINISHED", "FINISHED", "KILLED"]
+    [rerun] = [k for k in kids if k.info.run_id not in (victim.info.run_id, *status)]
+    assert rerun.data.params["optimizer.lr"] == victim.data.params["optimizer.lr"]
+    [kept] = status  # the job that finished was reused, not trained again
+    assert client.get_run(kept).data.tags.get(tags.REUSED_BY_SWEEP) == parent.info.run_id
+
+
+def restart_node() -> None:
+    """slurmd back (ReturnToService=2 returns the node), waited for until the node is usable."""
+    subprocess.run(["slurmd", "-f", SLURM_CONF], env={**os.environ, **ENV}, check=True)
+    wait_for(lambda: cluster_state().startswith(("idle", "mixed")), timeout=120)
+
+
+def requeued(job: str) -> bool:
+    """Whether SLURM put the job back in the queue (a node failure requeues it)."""
+    found = subprocess.run(
+        ["squeue", "-h", "-j", job, "-o", "%T"], env={**os.environ, **ENV}, capture_output=True
+    )
+    return found.stdout.decode().strip() in ("PENDING", "REQUEUED")
+
+
+@pytest.mark.timeout(900)
+def test_a_job_whose_node_dies_is_requeued_and_its_dead_run_ended(work_dir, hc18_root):
+    args = ["train", "-m", *LAUNCHER, "debug=tiny", f"dataset.root={hc18_root}"]
+    log = work_dir / "sweep.log"
+    proc = start_segexp(*args, "trainer.max_epochs=30", work_dir=work_dir, env=ENV, log=log)
+    client = store(work_dir)
+    victim = wait_for(lambda: running_child(client), timeout=300)
+    job = victim.data.tags[tags.SLURM_JOB]
+    try:  # the node dies: its daemon, the job steps and the training with them
+        subprocess.run(["pkill", "-9", "-x", "slurmd"], check=False)
+        subprocess.run(["pkill", "-9", "-f", "slurmstepd"], check=False)
+        os.kill(int(victim.data.tags[tags.PID]), 9)
+        wait_for(lambda: requeued(job), timeout=120)  # SlurmdTimeout=20: the node is DOWN
+    finally:
+        restart_node()
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]  # the requeued job ran again
+    [parent], kids = parent_and_children(client)
+    status = {k.info.run_id: k.info.status for k in kids}
+    assert status.pop(victim.info.run_id) in ("KILLED", "FAILED")  # ended, not left RUNNING
+    assert list(status.values()) == ["FINISHED"] and parent.info.status == "FINISHED"

@@ -182,9 +182,11 @@ def failure(evaluator, err: Exception) -> str:
     import optuna
 
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    from importlib.metadata import version
+
     return (
         f"optuna {optuna.__version__}'s {type(evaluator).__name__} failed here "
-        f"(numpy {np.__version__}): {first}"
+        f"(scikit-learn {version('scikit-learn')}, numpy {np.__version__}): {first}"
     )
 
 

@@ -92,8 +92,8 @@ class TrackedRun:
             )
             self.run_id = run.info.run_id
         where = {tags.PID: str(os.getpid()), tags.HOST: socket.gethostname()}
-        if os.environ.get("SLURM_JOB_ID"):  # squeue / sacct / scancel know the run by it
-            where[tags.SLURM_JOB] = os.environ["SLURM_JOB_ID"]
+        if job := slurm_job_id():  # squeue / sacct / scancel know the run by it
+            where[tags.SLURM_JOB] = job
         self.set_tags(where)
         if self.system_metrics:
             resumed = bool(self.resume_run_id)
@@ -305,3 +305,12 @@ class EpochMetricsToMLflow(pl.Callback):
         if isinstance(exception, KeyboardInterrupt | SystemExit):
             self.run.interrupted = True
         self._save(trainer, "on_exception.ckpt")
+
+
+def slurm_job_id() -> str | None:
+    """This SLURM job's id as squeue shows it: `8_1` for an array task (a sweep's jobs), whose
+    plain array id `8` would make `scancel` cancel every task of the sweep."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
