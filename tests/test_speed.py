@@ -106,6 +106,7 @@ def test_compile_auto_weighs_speedup_against_compile_time(tmp_path, speedup, ima
     assert choice.figures["speed.compile_speedup"] == f"{speedup:.2f}"
 
 
+@pytest.mark.slow  # torch.compile of a net costs ~25 s on 2 cores
 def test_compiled_net_trains_to_the_same_loss_and_saves_plain_keys():
     if not speed.compiler_available():
         pytest.skip("no C++ compiler: inductor cannot compile on this CPU")

@@ -361,6 +361,7 @@ def test_mlflow_ui_shows_datasets_system_metrics_and_models(server, swept, sync_
         assert (artifacts / f"mlflow_ui_{name}.png").stat().st_size > 20_000
 
 
+@pytest.mark.slow  # a Hydra subprocess (11 s); tests/test_slurm.py submits for real
 def test_slurm_launcher_config_composes(tmp_path):
     done = run_segexp(
         "train", "hydra/launcher=slurm", "--cfg", "hydra", work_dir=tmp_path, timeout=120
