@@ -93,10 +93,14 @@ def test_configs_and_seeds_are_pooled_each_on_their_own(client, work_dir):
     assert "cv/case_dice" not in client.get_run(parent).data.metrics  # four configs: the CSV
 
 
-def test_folds_that_overlap_are_named_not_averaged(client, work_dir):
-    _, runs = planted_cv(client, work_dir, overlap=True)
+def test_folds_that_overlap_are_named_not_averaged(client, work_dir, capsys):
+    parent, runs = planted_cv(client, work_dir, overlap=True)
     with pytest.raises(ValueError, match="case case00 was validated by more than one fold"):
         compare.cross_validation(client, runs, compare.runs_table(runs))
+    compare.write_summary(client, parent, runs)  # the rest of the summary is still written
+    assert "cross-validation not pooled: case case00 was validated" in capsys.readouterr().out
+    written = {a.path for a in client.list_artifacts(parent, "sweep")}
+    assert "sweep/summary.csv" in written and "sweep/cv.csv" not in written
 
 
 @pytest.mark.slow

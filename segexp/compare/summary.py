@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from . import crossval
 from .crossval import CrossValidation, cross_validation, is_cross_validation
@@ -23,7 +24,7 @@ def write_summary(client: MlflowClient, parent_run_id: str, runs: list) -> None:
         by_replicates(table).to_csv(out / "by_seed.csv", index=False)
         plot_runs(client, runs, table.attrs["params"], out / "val_dice.png")
         paths = [out / n for n in ("summary.csv", "by_seed.csv", "val_dice.png")]
-        cv = is_cross_validation(table) and cross_validation(client, runs, table)
+        cv = is_cross_validation(table) and pooled_folds(client, runs, table)
         if cv:
             paths += crossval.write(cv, out)
             log_cv_metrics(client, parent_run_id, cv)
@@ -32,6 +33,15 @@ def write_summary(client: MlflowClient, parent_run_id: str, runs: list) -> None:
     show(table)
     if cv:
         print("\n".join(cv.lines()))
+
+
+def pooled_folds(client: MlflowClient, runs: list, table: pd.DataFrame) -> CrossValidation | None:
+    """The folds pooled, or None with one line saying why (the rest of the summary is written)."""
+    try:
+        return cross_validation(client, runs, table)
+    except (ValueError, MlflowException) as err:  # overlapping folds, a run without its cases
+        print(f"cross-validation not pooled: {str(err).splitlines()[0]}")
+        return None
 
 
 def log_cv_metrics(client: MlflowClient, parent_run_id: str, cv: CrossValidation) -> None:
