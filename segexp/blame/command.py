@@ -295,7 +295,9 @@ def write_outputs(client, plan: Plan, result: BlameResult, decision, parent, cas
     report = write_report(
         result.analysis, out_dir, title=title,
         factor_labels=labels, trainings=result.trained, minutes=result.minutes, context=context,
-        cases=evidence.case_lines(cases, result.results, result.analysis, replicate_word(plan)),
+        cases=evidence.case_lines(
+            cases, result.results, result.analysis, plan.cells.replicate.word
+        ),
     )  # fmt: skip
     # the verdict where MLflow shows it: the parent's description (Overview, runs table)
     verdict = note(result.analysis, labels, ends, result.trained, result.minutes)
@@ -311,8 +313,3 @@ def write_outputs(client, plan: Plan, result: BlameResult, decision, parent, cas
     parent.log_metrics(
         {"blame/trainings": result.trained, "blame/seed_sd": result.analysis.seed_sd}, step=0
     )
-
-
-def replicate_word(plan: Plan) -> str:
-    """What the report calls one replicate of a cell."""
-    return {"seed": "seed", "fold": "fold"}.get(plan.cells.replicate.by, "replicate")

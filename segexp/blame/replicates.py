@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from segexp.compare.runs import REPLICATES
 from segexp.config import ConfigError
 
 KINDS = ("seed", "fold", "fold,seed")
-FOLD = "dataset.fold"
+FOLD = REPLICATES["fold"]  # the key compare --by fold pools over
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class Replicate:
     def crossed(self) -> bool:
         """Whether folds are replicates (alone or crossed with seeds)."""
         return self.by != "seed"
+
+    @property
+    def word(self) -> str:
+        """What the report calls one replicate of a cell."""
+        return {"seed": "seed", "fold": "fold"}.get(self.by, "replicate")
 
     def seed_of(self, r: int) -> int:
         return {"seed": r, "fold": self.seed, "fold,seed": r // self.folds}[self.by]
@@ -76,7 +82,7 @@ def replicate_of(by: str, config_a: dict, factor_names: list[str], auto: bool) -
             f"--replicate {by}: run A was not trained with k folds (dataset.folds={folds}); "
             "train A and B with dataset.folds=K"
         )
-    if any(n.startswith("dataset.fold") for n in factor_names):
+    if any(n.startswith(FOLD) for n in factor_names):  # dataset.fold or dataset.folds
         raise ConfigError(f"--replicate {by}: A and B differ in their folds, which are no factor")
     if auto:
         raise ConfigError(f"--replicate {by} trains every fold: give --seeds N, not auto")

@@ -15,9 +15,9 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from .runs import by_replicates, param_value
+from .runs import REPLICATES, by_replicates, param_value
 
-FOLD = "dataset.fold"
+FOLD = REPLICATES["fold"]
 CASES_ARTIFACT = "evaluation/val_cases.csv"
 
 
