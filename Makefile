@@ -54,7 +54,7 @@ demo-blame: install mlruns/data/hc18_synthetic
 	echo "A=$$a B=$$b: segexp blame $$a $$b --seeds 2 hydra/launcher=joblib"; \
 	$(BIN)/segexp blame $$a $$b --seeds 2 hydra/launcher=joblib --out mlruns/demo-blame \
 		>> $$log 2>&1 || { tail -30 $$log; exit 1; }; \
-	grep -E '^(fidelity|screen check|B check|confirmed|.* screened out|compute:)' $$log; \
+	grep -E '^(fidelity|screen check|[AB] check|confirmed|.* screened out|compute:)' $$log; \
 	sed -n '3p' mlruns/demo-blame/report.md
 
 # Localhost only; `segexp ui --host 0.0.0.0 --allow-remote` is the explicit way out.

@@ -11,7 +11,8 @@ curve (late < 0) only once LATE_AT epochs of full data are past. A run is its co
 10-epoch run's first 7 epochs are the 7-epoch run of the same seed (nested.py), and A and B are
 the seed-0 runs of their configs. Each blame goes through the real screening.decide, then
 analysis.analyze on the confirmation and screening.held_check (B against the all-B cell's run of
-its seed), or the whole design where a check fails; the screen's epochs and the confirmed factors
+its seed, or A against the all-A cell's where the confirmation holds the others at B's levels
+to reuse B's longer run), or the whole design where a check fails; the screen's epochs and the confirmed factors
 are chosen as choose_fidelity and run_screen choose them, on every training case (`--cases`:
 a share, for comparison).
 
@@ -178,11 +179,11 @@ def nested_ids(found: pd.DataFrame, names: list[str]) -> pd.DataFrame:
 
 
 @cache
-def truth(scenario: Scenario, keep: tuple[int, ...]) -> dict[str, float]:
-    """The planted main and two-way effects over the factors `keep`, the others at A's level."""
+def truth(scenario: Scenario, keep: tuple[int, ...], held: int = 0) -> dict[str, float]:
+    """The planted main and two-way effects over the factors `keep`, the others at `held`."""
     names, k, m = scenario.names, len(keep), len(scenario.factors)
     cells = np.array(list(itertools.product((0, 1), repeat=k)))
-    full = np.zeros((len(cells), len(names)), int)
+    full = np.full((len(cells), len(names)), held, int)
     full[:, list(keep)] = cells
     budgets = [scenario.budgets[row[m]] if scenario.epochs else EPOCHS_ALONE for row in full]
     y = [
@@ -205,11 +206,18 @@ class Blame:
     def __init__(self, scenario: Scenario, full: np.ndarray, index: dict):
         self.scenario, self.full, self.index = scenario, full, index
         self.names, self.m = scenario.names, len(scenario.factors)
+        self.held = 0  # the level of the factors a design leaves out
 
     def levels(self, keep: list[int], cell) -> np.ndarray:
-        full = np.zeros(len(self.names), int)
+        full = np.full(len(self.names), self.held, int)
         full[keep] = cell
         return full
+
+    def hold(self, keep: list[int]) -> int:
+        """As screening.confirmation: B's levels where the design nests B's longer budget."""
+        ea, eb = self.scenario.budgets
+        self.held = int(len(keep) < len(self.names) and self.nests(keep) and eb > ea)
+        return self.held
 
     def value(self, keep: list[int], cell, seed: int) -> float:
         """A cell's run at its budget: a 7-epoch cell is the 10-epoch run's history (nested)."""
@@ -281,28 +289,30 @@ def one_blame(scenario: Scenario, full, screened, index: dict, cases=1.0, refere
     a, b = full[index[(0,) * m], 0], full[index[(1,) * m], 0]
     decision, screen_runs, epochs = screened_decision(scenario, a, b, screened, cases)
     keep = confirmed(names, names[:m], decision.suspects)
+    held = run.hold(keep)
     seeds = run.seeds(keep) if decision.suspects is not None else SEEDS
     final_cells, final, result = run.analyse(keep, seeds)
     trained, everything = run.trainings(keep, final_cells, seeds), list(range(len(names)))
-    b_value, kept = b[scenario.budgets[1] - 1], [names[i] for i in keep]
-    held_ok = decision.suspects is None or held_check(final, result, kept, b_value, 0).ok
-    if not held_ok:  # as command.blame: the whole design, the confirmation's runs reused
+    value, kept = (b, a)[held][scenario.budgets[1 - held] - 1], [names[i] for i in keep]
+    check = decision.suspects is None or held_check(final, result, kept, value, 0, 1 - held).ok
+    if not check:  # as command.blame: the whole design, the confirmation's runs reused
+        run.held = 0
         final_cells, final, result = run.analyse(everything)
         trained |= run.trainings(everything, final_cells)
-    row = verdict_row(scenario, keep if held_ok else everything, result, "")
+    row = verdict_row(scenario, keep if check else everything, result, "", held * check)
     if reference:
         row |= verdict_row(scenario, everything, run.analyse(everything)[2], " full")
     spent = screen_runs * cases * SCREEN_PIXELS * epochs + run.cost(trained)
     return {
-        **row, "screen failed": decision.suspects is None, "B failed": not held_ok,
+        **row, "screen failed": decision.suspects is None, "B failed": not check,
         "ratio": spent / yardstick(scenario), "epochs": epochs, "confirmed": len(keep),
     }  # fmt: skip
 
 
-def verdict_row(scenario: Scenario, keep: list[int], result, tag: str) -> dict:
+def verdict_row(scenario: Scenario, keep: list[int], result, tag: str, held: int = 0) -> dict:
     """Whether a term planted at zero got hurt/helped, and whether every harm got hurt."""
     verdicts = result.effects.set_index("term").verdict
-    planted = truth(scenario, tuple(keep))
+    planted = truth(scenario, tuple(keep), held)
     null = [t for t in verdicts.index if abs(planted[t]) < NULL_TOL]
     harms = [verdicts.get(h) == "hurt" for h in scenario.harms]
     return {

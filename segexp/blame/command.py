@@ -128,7 +128,8 @@ def blame(
         if screened and used is not plan:
             held = [n for n in plan.names if n not in used.names]
             detail = probe.cells.tags[tags.FIDELITY_DETAIL]
-            result.analysis.screened_out = [f"{n} (at {detail})" for n in held]
+            at = f"; held at {'AB'[used.held]}'s level"
+            result.analysis.screened_out = [f"{n} (at {detail}{at})" for n in held]
         result.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="segexp-blame-"))
         write_outputs(client, used, result, decision, parent, cases)
     return result
@@ -187,12 +188,14 @@ def run_screen(client: MlflowClient, plan: Plan, parent, probe: Plan) -> ScreenR
     else:
         keep = decision.suspects
         confirmed = [i for i, n in enumerate(plan.names) if n in keep or n not in probe.names]
-        found.confirm = screening.confirmation(plan, confirmed)
+        b_seed = int(client.get_run(plan.run_b).data.params.get("seed", -1))
+        found.confirm = screening.confirmation(plan, confirmed, b_seed)
         held = [n for n in plan.names if n not in found.confirm.names]
+        run = "AB"[found.confirm.held]
         found.lines.append(
             f"confirmed at full fidelity: {', '.join(found.confirm.names)}"
-            + (f"; held at A's levels (A is reused): {', '.join(held)}" if held else "")
-            + "; the effects are those at A's levels of the others"
+            + (f"; held at {run}'s levels ({run} is reused): {', '.join(held)}" if held else "")
+            + f"; the effects are those at {run}'s levels of the others"
         )
         found.lines += found.confirm.lines
     print("\n".join(found.lines), flush=True)
@@ -200,16 +203,18 @@ def run_screen(client: MlflowClient, plan: Plan, parent, probe: Plan) -> ScreenR
 
 
 def confirmed_whole(client: MlflowClient, confirm: Plan, found: ScreenResult, table) -> bool:
-    """B against the confirmation's all-B cell (`table`: the confirmation's runs): whether the
-    screened-out factors moved nothing."""
-    run_b = client.get_run(confirm.run_b)
-    b_value = run_b.data.metrics.get(confirm.metric)
-    b_seed = int(run_b.data.params.get("seed", -1))
+    """B against the confirmation's all-B cell, or A against its all-A cell where the others are
+    held at B's levels (`table`: the confirmation's runs): whether the screened-out factors moved
+    nothing."""
+    level = 1 - confirm.held
+    run = client.get_run((confirm.run_a, confirm.run_b)[level])
+    value = run.data.metrics.get(confirm.metric)
+    seed = int(run.data.params.get("seed", -1))
     try:
         result = analysis.analyze(table, confirm.names, confirm.metric)
     except (ValueError, np.linalg.LinAlgError):
         return True  # no confirmation to check: the report lists its failed cells
-    held = screening.held_check(table, result, confirm.names, b_value, b_seed)
+    held = screening.held_check(table, result, confirm.names, value, seed, level)
     lines = [held.line] + ([] if held.ok else ["every cell of the design trains at full fidelity"])
     found.lines += lines
     print("\n".join(lines), flush=True)

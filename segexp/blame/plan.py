@@ -41,6 +41,7 @@ class Plan:
     train_images: int = 0  # A's training set, for the compute figures
     run_names: tuple[str, str] = ("", "")  # A's and B's, for titles
     fingerprint: str | None = None  # A's data: cells train on it, and reuse only runs on it
+    held: int = 0  # the level (0: A's, 1: B's) of the factors a confirmation leaves out
     lines: list[str] = field(default_factory=list)
 
     @property

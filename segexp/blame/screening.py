@@ -5,9 +5,10 @@ the training cases and smaller images. It is trusted only where its A-vs-B gap s
 the gap A and B have at full fidelity, beyond the screen's noise; otherwise the blame says so and
 trains at full fidelity. The factors whose screened effect is significant, or large against the
 screen's gap, are retrained at full fidelity in a small design of just those factors, the others
-held at A's levels (so A is reused). Only that confirmation gives verdicts: its runs are new, so
-the screen's selection does not bias them. Then B itself is held against the confirmation's cell
-with every confirmed factor at B's level: they differ only in what the screen ruled out, so a
+held at A's levels (so A is reused), or at B's where B's longer epoch budget makes B the run to
+reuse. Only that confirmation gives verdicts: its runs are new, so the screen's selection does
+not bias them. Then the run not reused (B, or A) is held against the confirmation's cell with
+every confirmed factor at its levels: they differ only in what the screen ruled out, so a
 difference beyond noise means the screen missed something, and the whole design trains at full
 fidelity. Factors a screen changes itself (epochs, image size, the share of cases) cannot be
 screened: they go to the confirmation, where an epochs factor costs nothing extra (nested.py).
@@ -92,16 +93,19 @@ def screen_seeds(plan: Plan) -> list[int]:
     return list(range(plan.seeds[0], plan.seeds[0] + SCREEN_SEEDS))
 
 
-def sub_change(change: Change, keep: list[int]) -> Change:
-    """The factors at `keep`; every other factor fixed at A's level."""
+def sub_change(change: Change, keep: list[int], level: int = 0) -> Change:
+    """The factors at `keep`; every other factor fixed at `level` (0: A's, 1: B's)."""
     held = [f for i, f in enumerate(change.factors) if i not in keep]
-    base = [*change.base, *(o for f in held for o in f.overrides(0))]
+    base = [*change.base, *(o for f in held for o in f.overrides(level))]
     return Change([change.factors[i] for i in keep], base, change.stored)
 
 
-def sub_plan(plan: Plan, keep: list[int], seeds: list[int], kind: str, fidelity=None) -> Plan:
-    """A plan over some of the factors (the others at A's), at full fidelity or a screen's."""
-    change = sub_change(plan.change, keep)
+def sub_plan(
+    plan: Plan, keep: list[int], seeds: list[int], kind: str, fidelity=None, level: int = 0
+) -> Plan:
+    """A plan over some of the factors (the others at `level`: A's, or B's), at full fidelity
+    or a screen's."""
+    change = sub_change(plan.change, keep, level)
     lowered = fidelity.overrides(dotlist=change.stored is not None) if fidelity else []
     extra = [*plan.cells.extra, *lowered]
     tags = {FIDELITY: "screen", FIDELITY_DETAIL: fidelity.text()} if fidelity else FULL
@@ -109,7 +113,7 @@ def sub_plan(plan: Plan, keep: list[int], seeds: list[int], kind: str, fidelity=
     cells = Cells(change, extra, prefix, tags, plan.cells.replicate)
     sub = dataclasses.replace(
         plan, change=change, design=designs.make_design(len(keep), kind), cells=cells,
-        seeds=list(seeds), nesting=None, lines=[],
+        seeds=list(seeds), nesting=None, lines=[], held=level,
     )  # fmt: skip
     if fidelity:  # a screen trains its cells once, whatever the confirmation's budget
         sub.rounds, sub.auto, sub.budget = 1, False, None
@@ -138,9 +142,18 @@ def seeds_needed(cells, names: list[str], seeds: int, nested: bool) -> int:
     return max(seeds, MAX_CONFIRM_SEEDS)
 
 
-def confirmation(plan: Plan, keep: list[int]) -> Plan:
-    """The confirmation's plan over the factors `keep`, with the seeds its analysis needs."""
+def confirmation(plan: Plan, keep: list[int], b_seed: int | None = None) -> Plan:
+    """The confirmation's plan over the factors `keep`, with the seeds its analysis needs.
+
+    The others are held at A's levels, so A is one of its runs; or at B's where the
+    confirmation reads an epochs factor from histories and B trained the longer budget at one
+    of its seeds: then B, its all-B cell, is a run it reuses whole, while A's shorter run would
+    only repeat the first epochs of a run it trains anyway.
+    """
     sub = sub_plan(plan, keep, plan.seeds, "auto")
+    nest = sub.nesting
+    if nest is not None and nest.short_level == 0 and b_seed in sub.seeds:
+        sub = sub_plan(plan, keep, plan.seeds, "auto", level=1)
     count = seeds_needed(sub.design.cells, sub.names, len(sub.seeds), sub.nesting is not None)
     if count > len(sub.seeds):
         more = [sub.seeds[-1] + 1 + i for i in range(count - len(sub.seeds))]
@@ -251,29 +264,33 @@ def check(table: pd.DataFrame, result: Analysis, names: list[str], gap: float | 
 
 
 def held_check(
-    table: pd.DataFrame, result: Analysis, names: list[str], b_value, b_seed=None
+    table: pd.DataFrame, result: Analysis, names: list[str], value, seed=None, level: int = 1
 ) -> Check:
-    """B against the confirmation's cell with every confirmed factor at B's level.
+    """A run against the confirmation's cell with every confirmed factor at that run's level.
 
-    They differ only in the screened-out factors, so this is those factors' joint effect at
-    full fidelity: beyond noise, the screen ruled out something that matters. The cell's run of
-    B's seed is the fairer twin (same initialisation and split): used where there is one.
+    `level` 1: B (the others held at A's levels), 0: A (held at B's). The two differ only in the
+    screened-out factors, so this is those factors' joint effect at full fidelity: beyond noise,
+    the screen ruled out something that matters. The cell's run of the run's seed is the fairer
+    twin (same initialisation and split): used where there is one.
     """
-    at_b = table.loc[(table[names] == 1).all(axis=1)]
-    same = at_b.loc[at_b.seed == b_seed, result.metric].dropna() if "seed" in at_b else []
-    cell = same if len(same) else at_b[result.metric].dropna()
+    run = "AB"[level]
+    at = table.loc[(table[names] == level).all(axis=1)]
+    same = at.loc[at.seed == seed, result.metric].dropna() if "seed" in at else []
+    cell = same if len(same) else at[result.metric].dropna()
     sd, dof = result.seed_sd, result.dof
-    if b_value is None or cell.empty or not math.isfinite(sd) or dof <= 0:
-        return Check(math.nan, math.nan, math.nan, True, "B check impossible: no noise estimate")
-    joint = float(b_value - cell.mean())
+    if value is None or cell.empty or not math.isfinite(sd) or dof <= 0:
+        return Check(
+            math.nan, math.nan, math.nan, True, f"{run} check impossible: no noise estimate"
+        )
+    joint = float(value - cell.mean()) * (1 if level else -1)  # B's levels minus A's
     spread = math.sqrt(2) if len(same) else math.sqrt(1 + 1 / len(cell))
     noise = float(stats.t.ppf(0.975, dof)) * sd * spread
     ok = abs(joint) <= noise
-    twin = f"its seed-{b_seed} run" if len(same) else f"its {len(cell)} runs"
+    twin = f"its seed-{seed} run" if len(same) else f"its {len(cell)} runs"
     line = (
-        f"B check: the screened-out changes together moved {result.metric} by {joint:+.4f} "
-        f"(+- {noise:.4f}) at full fidelity (B against the confirmation's all-B cell, {twin}): "
-        + ("within noise" if ok else "the screen missed it")
+        f"{run} check: the screened-out changes together moved {result.metric} by {joint:+.4f} "
+        f"(+- {noise:.4f}) at full fidelity ({run} against the confirmation's all-{run} cell, "
+        f"{twin}): " + ("within noise" if ok else "the screen missed it")
     )
     return Check(joint, joint, noise, ok, line)
 
