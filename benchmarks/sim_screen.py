@@ -12,9 +12,9 @@ curve (late < 0) only once LATE_AT epochs of full data are past. A run is its co
 the seed-0 runs of their configs. Each blame goes through the real screening.decide, then
 analysis.analyze on the confirmation and screening.held_check (B against the all-B cell's run of
 its seed, or A against the all-A cell's where the confirmation holds the others at B's levels
-to reuse B's longer run), or the whole design where a check fails; the screen's epochs and the confirmed factors
-are chosen as choose_fidelity and run_screen choose them, on every training case (`--cases`:
-a share, for comparison).
+to reuse B's longer run), or the whole design where a check fails; the screen's epochs and the
+confirmed factors are chosen as choose_fidelity and run_screen choose them, on every training
+case (`--cases`: a share, for comparison).
 
 Per scenario: the family-wise false-verdict rate of the final report (a term planted at zero
 called hurt or helped), the power (every planted harm called hurt), how often each check failed,
@@ -299,7 +299,7 @@ def one_blame(scenario: Scenario, full, screened, index: dict, cases=1.0, refere
         run.held = 0
         final_cells, final, result = run.analyse(everything)
         trained |= run.trainings(everything, final_cells)
-    row = verdict_row(scenario, keep if check else everything, result, "", held * check)
+    row = verdict_row(scenario, keep if check else everything, result, "", run.held)
     if reference:
         row |= verdict_row(scenario, everything, run.analyse(everything)[2], " full")
     spent = screen_runs * cases * SCREEN_PIXELS * epochs + run.cost(trained)

@@ -147,13 +147,15 @@ def confirmation(plan: Plan, keep: list[int], b_seed: int | None = None) -> Plan
 
     The others are held at A's levels, so A is one of its runs; or at B's where the
     confirmation reads an epochs factor from histories and B trained the longer budget at one
-    of its seeds: then B, its all-B cell, is a run it reuses whole, while A's shorter run would
-    only repeat the first epochs of a run it trains anyway.
+    of its seeds, and the epochs stay nested at B's levels: then B, its all-B cell, is a run it
+    reuses whole, while A's shorter run would only repeat the first epochs of a run it trains.
     """
     sub = sub_plan(plan, keep, plan.seeds, "auto")
     nest = sub.nesting
     if nest is not None and nest.short_level == 0 and b_seed in sub.seeds:
-        sub = sub_plan(plan, keep, plan.seeds, "auto", level=1)
+        at_b = sub_plan(plan, keep, plan.seeds, "auto", level=1)
+        # B's levels of the others may anneal over max_epochs: then both budgets would train
+        sub = at_b if at_b.nesting is not None else sub
     count = seeds_needed(sub.design.cells, sub.names, len(sub.seeds), sub.nesting is not None)
     if count > len(sub.seeds):
         more = [sub.seeds[-1] + 1 + i for i in range(count - len(sub.seeds))]
