@@ -42,6 +42,7 @@ class Plan:
     run_names: tuple[str, str] = ("", "")  # A's and B's, for titles
     fingerprint: str | None = None  # A's data: cells train on it, and reuse only runs on it
     held: int = 0  # the level (0: A's, 1: B's) of the factors a confirmation leaves out
+    nest_epochs: bool = True  # False (`--train-every-budget`): no plan derived from it nests
     lines: list[str] = field(default_factory=list)
 
     @property
@@ -137,7 +138,7 @@ def make_plan(
         launcher, scheme.first(first_seed, per_cell), rounds, auto, budget,
     )  # fmt: skip
     plan.add_cells(chosen.cells)
-    why = None
+    plan.nest_epochs, why = nest_epochs, None
     if nest_epochs:
         plan.nesting, why = plan_nesting(plan)
     plan.train_images = int(runs[run_a].data.tags.get("dataset.train_images", 0))

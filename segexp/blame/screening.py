@@ -121,7 +121,7 @@ def sub_plan(
         share = fidelity.fraction * pixel_share(plan, fidelity.image_size)
         sub.train_images = max(1, round(plan.train_images * share))
     sub.add_cells(sub.design.cells)
-    if not fidelity:
+    if not fidelity and plan.nest_epochs:
         sub.nesting, why = plan_nesting(sub)
         sub.lines += [why] if why else []
     return sub
