@@ -13,11 +13,10 @@ import numpy as np
 import pandas as pd
 
 from segexp.evaluation import lower_is_better
-from segexp.plots import figure, save
 
 from .analysis import SIGNIFICANT, Analysis, LeftOut, Takeoff
+from .forest import plot_forest
 
-COLORS = {"hurt": "tab:red", "helped": "tab:green"}
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as a formula
 NOTE_LIMIT = 5000  # characters MLflow keeps in a tag value on every store
 
@@ -195,33 +194,6 @@ def effects_markdown(analysis: Analysis, labels: dict) -> list[str]:
     return lines
 
 
-def plot_forest(
-    analysis: Analysis, path: Path, factor_labels: dict[str, str] | None = None
-) -> Path:
-    """Forest plot: one row per term, point and CI coloured by verdict, zero line."""
-    table = analysis.effects
-    table = table[(table.kind != "interaction") | table.effect.notna()]  # no rows of NaN pairs
-    fig, ax = figure(figsize=(8, 1.2 + 0.35 * len(table)))
-    y = np.arange(len(table))[::-1]
-    for yi, row in zip(y, table.itertuples(), strict=True):
-        if np.isnan(row.effect):
-            ax.text(0, yi, row.verdict, ha="center", va="center", color="tab:gray", fontsize=8)
-            continue
-        color = COLORS.get(row.verdict, "tab:gray")
-        if not np.isnan(row.ci_low):
-            ax.plot([row.ci_low, row.ci_high], [yi, yi], color=color, lw=2)
-        ax.plot(row.effect, yi, "o", color=color)
-    ax.axvline(0, color="black", lw=0.8)
-    names = [named(t, factor_labels or {}) for t in table.term]
-    labels = (
-        [f"{s}. {t}" for s, t in zip(table.step, names, strict=True)] if "step" in table else names
-    )
-    level = f"{100 * (1 - analysis.alpha):.4g}%"
-    ax.set(yticks=y, yticklabels=labels, xlabel=f"effect on {analysis.metric} (B - A), {level} CI")
-    ax.set_title("red: hurt, green: helped, grey: within noise (Holm-adjusted)", fontsize=9)
-    return save(fig, path)
-
-
 def left_out_lines(analysis: Analysis, labels: dict) -> list[str]:
     """The runs left out, one line each, and how often training took off per factor level."""
     lines = [f"- {left_out_line(run, analysis, labels)}" for run in analysis.left_out]
@@ -315,7 +287,7 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(analysis.effects, out_dir / "effects.csv")
-    plot_forest(analysis, out_dir / "effects.png", labels)
+    plot_forest(analysis, out_dir / "effects.png", lambda term: named(term, labels))
     context = [line for line in context or [] if not line.startswith("factors (")]
     lines = [f"# {title}", "", headline(analysis, labels, trainings, minutes), ""]
     if analysis.left_out or analysis.takeoff:
