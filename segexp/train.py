@@ -175,6 +175,21 @@ def default_output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.work_dir) / "outputs" / f"{stamp}-{uuid.uuid4().hex[:6]}"
 
 
+def print_where(cfg: DictConfig, client, run, final: dict, output_dir: Path) -> None:
+    """The run's id, its optimized metric, its outputs and where to browse it."""
+    server = client.tracking_uri.startswith(("http://", "https://"))
+    ui = "" if server else f"segexp ui --work-dir {Path(cfg.work_dir).resolve()}, then "
+    url = tracking.experiment_url(
+        client.tracking_uri if server else "http://127.0.0.1:5000", run.experiment_id
+    )
+    metric = cfg.optimized_metric
+    print(
+        f"\nrun {run.run_id} in experiment '{cfg.tracking.experiment}':"
+        f" {metric}={final.get(metric, float('nan')):.4f} (epoch {final['best_epoch']})"
+        f"\noutputs: {output_dir}\nbrowse: {ui}{url}"
+    )
+
+
 def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Train one run, log it to MLflow; returns `run_id` and the restored best epoch's metrics."""
     overrides = list(overrides or [])
@@ -225,17 +240,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             run, trainer, module, datamodule, output_dir, cfg.tracking
         )
     final["run_id"] = run.run_id
-    server = client.tracking_uri.startswith(("http://", "https://"))
-    ui = "" if server else f"segexp ui --work-dir {Path(cfg.work_dir).resolve()}, then "
-    url = tracking.experiment_url(
-        client.tracking_uri if server else "http://127.0.0.1:5000", run.experiment_id
-    )
-    metric = cfg.optimized_metric
-    print(
-        f"\nrun {run.run_id} in experiment '{cfg.tracking.experiment}':"
-        f" {metric}={final.get(metric, float('nan')):.4f} (epoch {final['best_epoch']})"
-        f"\noutputs: {output_dir}\nbrowse: {ui}{url}"
-    )
+    print_where(cfg, client, run, final, output_dir)
     return final
 
 

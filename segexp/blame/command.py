@@ -65,6 +65,13 @@ class BlameResult:
         return self.analysis.effects
 
 
+def screened_out(plan: Plan, used: Plan, probe: Plan) -> list[str]:
+    """The factors the screen ruled out, each with the screen's fidelity and the level held."""
+    detail = probe.cells.tags[tags.FIDELITY_DETAIL]
+    held = [n for n in plan.names if n not in used.names]
+    return [f"{n} (at {detail}; held at {'AB'[used.held]}'s level)" for n in held]
+
+
 def blame(
     client: MlflowClient,
     artifact_root: str,
@@ -126,10 +133,7 @@ def blame(
         flat = evidence.stalled(client, result.results)
         result.analysis = analyse(used, result.results, decision, floors, flat)
         if screened and used is not plan:
-            held = [n for n in plan.names if n not in used.names]
-            detail = probe.cells.tags[tags.FIDELITY_DETAIL]
-            at = f"; held at {'AB'[used.held]}'s level"
-            result.analysis.screened_out = [f"{n} (at {detail}{at})" for n in held]
+            result.analysis.screened_out = screened_out(plan, used, probe)
         result.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="segexp-blame-"))
         write_outputs(client, used, result, decision, parent, cases)
     return result
