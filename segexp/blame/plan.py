@@ -144,15 +144,21 @@ def make_plan(
     plan.train_images = int(runs[run_a].data.tags.get("dataset.train_images", 0))
     plan.run_names = (runs[run_a].info.run_name, runs[run_b].info.run_name)
     plan.fingerprint = data[0]
-    plan.lines = describe(plan) + ([why] if why else [])
+    plan.lines = describe(plan) + ([why] if why else []) + data_lines(plan, data, config_a)
+    return plan
+
+
+def data_lines(plan: Plan, data: list[str | None], config_a) -> list[str]:
+    """What `--dry-run` says of A's and B's data and of the compute planned."""
+    lines = []
     if data[0] != data[1]:
-        plan.lines.append(
+        lines.append(
             f"A and B saw different data (dataset fingerprints {data[0]} and {data[1]}): every "
             f"cell trains on A's ({config_a['dataset'].get('root')}), so the data is no factor"
         )
     if plan.train_images:
-        plan.lines.append(compute_line(plan, cost(plan, plan.planned()), "planned at most"))
-    return plan
+        lines.append(compute_line(plan, cost(plan, plan.planned()), "planned at most"))
+    return lines
 
 
 def plan_nesting(plan: Plan) -> tuple[Nesting | None, str | None]:
