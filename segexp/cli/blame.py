@@ -86,8 +86,9 @@ def blame_command(add) -> None:
     command.add_argument(
         "--train-every-budget",
         action="store_true",
-        help="train both levels of a trainer.max_epochs factor (default: read the smaller "
-        "budget from the larger budget's per-epoch history where nothing depends on it)",
+        help="train both levels of a trainer.max_epochs factor, also in a screen's "
+        "confirmation (default: read the smaller budget from the larger budget's per-epoch "
+        "history where nothing depends on it)",
     )
     command.add_argument(
         "--fidelity",
