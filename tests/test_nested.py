@@ -59,20 +59,18 @@ def test_a_schedule_annealed_over_max_epochs_trains_both_budgets(work_dir, hc18_
     assert found is None and "not a best-epoch metric" in why
 
 
-@pytest.mark.parametrize("nest_epochs", [True, False])
-def test_train_every_budget_holds_for_the_confirmation_too(
-    work_dir, client, hc18_root, nest_epochs
-):
+def test_train_every_budget_holds_for_the_confirmation_too(work_dir, client, hc18_root):
     a = recorded_run(work_dir, hc18_root, "debug=tiny", "seed=1", "trainer.max_epochs=2")
     b = recorded_run(
         work_dir, hc18_root, "debug=tiny", "seed=1", "trainer.max_epochs=4", "optimizer.lr=0.1"
     )
-    plan = make_plan(client, a, b, None, 2, "full", [], None, work_dir, nest_epochs)
-    confirm = screening.confirmation(plan, list(range(len(plan.names))), b_seed=1)
-    assert (plan.nesting is not None, confirm.nesting is not None) == (nest_epochs,) * 2
-    # nested, B's 4-epoch runs hold the 2-epoch cells: 2 runs a seed, else all 4 train
-    runs = 2 if nest_epochs else 4
-    assert len(confirm.planned()) == runs * len(confirm.seeds)
+    for nest_epochs in (True, False):
+        plan = make_plan(client, a, b, None, 2, "full", [], None, work_dir, nest_epochs)
+        confirm = screening.confirmation(plan, list(range(len(plan.names))), b_seed=1)
+        assert (plan.nesting is not None, confirm.nesting is not None) == (nest_epochs,) * 2
+        # nested, B's 4-epoch runs hold the 2-epoch cells: 2 runs a seed, else all 4 train
+        runs = 2 if nest_epochs else 4
+        assert len(confirm.planned()) == runs * len(confirm.seeds)
 
 
 @pytest.mark.slow
