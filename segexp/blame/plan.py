@@ -136,9 +136,10 @@ def make_plan(
         run_a, run_b, change, chosen, factors.Cells(change, extra, tags=FULL, replicate=scheme),
         metric or config_a["optimized_metric"], config_a["tracking"]["experiment"], work_dir,
         launcher, scheme.first(first_seed, per_cell), rounds, auto, budget,
+        nest_epochs=nest_epochs,
     )  # fmt: skip
     plan.add_cells(chosen.cells)
-    plan.nest_epochs, why = nest_epochs, None
+    why = None
     if nest_epochs:
         plan.nesting, why = plan_nesting(plan)
     plan.train_images = int(runs[run_a].data.tags.get("dataset.train_images", 0))
