@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from helpers import SHARED_HC18, make_cfg, shared_hc18_count
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -334,12 +335,40 @@ def test_check_data_prints_summary_or_fails_with_the_file(hc18_root, tmp_path, c
         ("dataset.batch_size=0", "dataset.batch_size"),
         ("dataset.val_fraction=1.5", "dataset.val_fraction"),
         ("dataset.normalize=zscore", "dataset.normalize"),
+        ("dataset.oversample_factor=3", "dataset.oversample_factor"),
+        ("dataset.oversample_factor=0.5", "dataset.oversample_factor"),
     ],
 )
 def test_bad_dataset_values_name_their_key(override, key, hc18_root, tmp_path):
     cfg = make_cfg(tmp_path, f"dataset.root={hc18_root}", override)
     with pytest.raises((ValueError, InstantiationException), match=key):
         instantiate(cfg.dataset).setup()
+
+
+def test_oversampling_draws_large_heads_as_often_as_asked(hc18_root):
+    dm = datamodule(hc18_root, oversample_hc_mm=0.0, oversample_factor=4.0)
+    dm.setup()
+    hc = sorted(dm.cases[i].hc_mm for i in dm.train_idx)
+    threshold = hc[len(hc) // 2]  # the upper half of the training heads are "large"
+    dm.oversample = (threshold, 4.0)
+    large = sum(h >= threshold for h in hc) / len(hc)
+    torch.manual_seed(0)
+    drawn = [h for _ in range(60) for b in dm.train_dataloader() for h in b["hc_mm"].tolist()]
+    share = np.mean(np.array(drawn) >= threshold)
+    expected = 4 * large / (4 * large + 1 - large)
+    assert abs(share - expected) < 0.05, (share, expected, large)
+    assert len(drawn) == 60 * (len(hc) // dm.batch_size) * dm.batch_size  # epoch length kept
+    plain = datamodule(hc18_root)
+    plain.setup()
+    assert (
+        plain.train_weights() is None
+        and plain.train_dataloader().sampler.__class__.__name__ == ("RandomSampler")
+    )
+
+
+def test_oversampling_needs_head_sizes(lgg_root):
+    with pytest.raises(ValueError, match="dataset.oversample_hc_mm"):
+        datamodule(lgg_root, "lgg", oversample_hc_mm=200.0, oversample_factor=2.0)
 
 
 # ---------------------------------------------------------------- cache

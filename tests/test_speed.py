@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +61,32 @@ def test_auto_probes_once_then_reads_the_cache(tmp_path):
     # another input shape is another model shape: probed and cached on its own
     speed.resolve("auto", AUTO, net, (2, 3, 64, 64), tmp_path)
     assert len(cache_files(tmp_path)) == 2
+
+
+def test_a_probe_sharing_the_cpu_is_used_but_not_cached(tmp_path):
+    net = tiny_net()
+    # real load: one busy process per core the probe may use
+    load = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(len(os.sched_getaffinity(0)))
+    ]
+    try:
+        time.sleep(0.5)
+        loaded = speed.resolve("auto", AUTO, net, SHAPE, tmp_path)
+    finally:
+        for busy in load:
+            busy.kill()
+            busy.wait()
+    assert loaded.figures["speed.source"] == "probe (contended)", loaded.figures
+    assert float(loaded.figures["speed.contended"].split()[2]) > speed.CONTENDED_SHARE
+    assert f"speed.img_s.{Mode(loaded.precision, loaded.channels_last).name}" in loaded.figures
+    assert not any(
+        "img_s" in speed.load_cache(f) and speed.load_cache(f)["img_s"]
+        for f in cache_files(tmp_path)
+    )
+    idle = speed.resolve("auto", AUTO, net, SHAPE, tmp_path)
+    assert idle.figures["speed.source"] == "probe" and "speed.contended" not in idle.figures
+    assert speed.resolve("auto", AUTO, net, SHAPE, tmp_path).figures["speed.source"] == "cache"
 
 
 @pytest.mark.parametrize("fastest", ["32-true/channels_last", "bf16-mixed/contiguous"])

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
 from segexp import performance
 from segexp.evaluation import pixel_spacings, shape_ranges
@@ -100,6 +100,9 @@ class SegDataModule(pl.LightningDataModule):
         hc_boundary_offset_px: how far this dataset's filled masks extend beyond the ellipse its
             reference HC measures (see `segexp.evaluation.ellipse_from_mask`); HC18 layout only.
         train_transform: an albumentations transform applied to training items only.
+        oversample_hc_mm / oversample_factor: draw training heads of at least `oversample_hc_mm`
+            reference HC `oversample_factor` times as often as the others (with replacement, the
+            epoch's length unchanged); HC18 layout only, one process.
     """
 
     def __init__(
@@ -124,6 +127,8 @@ class SegDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         hc_boundary_offset_px: float = 0.0,
         train_transform: A.BasicTransform | A.Compose | None = None,
+        oversample_hc_mm: float | None = None,
+        oversample_factor: float = 1.0,
     ):
         super().__init__()
         if layout not in SCANNERS:
@@ -139,6 +144,14 @@ class SegDataModule(pl.LightningDataModule):
             raise ValueError(f"dataset.train_fraction must be in (0, 1], got {train_fraction}")
         if batch_size < 1:
             raise ValueError(f"dataset.batch_size must be >= 1, got {batch_size}")
+        if oversample_factor < 1 or (oversample_factor > 1 and oversample_hc_mm is None):
+            raise ValueError(
+                "dataset.oversample_factor must be >= 1 and needs dataset.oversample_hc_mm, got "
+                f"{oversample_factor} with oversample_hc_mm={oversample_hc_mm}"
+            )
+        if oversample_hc_mm is not None and layout != "hc18":
+            raise ValueError("dataset.oversample_hc_mm needs head sizes: HC18 layout only")
+        self.oversample = (oversample_hc_mm, oversample_factor)
         self.name, self.layout, self.root = name, layout, Path(root)
         self.channels, self.image_size, self.batch_size = channels, image_size, batch_size
         self.num_workers, self.normalize = num_workers, normalize
@@ -253,10 +266,24 @@ class SegDataModule(pl.LightningDataModule):
             "load_seconds": round(self.load_seconds, 2),
         }
 
+    def train_weights(self) -> np.ndarray | None:
+        """Per training item, its relative chance of being drawn; None: plain shuffling."""
+        threshold, factor = self.oversample
+        if threshold is None or factor == 1:
+            return None
+        hc = np.array([self.cases[i].hc_mm for i in self.train_idx], float)
+        return np.where(hc >= threshold, factor, 1.0)
+
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         sampler = None
         trainer = getattr(self, "trainer", None)
-        if shuffle and trainer is not None and trainer.world_size > 1:
+        weights = self.train_weights() if dataset is getattr(self, "train_set", None) else None
+        if weights is not None:
+            if trainer is not None and trainer.world_size > 1:
+                raise ValueError("dataset.oversample_factor > 1 runs in one process, not DDP")
+            # torch's global generator draws: Lightning seeds it, so a seed repeats its draws
+            sampler = WeightedRandomSampler(weights.tolist(), len(weights), replacement=True)
+        elif shuffle and trainer is not None and trainer.world_size > 1:
             # DDP: shard training only (trainer=ddp turns Lightning's sampler off), so every
             # rank validates all cases and the per-case tables need no gathering.
             sampler = DistributedSampler(

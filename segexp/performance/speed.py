@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
@@ -30,6 +31,10 @@ from .probe import Mode, bf16_emulated, probe, probe_batches, probe_compile, pro
 AUTO = "auto"
 CPU_PRECISIONS = ("32-true", "bf16-mixed")
 PROBE_VERSION = 2  # part of the cache key: bump when what the probe measures changes
+# A CPU probe during which other processes kept more than this share of our cores busy shared
+# them (2-core Xeon beside one training: ~0.5, and resnet18 bf16 timed at 4.2 img/s against 49
+# idle): its figures are used for this run, never cached.
+CONTENDED_SHARE = 0.25
 COMPILE_MIN_SPEEDUP = 1.10  # below this the measured gain is within the noise of a shared CPU
 # A compile probe costs about a minute (twice: at probe shape, then at the training shape), so
 # `compile=auto` measures it only for runs expected to take longer than this without it.
@@ -129,27 +134,61 @@ def resolve_compile(value, entry: dict, net, sample_shape, device, mode: Mode, s
     return on, figures
 
 
+def busy_seconds(cpus: list[int]) -> tuple[float, float]:
+    """CPU seconds spent so far on `cpus` by every process (idle and I/O wait left out), and by
+    this one."""
+    per_cpu = psutil.cpu_times(percpu=True)
+    machine_busy = sum(
+        sum(per_cpu[i]) - per_cpu[i].idle - getattr(per_cpu[i], "iowait", 0.0) for i in cpus
+    )
+    own = psutil.Process().cpu_times()
+    return machine_busy, own.user + own.system
+
+
+def others_share_of(run):
+    """`run()`'s result and the share of this process's CPUs that other processes kept busy
+    meanwhile (0 on an idle machine, ~0.5 beside a training on the same cores)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cpus = cpus or list(range(psutil.cpu_count() or 1))
+    wall, (busy, own) = time.perf_counter(), busy_seconds(cpus)
+    result = run()
+    elapsed = max(time.perf_counter() - wall, 1e-9)
+    busy_after, own_after = busy_seconds(cpus)
+    others = (busy_after - busy) - (own_after - own)
+    return result, max(others, 0.0) / (elapsed * len(cpus))
+
+
 def measure_modes(
     entry: dict, net: nn.Module, sample_shape, device, modes: list[Mode], figures: dict
 ) -> tuple[dict[Mode, float], str]:
     """img/s of `modes` from the cache `entry`, probing (into `entry`) when it lacks one.
 
-    Also where they came from (`cache` or `probe`). Where the precision is a choice and a
-    micro-probe finds bf16 emulated, bf16 modes are left out (noted in `figures`).
+    Also where they came from: `cache`, `probe`, or `probe (contended)` when a CPU probe shared
+    the cores with other work (then nothing it measured is kept in `entry`). Where the precision
+    is a choice and a micro-probe finds bf16 emulated, bf16 modes are left out (in `figures`).
     """
     measured = entry.setdefault("img_s", {})  # by Mode.name, as old caches have them
-    source = "cache"
+    source, fresh = "cache", {}
     choosing_precision = len({m.precision for m in modes}) > 1
     if any(m.name not in measured for m in modes):
         source = "probe"
         if choosing_precision and "bf16_emulated" not in entry:
-            entry["bf16_emulated"] = bf16_emulated(device)
-    if choosing_precision and entry.get("bf16_emulated"):
+            fresh["bf16_emulated"] = bf16_emulated(device)
+    if choosing_precision and {**entry, **fresh}.get("bf16_emulated"):
         modes = [m for m in modes if m.precision != "bf16-mixed"]
         figures["speed.bf16"] = "skipped: emulated (micro-probe)"
     if any(m.name not in measured for m in modes):
-        measured.update({m.name: v for m, v in probe(net, sample_shape, device, modes).items()})
+        found, others = others_share_of(lambda: probe(net, sample_shape, device, modes))
+        if device.type == "cpu" and others > CONTENDED_SHARE:
+            figures["speed.contended"] = f"others used {others:.2f} of the cpus: not cached"
+            print(
+                f"speed probe shared the CPU: other processes used {others:.0%} of it meanwhile; "
+                "its choice is used for this run, not cached (trainer.precision pins it)"
+            )
+            return {m: found.get(m, measured.get(m.name)) for m in modes}, "probe (contended)"
+        measured.update({m.name: v for m, v in found.items()})
         entry.update(machine=machine(device), torch=torch.__version__)
+    entry.update(fresh)
     return {m: measured[m.name] for m in modes if m.name in measured}, source
 
 
