@@ -4,6 +4,7 @@ store per test. Helpers that are not fixtures live in helpers.py."""
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, open_dict
 
 from segexp import config, data, tracking
+from segexp.performance import speed
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +62,10 @@ def cfg(tiny_cfg, work_dir, hc18_root) -> DictConfig:
         cfg.work_dir = str(work_dir)
         cfg.dataset.root = str(hc18_root)
     return cfg
+
+
+@pytest.fixture
+def any_load_is_idle(monkeypatch):
+    """Speed probes cache whatever else runs (CI and `make test` may share the cores), for the
+    tests of caching itself; the contended case has its own test."""
+    monkeypatch.setattr(speed, "CONTENDED_SHARE", math.inf)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
 import sys
@@ -42,13 +41,6 @@ def test_explicit_settings_probe_nothing(tmp_path):
     assert not (tmp_path / "speed").exists() and time.perf_counter() - start < 0.5
 
 
-@pytest.fixture
-def any_load_is_idle(monkeypatch):
-    """Probes cache whatever else runs (CI and `make test` may share the cores), for the tests of
-    caching itself; the contended case has its own test."""
-    monkeypatch.setattr(speed, "CONTENDED_SHARE", math.inf)
-
-
 def test_auto_probes_once_then_reads_the_cache(tmp_path, any_load_is_idle):
     net = tiny_net()
     first = speed.resolve("auto", AUTO, net, SHAPE, tmp_path)
@@ -75,7 +67,7 @@ def test_a_probe_sharing_the_cpu_is_used_but_not_cached(tmp_path, monkeypatch):
     # real load: one busy process per core the probe may use
     load = [
         subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        for _ in range(len(os.sched_getaffinity(0)))
+        for _ in range(runtime.usable_cores())
     ]
     try:
         time.sleep(0.5)

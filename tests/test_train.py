@@ -28,7 +28,6 @@ from segexp.config import ConfigError
 from segexp.data import DataError
 from segexp.evaluation import case_table
 from segexp.models import build_net
-from segexp.performance import speed
 from segexp.train import build_datamodule, build_module, resolve_speed, train
 
 EXPERIMENTS = sorted(p.stem for p in (config.CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -497,8 +496,7 @@ def test_bf16_dice_matches_fp32_after_the_same_epochs(work_dir, client, tmp_path
     assert gap < 0.03, (fp32["val/dice_best"], bf16["val/dice_best"])
 
 
-def test_precision_and_channels_last_auto_are_resolved_and_recorded(cfg, client, monkeypatch):
-    monkeypatch.setattr(speed, "CONTENDED_SHARE", math.inf)  # cached even on a loaded machine
+def test_precision_and_channels_last_auto_are_resolved_and_recorded(cfg, client, any_load_is_idle):
     cfg.trainer.max_epochs = 1
     # debug=tiny fixes them; compile stays off
     cfg.trainer.precision, cfg.performance.channels_last = "auto", "auto"

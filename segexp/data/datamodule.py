@@ -274,10 +274,10 @@ class SegDataModule(pl.LightningDataModule):
         hc = np.array([self.cases[i].hc_mm for i in self.train_idx], float)
         return np.where(hc >= threshold, factor, 1.0)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, weights=None) -> DataLoader:
+        """Batches of `dataset`; `weights` (per item) draw it with replacement instead."""
         sampler = None
         trainer = getattr(self, "trainer", None)
-        weights = self.train_weights() if dataset is getattr(self, "train_set", None) else None
         if weights is not None:
             if trainer is not None and trainer.world_size > 1:
                 raise ValueError("dataset.oversample_factor > 1 runs in one process, not DDP")
@@ -304,7 +304,7 @@ class SegDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, shuffle=True, weights=self.train_weights())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

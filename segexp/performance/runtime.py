@@ -13,10 +13,15 @@ import torch
 from torch import nn
 
 
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity on Linux, else all of them)."""
+def usable_cpus() -> list[int]:
+    """The ids of the CPUs this process may run on (its affinity on Linux, else all of them)."""
     affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity else os.cpu_count() or 1
+    return sorted(affinity(0)) if affinity else list(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    """How many CPU cores this process may run on."""
+    return len(usable_cpus())
 
 
 def loader_settings(device: str | torch.device, cores: int | None = None) -> dict:

@@ -27,6 +27,7 @@ from torch import nn
 from segexp.files import atomic_write_text
 
 from .probe import Mode, bf16_emulated, probe, probe_batches, probe_compile, probe_shape
+from .runtime import usable_cpus
 
 AUTO = "auto"
 CPU_PRECISIONS = ("32-true", "bf16-mixed")
@@ -148,9 +149,8 @@ def busy_seconds(cpus: list[int]) -> tuple[float, float]:
 def others_share_of(run):
     """`run()`'s result and the share of this process's CPUs that other processes kept busy
     meanwhile (about 0 on an idle machine)."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     online = len(psutil.cpu_times(percpu=True))  # psutil lists online CPUs in id order
-    cpus = [i for i in cpus or range(online) if i < online] or list(range(online))
+    cpus = [i for i in usable_cpus() if i < online] or list(range(online))
     wall, (busy, own) = time.perf_counter(), busy_seconds(cpus)
     result = run()
     elapsed = max(time.perf_counter() - wall, 1e-9)
@@ -186,7 +186,7 @@ def measure_modes(
                 f"speed probe shared the CPU: other processes used {others:.0%} of it meanwhile; "
                 "its choice is used for this run, not cached (trainer.precision pins it)"
             )
-            return {m: found.get(m, measured.get(m.name)) for m in modes}, "probe (contended)"
+            return found, "probe (contended)"  # the probe timed every mode asked for
         measured.update({m.name: v for m, v in found.items()})
         entry.update(machine=machine(device), torch=torch.__version__)
     entry.update(fresh)
