@@ -2,12 +2,14 @@
 
 A rename within one folder is atomic on POSIX file systems: a concurrent reader (another sweep
 job, a resumed run) finds the old file, the new one or none, never a half-written one, and a
-process killed mid-write leaves the old file as it was.
+process killed mid-write leaves the old file as it was. `file_lock` serializes what must not run
+at once (a fresh store's migration, a speed probe).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import sys
@@ -107,3 +109,13 @@ def output_to(path: str | Path) -> Iterator[Path]:
         for fd, copy in zip((1, 2), saved, strict=True):
             os.dup2(copy, fd)
             os.close(copy)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created), held for the duration of the block."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

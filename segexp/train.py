@@ -43,6 +43,13 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(f"optimized_metric={cfg.get('optimized_metric')!r} must name a metric")
     if cfg.checkpoint.mode not in ("min", "max"):
         raise ConfigError(f"checkpoint.mode={cfg.checkpoint.mode!r} must be 'min' or 'max'")
+    devices = cfg.trainer.get("devices")
+    several = "ddp" in str(cfg.trainer.get("strategy")) or (
+        isinstance(devices, int) and devices > 1
+    )
+    if several and (cfg.dataset.get("oversample_factor") or 1) > 1:
+        # its sampler draws with replacement in one process; DDP shards a plain permutation
+        raise ConfigError("dataset.oversample_factor > 1 trains in one process, not with DDP")
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):

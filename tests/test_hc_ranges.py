@@ -44,6 +44,7 @@ def known_cases() -> pd.DataFrame:
             "hc_error_mm": errors,
             "hc_abs_error_mm": np.abs(errors),
             "hc_flag": [False, False, True, False, False, True],
+            "pixel_size_mm": [0.1, 0.1, 0.2, 0.2, 0.1, 0.25],
         }
     )
 
@@ -80,6 +81,10 @@ def test_hc_metrics_per_head_size_range_on_known_errors():
     table = hc_range_table(cases.sample(frac=1, random_state=0))  # any row order
     assert table.hc_range.tolist() == ["lt100", "100_200", "gt300"]
     assert table.images.tolist() == [2, 3, 1] and table.hc_flagged.tolist() == [0, 1, 1]
+    # |error| / HC in %, and / pixel size: the original image's pixels
+    pct = [(1 / 80 + 3 / 90) / 2, (12 / 150 + 2 / 199.9 + 2 / 100) / 3, 11 / 320]
+    assert table.hc_mae_pct.tolist() == pytest.approx([100 * p for p in pct])
+    assert table.hc_mae_px.tolist() == pytest.approx([20.0, 30.0, 44.0])
 
 
 def test_every_range_logs_a_last_value_beside_its_best():
@@ -135,11 +140,15 @@ def test_range_report_prints_each_range_with_images_then_all():
         "10",
         "mm",
         "flagged",
+        "MAE",
+        "%",
+        "MAE",
+        "px",
     ]
-    rows = [line.rsplit(None, 5) for line in lines[1:]]
+    rows = [line.rsplit(None, 7) for line in lines[1:]]
     assert [row[0].strip() for row in rows] == ["< 100 mm", "100-200 mm", "> 300 mm", "all"]
-    assert rows[1][1:] == ["3", "5.33", "+4.00", "1", "1"]
-    assert rows[3][1:] == ["6", "5.17", "-0.17", "2", "2"]
+    assert rows[1][1:] == ["3", "5.33", "+4.00", "1", "1", "3.67", "30.0"]
+    assert rows[3][1:] == ["6", "5.17", "-0.17", "2", "2", "3.17", "29.0"]
 
 
 def test_predict_flags_name_the_head_size_range_of_a_head_outside_the_training_range():

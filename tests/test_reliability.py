@@ -420,13 +420,17 @@ def test_a_loss_that_turns_nan_at_epoch_2_keeps_the_earlier_best_checkpoint(
         ("checkpoint.mode=best", "checkpoint.mode='best' must be 'min' or 'max'"),
         ("dataset.batch_size=0", "dataset: ValueError: dataset.batch_size must be >= 1, got 0"),
         ("model.features=[]", "model: IndexError"),  # a constructor that refuses its arguments
+        (
+            "trainer=ddp dataset.oversample_hc_mm=200 dataset.oversample_factor=3",
+            "dataset.oversample_factor > 1 trains in one process, not with DDP",
+        ),
     ],
 )
 def test_bad_run_values_are_refused_by_key_before_a_run_exists(
     override, named, work_dir, client, hc18_root
 ):
     with pytest.raises(ConfigError, match=re.escape(named)):
-        train(make_cfg(work_dir, "debug=tiny", f"dataset.root={hc18_root}", override))
+        train(make_cfg(work_dir, "debug=tiny", f"dataset.root={hc18_root}", *override.split()))
     assert client.search_experiments(filter_string="name = 'hc18_synthetic'") == []
 
 

@@ -89,6 +89,45 @@ def test_a_probe_sharing_the_cpu_is_used_but_not_cached(tmp_path, monkeypatch):
     assert speed.resolve("auto", AUTO, net, SHAPE, tmp_path).figures["speed.source"] == "cache"
 
 
+PROBE_WHEN_TOLD = """
+import sys, time
+from pathlib import Path
+import torch
+from segexp.models import UNet
+from segexp.performance import speed
+torch.set_num_threads(1)  # a sweep job's share of the cores
+torch.manual_seed(0)
+net = UNet(3, 1, features=[4, 8], batch_norm=True)
+go = Path(sys.argv[1])
+Path(sys.argv[3]).touch()  # imported, built: ready
+while not go.exists():
+    time.sleep(0.005)
+choice = speed.resolve("auto", {"channels_last": "auto", "compile": "false"}, net, (2, 3, 32, 32),
+                       sys.argv[2])
+print(choice.figures["speed.source"])
+"""
+
+
+def test_parallel_jobs_probe_one_at_a_time_and_share_the_figures(tmp_path):
+    go = tmp_path / "go"
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PROBE_WHEN_TOLD, str(go), str(tmp_path), str(tmp_path / f"{i}")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()  # both start probing together, as a sweep's first jobs do
+    sources = sorted(job.communicate(timeout=120)[0].strip() for job in jobs)
+    # unserialized, each probe sees the other's as load: both contended, nothing cached
+    assert sources == ["cache", "probe"], sources
+    assert speed.load_cache(cache_files(tmp_path)[0])["img_s"]
+
+
 @pytest.mark.parametrize("fastest", ["32-true/channels_last", "bf16-mixed/contiguous"])
 def test_auto_follows_the_measurement_not_the_cpu_flags(tmp_path, fastest):
     net = tiny_net()

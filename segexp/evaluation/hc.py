@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .ellipse import Ellipse, eccentricity, ellipse_from_mask, moment_ellipse, ramanujan_perimeter
-from .metrics import hc_errors, hc_range_table, hd95
+from .metrics import hc_error_scales, hc_errors, hc_range_table, hd95
 
 
 def hc_from_mask(
@@ -72,22 +72,28 @@ REPORT_COLUMNS = {
     "hc_bias_mm": "bias mm",
     "hc_outliers_10mm": "> 10 mm",
     "hc_flagged": "flagged",
+    "hc_mae_pct": "MAE %",
+    "hc_mae_px": "MAE px",
 }
 
 
 def hc_range_report(cases: pd.DataFrame) -> str:
     """A text table of `hc_range_table(cases)` (e.g. a run's val_cases.csv): per head-size range
-    the images, HC MAE, bias, images off by more than 10 mm and flagged, then all images."""
+    the images, HC MAE, bias, images off by more than 10 mm, flagged, MAE in % of the head and in
+    the original image's pixels, then all images."""
     table = hc_range_table(cases)
     labels = {r.name: r.label for r in HEAD_SIZE_RANGES}
     table.insert(0, "head size", table.pop("hc_range").map(labels))
     overall = {"head size": "all", "images": len(cases), **hc_errors(cases)}
+    overall.update(hc_error_scales(cases))
     if "hc_flag" in cases:
         overall["hc_flagged"] = int(cases.hc_flag.sum())
     table = pd.concat([table, pd.DataFrame([overall])], ignore_index=True)
     table["hc_outliers_10mm"] = table.hc_outliers_10mm.astype(int)
+    table = table[["head size", *(c for c in REPORT_COLUMNS if c in table)]]
+    formats = {"MAE mm": "{:.2f}", "bias mm": "{:+.2f}", "MAE %": "{:.2f}", "MAE px": "{:.1f}"}
     return table.rename(columns=REPORT_COLUMNS).to_string(
-        index=False, formatters={"MAE mm": "{:.2f}".format, "bias mm": "{:+.2f}".format}
+        index=False, formatters={k: v.format for k, v in formats.items()}
     )
 
 

@@ -105,13 +105,25 @@ def hc_errors(cases: pd.DataFrame) -> dict[str, float]:
     }
 
 
+def hc_error_scales(cases: pd.DataFrame) -> dict[str, float]:
+    """The MAE relative to the head (`hc_mae_pct`) and, with `pixel_size_mm`, in the original
+    image's pixels (`hc_mae_px`): a range whose mm error grows only with its pixel size has the
+    same px error as the others, and more resolution of the model would not shrink it."""
+    errors = cases.hc_error_mm.abs()
+    scales = {"hc_mae_pct": float((100 * errors / cases.hc_true_mm).mean())}
+    if "pixel_size_mm" in cases:
+        scales["hc_mae_px"] = float((errors / cases.pixel_size_mm).mean())
+    return scales
+
+
 def hc_range_table(cases: pd.DataFrame) -> pd.DataFrame:
     """One row per head-size range that has images (`hc_range`), smallest heads first: the
-    image count, `hc_errors` and, where the cases carry `hc_flag`, the flagged count."""
+    image count, `hc_errors`, `hc_error_scales` and, with `hc_flag`, the flagged count."""
     rows = []
     # sorted by reference HC, groups come in order of their smallest head
     for name, group in cases.sort_values("hc_true_mm").groupby("hc_range", sort=False):
         row = {"hc_range": name, "images": len(group), **hc_errors(group)}
+        row.update(hc_error_scales(group))
         if "hc_flag" in group:
             row["hc_flagged"] = int(group.hc_flag.sum())
         rows.append(row)

@@ -24,7 +24,7 @@ import psutil
 import torch
 from torch import nn
 
-from segexp.files import atomic_write_text
+from segexp.files import atomic_write_text, file_lock
 
 from .probe import Mode, bf16_emulated, probe, probe_batches, probe_compile, probe_shape
 from .runtime import usable_cpus
@@ -223,15 +223,20 @@ def resolve(
         for cl in ([False, True] if channels_last == AUTO else [channels_last])
     ]
     path = Path(cache_dir) / "speed" / f"{cache_key(net, sample_shape, device)}.json"
-    entry, start = load_cache(path), time.perf_counter()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # one probe at a time per cache: a sweep's parallel jobs wait (idle) for the first one's
+    # clean probe and read its figures, instead of all probing at once beside each other
+    with (
+        file_lock(path.parent / ".probe.lock"),
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+    ):
+        entry, start = load_cache(path), time.perf_counter()  # the probe's time, not the wait
         candidates, source = measure_modes(entry, net, sample_shape, device, modes, figures)
         best = max(candidates, key=candidates.get)
         seconds = run_images / candidates[best] if run_images else None
         compiled, compile_figures = resolve_compile(
             compiled, entry, net, sample_shape, device, best, seconds
         )
-    save_cache(path, entry)
+        save_cache(path, entry)
     figures.update(compile_figures)
     figures.update({f"speed.img_s.{m.name}": f"{v:.2f}" for m, v in candidates.items()})
     figures.update(

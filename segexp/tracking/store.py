@@ -7,8 +7,6 @@ points at a server.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import socket
 import time
@@ -19,6 +17,8 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+from segexp.files import file_lock
 
 from . import tags
 
@@ -183,12 +183,3 @@ def cleanup_stale_runs(client: MlflowClient, experiment_ids: list[str]) -> list[
         client.set_terminated(run.info.run_id, status="KILLED")
         marked.append(run.info.run_id)
     return marked
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock held for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
