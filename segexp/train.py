@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from segexp import config, performance, report, sweep, tracking
+from segexp.checks import check_run_values
 from segexp.config import ConfigError
 from segexp.data import DataError, SegDataModule, size_hw
 from segexp.files import atomic_path, output_to
@@ -28,28 +29,7 @@ from segexp.resume import resume_target
 def check_run_config(cfg: DictConfig) -> None:
     """Refuse, by key, the values that cannot train, before the store or any data is touched."""
     config.check_targets(cfg)
-    if OmegaConf.is_missing(cfg.dataset, "root"):
-        raise ConfigError(
-            f"dataset.root is required for dataset {cfg.dataset.name!r}: "
-            f"pass dataset.root=/path/to/{cfg.dataset.name}"
-        )
-    for key in ("seed", "trainer.max_epochs"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be an integer")
-    if cfg.trainer.max_epochs < 1:
-        raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
-    if not isinstance(cfg.get("optimized_metric"), str) or not cfg.optimized_metric:
-        raise ConfigError(f"optimized_metric={cfg.get('optimized_metric')!r} must name a metric")
-    if cfg.checkpoint.mode not in ("min", "max"):
-        raise ConfigError(f"checkpoint.mode={cfg.checkpoint.mode!r} must be 'min' or 'max'")
-    devices = cfg.trainer.get("devices")
-    several = "ddp" in str(cfg.trainer.get("strategy")) or (
-        isinstance(devices, int) and devices > 1
-    )
-    if several and (cfg.dataset.get("oversample_factor") or 1) > 1:
-        # its sampler draws with replacement in one process; DDP shards a plain permutation
-        raise ConfigError("dataset.oversample_factor > 1 trains in one process, not with DDP")
+    check_run_values(cfg)
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):

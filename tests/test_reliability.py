@@ -441,6 +441,18 @@ def test_a_bad_value_on_the_command_line_is_one_line_and_exit_nonzero(work_dir, 
     assert "segexp train: seed='abc' must be an integer" in output
 
 
+def test_a_bad_value_is_refused_before_torch_is_imported(tmp_path):
+    probe = (
+        "import sys; from segexp import cli; "
+        f"rc = cli.main(['train', 'seed=abc', 'work_dir={tmp_path}']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["1", "False"], proc.stdout + proc.stderr
+    assert proc.stderr.strip() == "segexp train: seed='abc' must be an integer"
+    assert list(tmp_path.iterdir()) == []  # no store, no Hydra output folder
+
+
 def test_a_required_dataset_root_is_named(work_dir):
     with pytest.raises(
         ConfigError, match=r"dataset.root is required .* dataset.root=/path/to/hc18"

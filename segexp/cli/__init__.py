@@ -51,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv or ["--help"])  # --help, or argparse's error for a bad command
         return 2
     if argv[0] == "train":
+        from segexp.checks import precheck_command_line
+        from segexp.config import ConfigError
+
+        try:
+            precheck_command_line(argv[1:])
+        except ConfigError as err:  # as train() would refuse it, without importing torch
+            print(f"segexp train: {err}", file=sys.stderr)
+            return 1
         from segexp import train
 
         # argv[0] is the Hydra app's file: Lightning's DDP launcher re-runs `argv[0] argv[1:]`
