@@ -96,6 +96,7 @@ import torch
 from segexp.models import UNet
 from segexp.performance import speed
 torch.set_num_threads(1)  # a sweep job's share of the cores
+speed.CONTENDED_SHARE = float("inf")  # the machine may be loaded anyway: the turns are tested
 torch.manual_seed(0)
 net = UNet(3, 1, features=[4, 8], batch_norm=True)
 go = Path(sys.argv[1])
@@ -123,7 +124,7 @@ def test_parallel_jobs_probe_one_at_a_time_and_share_the_figures(tmp_path):
         time.sleep(0.01)
     go.touch()  # both start probing together, as a sweep's first jobs do
     sources = sorted(job.communicate(timeout=120)[0].strip() for job in jobs)
-    # unserialized, each probe sees the other's as load: both contended, nothing cached
+    # unserialized, both would probe, beside each other
     assert sources == ["cache", "probe"], sources
     assert speed.load_cache(cache_files(tmp_path)[0])["img_s"]
 
