@@ -30,7 +30,8 @@ def check_run_values(cfg: DictConfig) -> None:
         isinstance(devices, int) and devices > 1
     )
     if several and (cfg.dataset.get("oversample_factor") or 1) > 1:
-        # its sampler draws with replacement in one process; DDP shards a plain permutation
+        # its sampler draws with replacement in one process; DDP shards a plain permutation.
+        # SegDataModule refuses it too, where the trainer finds several devices by itself.
         raise ConfigError("dataset.oversample_factor > 1 trains in one process, not with DDP")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .ellipse import Ellipse, eccentricity, ellipse_from_mask, moment_ellipse, ramanujan_perimeter
-from .metrics import hc_error_scales, hc_errors, hc_range_table, hd95
+from .metrics import hc_range_table, hc_row, hd95
 
 
 def hc_from_mask(
@@ -84,10 +84,7 @@ def hc_range_report(cases: pd.DataFrame) -> str:
     table = hc_range_table(cases)
     labels = {r.name: r.label for r in HEAD_SIZE_RANGES}
     table.insert(0, "head size", table.pop("hc_range").map(labels))
-    overall = {"head size": "all", "images": len(cases), **hc_errors(cases)}
-    overall.update(hc_error_scales(cases))
-    if "hc_flag" in cases:
-        overall["hc_flagged"] = int(cases.hc_flag.sum())
+    overall = {"head size": "all", **hc_row(cases)}
     table = pd.concat([table, pd.DataFrame([overall])], ignore_index=True)
     table["hc_outliers_10mm"] = table.hc_outliers_10mm.astype(int)
     table = table[["head size", *(c for c in REPORT_COLUMNS if c in table)]]

@@ -116,18 +116,19 @@ def hc_error_scales(cases: pd.DataFrame) -> dict[str, float]:
     return scales
 
 
+def hc_row(cases: pd.DataFrame) -> dict:
+    """The image count, `hc_errors`, `hc_error_scales` and, with `hc_flag`, the flagged count."""
+    row = {"images": len(cases), **hc_errors(cases), **hc_error_scales(cases)}
+    if "hc_flag" in cases:
+        row["hc_flagged"] = int(cases.hc_flag.sum())
+    return row
+
+
 def hc_range_table(cases: pd.DataFrame) -> pd.DataFrame:
-    """One row per head-size range that has images (`hc_range`), smallest heads first: the
-    image count, `hc_errors`, `hc_error_scales` and, with `hc_flag`, the flagged count."""
-    rows = []
+    """One `hc_row` per head-size range that has images (`hc_range`), smallest heads first."""
     # sorted by reference HC, groups come in order of their smallest head
-    for name, group in cases.sort_values("hc_true_mm").groupby("hc_range", sort=False):
-        row = {"hc_range": name, "images": len(group), **hc_errors(group)}
-        row.update(hc_error_scales(group))
-        if "hc_flag" in group:
-            row["hc_flagged"] = int(group.hc_flag.sum())
-        rows.append(row)
-    return pd.DataFrame(rows)
+    groups = cases.sort_values("hc_true_mm").groupby("hc_range", sort=False)
+    return pd.DataFrame([{"hc_range": name, **hc_row(group)} for name, group in groups])
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
