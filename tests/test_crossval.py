@@ -11,9 +11,23 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from segexp import compare, tracking
+from segexp.evaluation import range_names
 
 
-def plant_fold_run(client, experiment, parent, work_dir, fold, seed, lr, dice, cases):
+def hc_columns(cases: list[str]) -> dict:
+    """HC18's columns for planted cases: case k has a 60 + 20k mm head, its error k - 5 mm."""
+    k = np.array([int(c.removeprefix("case")) for c in cases])
+    hc, errors = 60.0 + 20 * k, k - 5.0
+    return {
+        "hc_true_mm": hc,
+        "hc_range": range_names(hc),
+        "hc_error_mm": errors,
+        "hc_abs_error_mm": np.abs(errors),
+        "pixel_size_mm": 0.1,
+    }
+
+
+def plant_fold_run(client, experiment, parent, work_dir, fold, seed, lr, dice, cases, hc=False):
     """A FINISHED child as a fold sweep logs it: params, metrics, evaluation/val_cases.csv."""
     run_id = client.create_run(experiment, tags={tracking.tags.PARENT: parent}).info.run_id
     params = {"dataset.fold": fold, "dataset.folds": 3, "seed": seed, "optimizer.lr": lr}
@@ -24,13 +38,15 @@ def plant_fold_run(client, experiment, parent, work_dir, fold, seed, lr, dice, c
     folder = work_dir / run_id / "evaluation"
     folder.mkdir(parents=True)
     table = pd.DataFrame({"case_id": cases, "group": cases, "dice": np.linspace(0.5, 0.9, 4)})
+    if hc:
+        table = table.assign(**hc_columns(cases))
     table.to_csv(folder / "val_cases.csv", index=False)
     client.log_artifact(run_id, str(folder / "val_cases.csv"), "evaluation")
     client.set_terminated(run_id)
     return client.get_run(run_id)
 
 
-def planted_cv(client, work_dir, lrs=(1e-3,), seeds=(1,), overlap=False):
+def planted_cv(client, work_dir, lrs=(1e-3,), seeds=(1,), overlap=False, hc=False):
     """A parent and one child per lr x seed x fold; fold f validated cases 4f..4f+3."""
     experiment = client.create_experiment("cv", (work_dir / "artifacts").as_uri())
     parent = client.create_run(experiment, tags={tracking.tags.ROLE: "sweep"}).info.run_id
@@ -44,7 +60,7 @@ def planted_cv(client, work_dir, lrs=(1e-3,), seeds=(1,), overlap=False):
                 dice = float(0.8 + rng.normal(0, 0.02))
                 runs.append(
                     plant_fold_run(
-                        client, experiment, parent, work_dir, fold, seed, lr, dice, cases
+                        client, experiment, parent, work_dir, fold, seed, lr, dice, cases, hc
                     )
                 )
     return parent, runs
@@ -61,6 +77,8 @@ def test_a_fold_sweep_pools_its_folds_on_the_parent(client, work_dir, capsys):
     cases = artifact_csv(client, parent, "sweep/cv_cases.csv", work_dir)
     assert sorted(cases.case_id) == [f"case{c:02d}" for c in range(12)]  # each case once
     assert cases.groupby("dataset.fold").case_id.count().tolist() == [4, 4, 4]
+    written = {a.path for a in client.list_artifacts(parent, "sweep")}
+    assert "sweep/cv_hc_ranges.csv" not in written  # no head sizes, no table
     by_hand = np.mean([d for d in np.linspace(0.5, 0.9, 4) for _ in range(3)])
     summary = artifact_csv(client, parent, "sweep/cv.csv", work_dir)
     assert summary.case_dice.tolist() == pytest.approx([by_hand])
@@ -75,6 +93,20 @@ def test_a_fold_sweep_pools_its_folds_on_the_parent(client, work_dir, capsys):
         f"cross-validation, all runs: val/dice_best {np.mean(folds):.4f} "
         f"(sd {np.std(folds, ddof=1):.4f} over 3 folds); pooled dice over 12 cases {by_hand:.4f}"
     ) in printed
+
+
+def test_hc_folds_pool_their_head_size_ranges(client, work_dir, capsys):
+    parent, runs = planted_cv(client, work_dir, lrs=(1e-3, 1e-4), hc=True)
+    compare.write_summary(client, parent, runs)
+    ranges = artifact_csv(client, parent, "sweep/cv_hc_ranges.csv", work_dir)
+    # cases 0-11: heads 60-280 mm, errors -5..6 mm, each case once per lr
+    assert ranges.columns[0] == "optimizer.lr" and len(ranges) == 6
+    lr = ranges[ranges["optimizer.lr"] == 1e-3].set_index("hc_range")
+    assert lr.images.to_dict() == {"lt100": 2, "100_200": 5, "200_300": 5}
+    assert lr.hc_mae_mm["200_300"] == pytest.approx(np.mean([2, 3, 4, 5, 6]))
+    assert lr.hc_mae_lo_mm["200_300"] < 4.0 < lr.hc_mae_hi_mm["200_300"]
+    printed = capsys.readouterr().out
+    assert printed.count("HC over the pooled cases:") == 2 and "200-300 mm" in printed
 
 
 def test_configs_and_seeds_are_pooled_each_on_their_own(client, work_dir):

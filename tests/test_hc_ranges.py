@@ -14,6 +14,7 @@ from segexp import report
 from segexp.evaluation import (
     Ellipse,
     ellipse_mask,
+    hc_mae_interval,
     hc_range_report,
     hc_range_table,
     head_size_range,
@@ -134,6 +135,8 @@ def test_range_report_prints_each_range_with_images_then_all():
         "images",
         "MAE",
         "mm",
+        "95%",
+        "CI",
         "bias",
         "mm",
         ">",
@@ -145,10 +148,10 @@ def test_range_report_prints_each_range_with_images_then_all():
         "MAE",
         "px",
     ]
-    rows = [line.rsplit(None, 7) for line in lines[1:]]
+    rows = [line.rsplit(None, 8) for line in lines[1:]]
     assert [row[0].strip() for row in rows] == ["< 100 mm", "100-200 mm", "> 300 mm", "all"]
-    assert rows[1][1:] == ["3", "5.33", "+4.00", "1", "1", "3.67", "30.0"]
-    assert rows[3][1:] == ["6", "5.17", "-0.17", "2", "2", "3.17", "29.0"]
+    assert rows[1][1:] == ["3", "5.33", "0.00-19.68", "+4.00", "1", "1", "3.67", "30.0"]
+    assert rows[3][1:] == ["6", "5.17", "0.00-10.37", "-0.17", "2", "2", "3.17", "29.0"]
 
 
 def test_predict_flags_name_the_head_size_range_of_a_head_outside_the_training_range():
@@ -186,3 +189,42 @@ def test_a_planted_large_head_is_measured_sized_and_flagged():
         f"HC {head.hc_mm:.0f} mm (> 300 mm heads) outside the training range 44-199 mm"
         == (flags.hc_flag_reason[0])
     )
+
+
+def planted_mae_tables(rng, exams: int, per_exam: int, exam_sd: float, image_sd: float):
+    """Tables of HC errors bias 1 mm + an exam's shared error + an image's own, and their MAE."""
+    sd = math.hypot(exam_sd, image_sd)
+    # E|e| for e ~ N(1, sd^2)
+    mae = sd * math.sqrt(2 / math.pi) * math.exp(-1 / (2 * sd**2)) + math.erf(1 / (sd * 2**0.5))
+    group = np.repeat(np.arange(exams), per_exam)
+    for _ in range(1000):
+        errors = 1.0 + rng.normal(0, exam_sd, exams)[group] + rng.normal(0, image_sd, len(group))
+        yield pd.DataFrame({"hc_error_mm": errors, "group": group.astype(str)}), mae
+
+
+@pytest.mark.parametrize(
+    "exams, per_exam, exam_sd, image_sd, least",
+    [
+        (8, 2, 2.0, 1.0, 0.87),  # a large-head range: ~15 images of ~8 exams
+        (10, 3, 2.0, 0.5, 0.87),  # images of one exam err alike: per image it would cover ~0.75
+        (40, 1, 0.0, 2.0, 0.93),  # many independent images: close to the nominal 0.95
+    ],
+)
+def test_the_mae_interval_covers_the_planted_mae(exams, per_exam, exam_sd, image_sd, least):
+    rng = np.random.default_rng(exams)
+    covered = []
+    for table, mae in planted_mae_tables(rng, exams, per_exam, exam_sd, image_sd):
+        interval = hc_mae_interval(table)
+        covered.append(interval["hc_mae_lo_mm"] <= mae <= interval["hc_mae_hi_mm"])
+    assert least <= np.mean(covered) <= 0.985
+
+
+def test_the_mae_interval_needs_three_exams_and_the_report_prints_it():
+    table = hc_range_table(known_cases())  # no exam column: each image its own exam
+    assert np.isnan(table.hc_mae_lo_mm[0]) and np.isnan(table.hc_mae_hi_mm[0])  # 2 images
+    # 100-200 mm: |errors| 12, 2, 2; se = sd / sqrt(3), t(2) = 4.303; below 0 is cut at 0
+    half = 4.302653 * np.std([12, 2, 2], ddof=1) / math.sqrt(3)
+    assert table.hc_mae_lo_mm[1] == 0.0
+    assert table.hc_mae_hi_mm[1] == pytest.approx(16 / 3 + half, rel=1e-5)
+    rows = hc_range_report(known_cases()).splitlines()
+    assert rows[1].split()[5] == "-" and rows[2].split()[4] == f"0.00-{16 / 3 + half:.2f}"

@@ -15,6 +15,8 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from segexp.evaluation import hc_range_report, hc_range_table
+
 from .runs import REPLICATES, by_replicates, param_value
 
 FOLD = REPLICATES["fold"]
@@ -36,9 +38,31 @@ class CrossValidation:
             return self.folds.merge(self.pooled, on=self.keys)
         return self.folds.assign(**self.pooled.iloc[0].to_dict())
 
+    def config_cases(self) -> list[tuple[dict, pd.DataFrame]]:
+        """Per config its key values and its pooled cases (each case once)."""
+        if not self.keys:
+            return [({}, self.cases)]
+        return [
+            (dict(zip(self.keys, key, strict=True)), cases)
+            for key, cases in self.cases.groupby(self.keys)
+        ]
+
+    def hc_ranges(self) -> pd.DataFrame | None:
+        """cv_hc_ranges.csv: per config the `hc_range_table` of its pooled cases; None without HC."""
+        if "hc_range" not in self.cases:
+            return None
+        parts = [hc_range_table(cases).assign(**key) for key, cases in self.config_cases()]
+        table = pd.concat(parts, ignore_index=True)
+        return table[[*self.keys, *(c for c in table if c not in self.keys)]]
+
     def lines(self) -> list[str]:
-        """What the sweep prints: one line per config."""
+        """What the sweep prints: one line per config, with HC its pooled head-size ranges."""
         metric = self.folds.attrs["metric"].removesuffix("_mean")
+        ranges = {
+            tuple(key.values()): hc_range_report(cases)
+            for key, cases in self.config_cases()
+            if "hc_range" in cases
+        }
         out = []
         for _, row in self.summary().iterrows():
             name = " ".join(f"{k}={row[k]}" for k in self.keys) or "all runs"
@@ -47,6 +71,9 @@ class CrossValidation:
                 f"(sd {row[f'{metric}_std']:.4f} over {int(row[f'{metric}_count'])} folds); "
                 f"pooled dice over {int(row['cases'])} cases {row['case_dice']:.4f}"
             )
+            report = ranges.get(tuple(row[k] for k in self.keys))
+            if report:
+                out += ["HC over the pooled cases:", report]
         return out
 
 
@@ -89,8 +116,12 @@ def cross_validation(client: MlflowClient, runs: list[Run], table: pd.DataFrame)
 
 
 def write(result: CrossValidation, out: Path) -> list[Path]:
-    """cv.csv and cv_cases.csv in `out`."""
+    """cv.csv, cv_cases.csv and, with HC, cv_hc_ranges.csv in `out`."""
     paths = [out / "cv.csv", out / "cv_cases.csv"]
     result.summary().to_csv(paths[0], index=False)
     result.cases.to_csv(paths[1], index=False)
+    ranges = result.hc_ranges()
+    if ranges is not None:
+        paths.append(out / "cv_hc_ranges.csv")
+        ranges.to_csv(paths[-1], index=False)
     return paths

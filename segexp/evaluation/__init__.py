@@ -27,6 +27,7 @@ from .hc import (
 from .metrics import (
     case_table,
     hc_errors,
+    hc_mae_interval,
     hc_range_table,
     hd95,
     largest_component,
@@ -40,6 +41,7 @@ __all__ = [
     "lower_is_better",
     "case_table",
     "hc_errors",
+    "hc_mae_interval",
     "hc_range_table",
     "hd95",
     "largest_component",

@@ -69,6 +69,7 @@ def range_names(hc_mm) -> list[str | None]:
 REPORT_COLUMNS = {
     "images": "images",
     "hc_mae_mm": "MAE mm",
+    "hc_mae_ci": "95% CI",
     "hc_bias_mm": "bias mm",
     "hc_outliers_10mm": "> 10 mm",
     "hc_flagged": "flagged",
@@ -79,14 +80,18 @@ REPORT_COLUMNS = {
 
 def hc_range_report(cases: pd.DataFrame) -> str:
     """A text table of `hc_range_table(cases)` (e.g. a run's val_cases.csv): per head-size range
-    the images, HC MAE, bias, images off by more than 10 mm, flagged, MAE in % of the head and in
-    the original image's pixels, then all images."""
+    the images, HC MAE and its 95% interval, bias, images off by more than 10 mm, flagged, MAE in
+    % of the head and in the original image's pixels, then all images."""
     table = hc_range_table(cases)
     labels = {r.name: r.label for r in HEAD_SIZE_RANGES}
     table.insert(0, "head size", table.pop("hc_range").map(labels))
     overall = {"head size": "all", **hc_row(cases)}
     table = pd.concat([table, pd.DataFrame([overall])], ignore_index=True)
     table["hc_outliers_10mm"] = table.hc_outliers_10mm.astype(int)
+    table["hc_mae_ci"] = [
+        "-" if math.isnan(lo) else f"{lo:.2f}-{hi:.2f}"
+        for lo, hi in zip(table.hc_mae_lo_mm, table.hc_mae_hi_mm, strict=True)
+    ]
     table = table[["head size", *(c for c in REPORT_COLUMNS if c in table)]]
     formats = {"MAE mm": "{:.2f}", "bias mm": "{:+.2f}", "MAE %": "{:.2f}", "MAE px": "{:.1f}"}
     return table.rename(columns=REPORT_COLUMNS).to_string(

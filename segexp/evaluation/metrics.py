@@ -116,9 +116,34 @@ def hc_error_scales(cases: pd.DataFrame) -> dict[str, float]:
     return scales
 
 
+def hc_mae_interval(cases: pd.DataFrame, level: float = 0.95) -> dict[str, float]:
+    """How far the cases' HC MAE may be from the model's on such heads: a `level` confidence
+    interval (`hc_mae_lo_mm`, `hc_mae_hi_mm`), nan with fewer than 3 exams.
+
+    Images of one exam (`group`) share a head, so their errors are not independent: the
+    standard error is clustered by exam and the t quantile has exams - 1 degrees of freedom.
+    """
+    import statsmodels.api as sm
+
+    errors = cases.hc_error_mm.abs().to_numpy(float)
+    exams = cases["group"] if "group" in cases else pd.Series(range(len(cases)))
+    codes = pd.factorize(exams.astype(str))[0]
+    if len(set(codes)) < 3:
+        return {"hc_mae_lo_mm": math.nan, "hc_mae_hi_mm": math.nan}
+    if np.ptp(errors) == 0:  # every error the same: no spread to estimate, the MAE is exact
+        return {"hc_mae_lo_mm": float(errors[0]), "hc_mae_hi_mm": float(errors[0])}
+    fit = sm.OLS(errors, np.ones((len(errors), 1))).fit(
+        cov_type="cluster", cov_kwds={"groups": codes}, use_t=True
+    )
+    lo, hi = fit.conf_int(alpha=1 - level)[0]
+    return {"hc_mae_lo_mm": float(max(lo, 0.0)), "hc_mae_hi_mm": float(hi)}
+
+
 def hc_row(cases: pd.DataFrame) -> dict:
-    """The image count, `hc_errors`, `hc_error_scales` and, with `hc_flag`, the flagged count."""
-    row = {"images": len(cases), **hc_errors(cases), **hc_error_scales(cases)}
+    """The image count, `hc_errors`, `hc_mae_interval`, `hc_error_scales` and, with `hc_flag`,
+    the flagged count."""
+    row = {"images": len(cases), **hc_errors(cases), **hc_mae_interval(cases)}
+    row |= hc_error_scales(cases)
     if "hc_flag" in cases:
         row["hc_flagged"] = int(cases.hc_flag.sum())
     return row
