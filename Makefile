@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Two pytest workers, each file on one (its module fixtures built once): run serially, the suite
+# keeps one of the 2 cores idle while a test waits on a subprocess, a server or a store.
+# `make test PYTEST_WORKERS=0` runs it in one process.
+PYTEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # The slow tests (end-to-end blame, concurrent writers, kills, bf16 vs fp32): CI runs them too.
 test-slow: install
