@@ -25,14 +25,24 @@ def check_run_values(cfg: DictConfig) -> None:
         raise ConfigError(f"optimized_metric={cfg.get('optimized_metric')!r} must name a metric")
     if cfg.checkpoint.mode not in ("min", "max"):
         raise ConfigError(f"checkpoint.mode={cfg.checkpoint.mode!r} must be 'min' or 'max'")
-    devices = cfg.trainer.get("devices")
-    several = "ddp" in str(cfg.trainer.get("strategy")) or (
-        isinstance(devices, int) and devices > 1
-    )
-    if several and (cfg.dataset.get("oversample_factor") or 1) > 1:
+    if several_devices(cfg.trainer) and (cfg.dataset.get("oversample_factor") or 1) > 1:
         # its sampler draws with replacement in one process; DDP shards a plain permutation.
         # SegDataModule refuses it too, where the trainer finds several devices by itself.
         raise ConfigError("dataset.oversample_factor > 1 trains in one process, not with DDP")
+
+
+def several_devices(trainer: DictConfig) -> bool:
+    """Whether the trainer config names DDP or more than one device (`-1`, `auto`: not known
+    before torch looks; SegDataModule.setup refuses what needs one process there)."""
+    devices = trainer.get("devices")
+    if OmegaConf.is_list(devices):
+        return len(devices) > 1
+    if isinstance(devices, str) and "," in devices:  # Lightning's "0,1": device indices
+        return len([d for d in devices.split(",") if d.strip()]) > 1
+    if isinstance(devices, str) and devices.strip().isdigit():  # "2": a count
+        devices = int(devices)
+    several = isinstance(devices, int) and not isinstance(devices, bool) and devices > 1
+    return several or "ddp" in str(trainer.get("strategy"))
 
 
 def precheck_command_line(overrides: list[str]) -> None:

@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from segexp import cli
 from segexp.blame import blame
 from segexp.blame.replicates import Replicate
+from segexp.blame.tables import from_table
 from segexp.config import ConfigError
 from segexp.train import train
 
@@ -35,6 +36,24 @@ def test_replicate_ids_map_to_seeds_and_folds():
     assert folds.first(7, 5) == [0, 1, 2]  # every fold, whatever --seeds says
     assert folds.overrides(2) == ["seed=7", "dataset.fold=2"] and folds.label(2) == [("fold", 2)]
     assert Replicate().overrides(43) == ["seed=43"] and Replicate().label(43) == [("seed", 43)]
+
+
+def test_runs_csv_names_the_replicate_the_seed_and_the_fold_and_reads_back(tmp_path):
+    crossed = Replicate("fold,seed", folds=2, seed=7)
+    ids = crossed.first(7, 2)  # 14, 15, 16, 17: seeds 7, 8 x folds 0, 1
+    y = [0.80, 0.82, 0.79, 0.81, 0.70, 0.73, 0.69, 0.72]  # B (f=1) 0.095 lower
+    results = pd.DataFrame(
+        {"f": [0] * 4 + [1] * 4, "seed": ids * 2, "run_id": list("abcdefgh"), "val/dice": y}
+    )
+    shown = crossed.readable(results.copy())
+    assert list(shown.columns) == ["f", "replicate", "seed", "fold", "run_id", "val/dice"]
+    assert list(shown.seed) == [7, 7, 8, 8] * 2 and list(shown.fold) == [0, 1] * 4
+    assert Replicate().readable(results.copy()).equals(results)  # seeds: as before
+    shown.to_csv(tmp_path / "runs.csv", index=False)
+    again = from_table(tmp_path / "runs.csv", "val/dice", tmp_path / "out")
+    direct = from_table(results, "val/dice", tmp_path / "direct")
+    assert again.effects.equals(direct.effects)  # the fold (two values) is no factor
+    assert again.effects.set_index("term").loc["f", "verdict"] == "hurt"
 
 
 def test_a_fold_plan_trains_every_fold_at_a_seed_and_says_so(work_dir, client, record, capsys):
@@ -88,10 +107,11 @@ def test_blame_over_folds_reuses_a_and_b_on_their_fold_and_blames_the_harm(
     printed = capsys.readouterr().out
     client = MlflowClient(tracking_uri=f"sqlite:///{work_dir / 'mlflow.db'}")
     runs = pd.read_csv(out / "runs.csv")
-    assert sorted(runs.seed) == [0, 0, 1, 1, 2, 2, 3, 3]  # the replicate: the fold
+    assert sorted(runs.replicate) == [0, 0, 1, 1, 2, 2, 3, 3]  # the replicate: the fold
+    assert (runs.fold == runs.replicate).all() and set(runs.seed) == {42}
     for row in runs.itertuples():
         params = client.get_run(row.run_id).data.params
-        assert params["dataset.fold"] == str(row.seed) and params["seed"] == "42"
+        assert params["dataset.fold"] == str(row.fold) and params["seed"] == "42"
     assert {run_a, run_b} <= set(runs.run_id)  # trained at fold 1: reused there
     report = (out / "report.md").read_text()
     assert "replicates: the 4 folds of A's k-fold split" in report

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,10 @@ from helpers import (
     wait_for,
 )
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 
 from segexp import cli, report, tracking
+from segexp.checks import several_devices
 from segexp.config import ConfigError
 from segexp.train import train
 
@@ -326,6 +329,40 @@ def test_a_signal_inside_a_store_commit_ends_the_run_killed_and_leaves_the_store
     db.close()
 
 
+def test_a_ctrl_c_that_lands_in_a_finalizer_still_ends_the_run_killed(client):
+    """A signal handled while the garbage collector runs a weakref callback raises in there;
+    Python prints "Exception ignored" and goes on: Ctrl-C would be lost and the training run
+    on. It must be raised again outside the callback."""
+    fired = []
+
+    class Node:  # anything a weakref can point at
+        pass
+
+    def finalizer(_ref):
+        fired.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(10_000))  # the handler runs here, inside the callback
+
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a shell
+    try:
+        with (
+            pytest.raises(SystemExit) as stopped,
+            tracking.TrackedRun(client, "e", None, "r") as run,
+        ):
+            node = Node()
+            ref = weakref.ref(node, finalizer)
+            del node  # the callback runs now, and the Interrupted it raises is swallowed
+            for step in range(300):  # 3 s of "training" in which the signal must land
+                run.log_metrics({"train/loss": 1.0}, step=step)
+                time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
+    assert fired and ref() is None
+    assert stopped.value.code == 130
+    assert client.get_run(run.run_id).info.status == "KILLED"
+    assert len(steps(client, run.run_id, "train/loss")) < 300
+
+
 @pytest.mark.slow
 def test_a_sweep_job_killed_like_the_oom_killer_is_killed_and_resume_finishes_it(
     work_dir, client, hc18_root
@@ -432,6 +469,25 @@ def test_bad_run_values_are_refused_by_key_before_a_run_exists(
     with pytest.raises(ConfigError, match=re.escape(named)):
         train(make_cfg(work_dir, "debug=tiny", f"dataset.root={hc18_root}", *override.split()))
     assert client.search_experiments(filter_string="name = 'hc18_synthetic'") == []
+
+
+@pytest.mark.parametrize(
+    "trainer, several",
+    [
+        ({"devices": 2}, True),
+        ({"devices": [0, 1]}, True),
+        ({"devices": "0,1"}, True),
+        ({"devices": "2"}, True),
+        ({"devices": 1, "strategy": "ddp_find_unused_parameters_true"}, True),
+        ({"devices": 1}, False),
+        ({"devices": [3]}, False),
+        ({"devices": "1,"}, False),
+        ({"devices": "auto"}, False),  # known only once torch looks: the DataModule refuses it
+        ({"devices": True}, False),
+    ],
+)
+def test_several_devices_reads_every_form_lightning_takes(trainer, several):
+    assert several_devices(OmegaConf.create(trainer)) is several
 
 
 def test_a_bad_value_on_the_command_line_is_one_line_and_exit_nonzero(work_dir, hc18_root):

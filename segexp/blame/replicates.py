@@ -1,14 +1,17 @@
 """What tells a cell's runs apart: seeds (initialisations), the folds of A's k-fold split (data
 draws), or both crossed (`segexp blame --replicate seed|fold|fold,seed`).
 
-A replicate is one int, the `seed` column of runs.csv and a block in the analysis: the seed
-itself, the fold, or seed x folds + fold. The fold is part of a cell's config (and hash), so a
-run is reused only for its own fold.
+A replicate is one int, a block in the analysis: the seed itself, the fold, or seed x folds +
+fold. The analysis keeps it as its `seed` column; runs.csv shows it as `replicate` beside the
+training's own `seed` and `fold` where folds replicate. The fold is part of a cell's config (and
+hash), so a run is reused only for its own fold.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import pandas as pd
 
 from segexp.compare.runs import REPLICATES
 from segexp.config import ConfigError
@@ -57,6 +60,18 @@ class Replicate:
         """The (key, value) pairs a run name shows: `s=43`, `fold=2`, or both."""
         shown = [] if self.by == "fold" else [("seed", self.seed_of(r))]
         return shown + ([("fold", self.fold_of(r))] if self.crossed else [])
+
+    def readable(self, results: pd.DataFrame) -> pd.DataFrame:
+        """runs.csv as written: the block id as `replicate`, the training's `seed` and `fold`."""
+        if not self.crossed or "seed" not in results:
+            return results
+        ids = results.pop("seed").astype(int)
+        at = results.columns.get_loc("run_id") if "run_id" in results else len(results.columns)
+        for offset, (name, values) in enumerate(
+            (("replicate", ids), ("seed", ids.map(self.seed_of)), ("fold", ids.map(self.fold_of)))
+        ):
+            results.insert(at + offset, name, values)
+        return results
 
     def text(self, ids: list[int]) -> str:
         """The plan's line: which replicates, as blocks of the analysis."""

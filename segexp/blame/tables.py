@@ -18,7 +18,8 @@ import pandas as pd
 from .analysis import Analysis, analyze
 from .report import write_report
 
-KEYS = ("seed", "run_id")  # columns of runs.csv that are not factors
+# columns of runs.csv that are not factors; `replicate`, where present, is the block (folds)
+KEYS = ("seed", "replicate", "fold", "run_id")
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -133,8 +134,9 @@ def checked(path_or_df, metric: str, factors: list[str] | None = None):
     values = numbers(table, metric, source, empty_ok=True)
     notes = failed_notes(table, values, metric, source)
     table[metric] = values.where(np.isfinite(values.to_numpy(float)))
-    if "seed" in table:
-        table["seed"] = numbers(table, "seed", source, empty_ok=False)
+    block = "replicate" if "replicate" in table else "seed"
+    if block in table:
+        table["seed"] = numbers(table, block, source, empty_ok=False)
     factors, coding = factor_codes(table, metric, factors, source)
     return table, factors, coding + notes
 

@@ -8,6 +8,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -117,6 +118,7 @@ class TrackedRun:
         self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_signal)}
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not an ignored one
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
+        self._unraisable = stopping.catch_swallowed()
         stopping.run_open.set()
         launcher = os.environ.get(stopping.LAUNCHER_PID_ENV, "")
         if launcher.isdigit() and int(launcher) != os.getpid():  # a joblib/submitit worker
@@ -139,6 +141,7 @@ class TrackedRun:
         finally:  # restored once the run is marked: a SIGTERM now cannot kill it half-marked
             for signum, handler in self._previous.items():
                 signal.signal(signum, handler)
+            sys.unraisablehook = self._unraisable
             stopping.run_open.clear()
         if status == "KILLED":  # the shell's code for "killed by": 143 for SIGTERM, 130 for Ctrl-C
             raise SystemExit(128 + (self.signal_received or signal.SIGINT)) from exc

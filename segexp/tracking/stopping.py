@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -23,6 +24,13 @@ run_open = threading.Event()  # a TrackedRun of this process is between enter an
 class Interrupted(KeyboardInterrupt):
     """Raised by segexp's SIGTERM and Ctrl-C handlers so Lightning shuts down as on Ctrl-C."""
 
+    def __init__(self, signum: int):
+        super().__init__(signum)  # args = (signum,): pickles back to the same exception
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"received signal {self.signum}"
+
 
 def inside_store_call(frame) -> bool:
     """Whether `frame` (where a signal interrupted the main thread) runs in STORE_MODULES."""
@@ -36,12 +44,36 @@ def inside_store_call(frame) -> bool:
 def interrupt(signum: int, frame) -> None:
     """Raise Interrupted for `signum`, unless `frame` is in a store call: then re-send it."""
     if inside_store_call(frame):
-        main = threading.main_thread().ident
-        retry = threading.Timer(SIGNAL_RETRY_SECONDS, signal.pthread_kill, (main, signum))
-        retry.daemon = True
-        retry.start()
+        resend(signum)
         return
-    raise Interrupted(f"received signal {signum}")
+    raise Interrupted(signum)
+
+
+def resend(signum: int) -> None:
+    """Deliver `signum` to the main thread again, SIGNAL_RETRY_SECONDS from now."""
+    main = threading.main_thread().ident
+    retry = threading.Timer(SIGNAL_RETRY_SECONDS, signal.pthread_kill, (main, signum))
+    retry.daemon = True
+    retry.start()
+
+
+def catch_swallowed():
+    """Install a `sys.unraisablehook` that re-sends an Interrupted which Python swallowed.
+
+    A signal that lands while a finalizer runs (a weakref callback, a `__del__`: the garbage
+    collector calls them anywhere) raises in there, and Python prints "Exception ignored" and
+    goes on: Ctrl-C would be lost and the training run on. Returns the hook it replaced.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, Interrupted):
+            resend(unraisable.exc_value.signum)  # raised again where it can land
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    return previous
 
 
 watched_launchers: set[int] = set()
