@@ -45,7 +45,8 @@ def test_runs_csv_names_the_replicate_the_seed_and_the_fold_and_reads_back(tmp_p
     results = pd.DataFrame(
         {"f": [0] * 4 + [1] * 4, "seed": ids * 2, "run_id": list("abcdefgh"), "val/dice": y}
     )
-    shown = crossed.readable(results.copy())
+    shown = crossed.readable(results)
+    assert list(results.columns) == ["f", "seed", "run_id", "val/dice"]  # the analysis's, kept
     assert list(shown.columns) == ["f", "replicate", "seed", "fold", "run_id", "val/dice"]
     assert list(shown.seed) == [7, 7, 8, 8] * 2 and list(shown.fold) == [0, 1] * 4
     assert Replicate().readable(results.copy()).equals(results)  # seeds: as before

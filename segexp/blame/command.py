@@ -296,7 +296,7 @@ def write_outputs(client, plan: Plan, result: BlameResult, decision, parent, cas
             context.append(f"failed cell {cell.name}: {reason}")
     out_dir = result.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(plan.cells.replicate.readable(result.results.copy()), out_dir / "runs.csv")
+    write_csv(plan.cells.replicate.readable(result.results), out_dir / "runs.csv")
     labels = {f.name: f.label().split(": ", 1)[1] for f in plan.change.factors}
     evidence.explain(client, result.analysis)  # each left-out run's history
     ends = tuple(zip(plan.run_names, (plan.run_a, plan.run_b), strict=True))
@@ -313,7 +313,7 @@ def write_outputs(client, plan: Plan, result: BlameResult, decision, parent, cas
     parent.set_tags({"mlflow.note.content": verdict})
     print("\n" + Path(report).read_text())
     if found is not None:
-        write_csv(plan.cells.replicate.readable(found.table.copy()), out_dir / "screen_runs.csv")
+        write_csv(plan.cells.replicate.readable(found.table), out_dir / "screen_runs.csv")
         if found.analysis is not None:
             write_csv(found.analysis.effects, out_dir / "screen_effects.csv")
     for artifact in OUTPUTS:

@@ -65,6 +65,7 @@ class Replicate:
         """runs.csv as written: the block id as `replicate`, the training's `seed` and `fold`."""
         if not self.crossed or "seed" not in results:
             return results
+        results = results.copy()  # the analysis keeps its own `seed` column
         ids = results.pop("seed").astype(int)
         at = results.columns.get_loc("run_id") if "run_id" in results else len(results.columns)
         for offset, (name, values) in enumerate(
