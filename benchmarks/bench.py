@@ -73,7 +73,7 @@ def segexp_run(work_dir: Path, overrides: list[str], batches: int) -> RunFigures
     )
     with PeakRSS() as rss:
         start = time.perf_counter()
-        run_id = train(cfg)["run_id"]
+        run_id = train(cfg).run_id
         seconds = time.perf_counter() - start
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
     history = client.get_metric_history(run_id, "time/steady_images_per_second")

@@ -9,6 +9,7 @@ When the sweep ends, or the process exits because a job failed, it writes the su
 when every job finished, else FAILED (KILLED on Ctrl-C / SIGTERM).
 A search (`hparams_search=`: Optuna's sweeper proposes each config) is the same with `n_trials`
 jobs; its parent also records the search space, from which `segexp effects` ranks parameters.
+A listed multirun (`segexp blame`'s cells) gives each job its own overrides through a jobs file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import atexit
 import json
 import os
 import signal
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,7 +31,6 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from segexp import compare, config, performance, tracking
-from segexp.compare.search import SAMPLER_TAG, SPACE_TAG
 from segexp.config import ConfigError, config_hash, redact, redacted
 from segexp.evaluation import lower_is_better
 from segexp.tracking import tags
@@ -37,6 +38,23 @@ from segexp.tracking import tags
 PARENT_ENV = "SEGEXP_SWEEP_PARENT_RUN_ID"
 SWEPT_ENV = "SEGEXP_SWEPT_KEYS"  # keys with several values: they name the child runs
 JOBS_ENV, START_ENV = "SEGEXP_SWEEP_JOBS", "SEGEXP_SWEEP_START"  # for the progress lines
+
+
+def write_jobs(jobs: list[dict], work_dir: Path) -> tuple[Path, list[str]]:
+    """A jobs file (each job's `name`, `overrides`, `tags`) and the multirun overrides that run it."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=work_dir) as handle:
+        json.dump(jobs, handle)
+    index = ",".join(str(i) for i in range(len(jobs)))
+    return Path(handle.name), [f"+blame.cells={handle.name}", f"+blame.cell={index}"]
+
+
+def job_config(jobs_file: str, index: int) -> tuple[DictConfig, list[str]]:
+    """(config, overrides) of job `index` of a jobs file, composed as `segexp train` would."""
+    job = json.loads(Path(jobs_file).read_text())[index]
+    cfg = config.compose(job["overrides"])
+    cfg.run_name = job["name"]
+    OmegaConf.update(cfg, "tracking.tags", job.get("tags", {}), force_add=True)
+    return cfg, list(job["overrides"])
 
 
 def grid(overrides: list[str]) -> str:
@@ -270,7 +288,9 @@ class SweepCallback(Callback):
         wait_for_jobs(client, parent)
         tracking.cleanup_stale_runs(client, [run.experiment_id])
         runs = tracking.children(client, parent)
-        runs = list({r.info.run_id: r for r in runs + reused_runs(client, parent)}.values())
+        runs = list(
+            {r.info.run_id: r for r in runs + tracking.reused_runs(client, parent)}.values()
+        )
         latest = latest_per_config(runs)
         statuses = {r.info.status for r in latest}
         if self.interrupted or "KILLED" in statuses:
@@ -289,7 +309,10 @@ class SweepCallback(Callback):
 def search_tags(search: Search) -> dict[str, str]:
     """The parent's record of its search: `segexp effects` rebuilds the distributions from it."""
     space = [redact("overrides", o) for o in search.space]
-    return {SPACE_TAG: json.dumps(space), SAMPLER_TAG: str(search.sampler.get("_target_", ""))}
+    return {
+        tags.SEARCH_SPACE: json.dumps(space),
+        tags.SEARCH_SAMPLER: str(search.sampler.get("_target_", "")),
+    }
 
 
 def wait_for_jobs(client: MlflowClient, parent, timeout: float = 30.0) -> None:
@@ -307,15 +330,6 @@ def wait_for_jobs(client: MlflowClient, parent, timeout: float = 30.0) -> None:
         if not running:
             return
         time.sleep(0.5)
-
-
-def reused_runs(client: MlflowClient, parent) -> list:
-    """Runs of earlier sweeps that a `sweep.resume=true` job reused instead of training again."""
-    return client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`{tags.REUSED_BY_SWEEP}` = '{parent.info.run_id}'",
-        max_results=tracking.MAX_RUNS,
-    )
 
 
 def latest_per_config(runs: list) -> list:

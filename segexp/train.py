@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -162,6 +163,14 @@ def default_output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.work_dir) / "outputs" / f"{stamp}-{uuid.uuid4().hex[:6]}"
 
 
+@dataclass
+class Trained:
+    """A finished training: its MLflow run and the restored best epoch's metrics, by MLflow name."""
+
+    run_id: str
+    metrics: dict[str, float]
+
+
 def print_where(cfg: DictConfig, client, run, final: dict, output_dir: Path) -> None:
     """The run's id, its optimized metric, its outputs and where to browse it."""
     server = client.tracking_uri.startswith(("http://", "https://"))
@@ -177,8 +186,8 @@ def print_where(cfg: DictConfig, client, run, final: dict, output_dir: Path) -> 
     )
 
 
-def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
-    """Train one run, log it to MLflow; returns `run_id` and the restored best epoch's metrics."""
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> Trained:
+    """Train one run and log it to MLflow."""
     overrides = list(overrides or [])
     check_run_config(cfg)
     performance.configure_allocator()
@@ -226,9 +235,8 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         final = report.log_final_evaluation(
             run, trainer, module, datamodule, output_dir, cfg.tracking
         )
-    final["run_id"] = run.run_id
     print_where(cfg, client, run, final, output_dir)
-    return final
+    return Trained(run.run_id, final)
 
 
 @hydra.main(config_path=str(config.CONFIG_DIR), config_name="train", version_base="1.3")
@@ -241,9 +249,7 @@ def main(cfg: DictConfig) -> float | None:
     overrides = list(HydraConfig.get().overrides.task)
     log = None  # a blame cell's output goes to its own file, the blame prints progress lines
     if cfg.get("blame"):  # one cell of `segexp blame`, launched as a job of a multirun
-        from segexp.blame.training import cell_config
-
-        cfg, overrides = cell_config(cfg.blame.cells, cfg.blame.cell)
+        cfg, overrides = sweep.job_config(cfg.blame.cells, cfg.blame.cell)
         log = Path(HydraConfig.get().runtime.output_dir) / "cell.log"
     if sweep.in_multirun() and os.environ.get(sweep.PARENT_ENV):
         cfg.tracking.parent_run_id = os.environ[sweep.PARENT_ENV]
@@ -267,12 +273,12 @@ def main(cfg: DictConfig) -> float | None:
     if log or progress:
         client, _ = tracking.open_store(cfg.tracking, Path(cfg.work_dir))
     if log:
-        client.log_artifact(final["run_id"], str(log))
+        client.log_artifact(final.run_id, str(log))
     if progress:
-        name = cfg.run_name or final["run_id"][:8]
+        name = cfg.run_name or final.run_id[:8]
         parent = cfg.tracking.parent_run_id
-        print(sweep.progress_line(client, parent, name, metric, final.get(metric)))
-    return final.get(metric)
+        print(sweep.progress_line(client, parent, name, metric, final.metrics.get(metric)))
+    return final.metrics.get(metric)
 
 
 def log_failed_cell(cfg: DictConfig, log: Path, started_ms: int) -> None:

@@ -188,12 +188,12 @@ def test_blame_flags_the_harmful_change_and_not_the_harmless_one(
         make_cfg(
             work_dir, *BLAME_BASE, data, "optimizer.lr=1e-2", "optimizer.weight_decay=0", "seed=1"
         )
-    )["run_id"]
+    ).run_id
     run_b = train(
         make_cfg(
             work_dir, *BLAME_BASE, data, "optimizer.lr=100", "optimizer.weight_decay=1e-6", "seed=1"
         )
-    )["run_id"]
+    ).run_id
     artifacts = (work_dir / "artifacts").as_uri()
 
     plan = blame(client, artifacts, run_a, run_b, seeds=3, dry_run=True, fidelity="full")

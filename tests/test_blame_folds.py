@@ -100,8 +100,8 @@ def test_blame_over_folds_reuses_a_and_b_on_their_fold_and_blames_the_harm(
     base = ["debug=tiny", "dataset.folds=4", "dataset.fold=1", f"dataset.root={hc18_root}"]
     base += ["model.batch_norm=true", "loss=dice"]
     base += ["trainer.max_epochs=8"]  # as test_blame's: lr 100 ruins Dice, never NaN
-    run_a = train(make_cfg(work_dir, *base, "optimizer.lr=1e-2"))["run_id"]
-    run_b = train(make_cfg(work_dir, *base, "optimizer.lr=100"))["run_id"]
+    run_a = train(make_cfg(work_dir, *base, "optimizer.lr=1e-2")).run_id
+    run_b = train(make_cfg(work_dir, *base, "optimizer.lr=100")).run_id
     out = work_dir / "blame"
     args = ["blame", run_a, run_b, "--replicate", "fold", "--work-dir", str(work_dir)]
     assert cli.main([*args, "--out", str(out)]) == 0

@@ -173,7 +173,7 @@ def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir,
         client.download_artifacts(run.info.run_id, "evaluation/val_cases.csv", str(work_dir))
     )
     assert {"hc_error_mm", "hc_range", "eccentricity", "hc_flag"} <= set(cases.columns)
-    assert final["val/hc_outliers_10mm_best"] == (cases.hc_abs_error_mm > 10).sum()
+    assert final.metrics["val/hc_outliers_10mm_best"] == (cases.hc_abs_error_mm > 10).sum()
     ranges = pd.read_csv(
         client.download_artifacts(run.info.run_id, "evaluation/val_hc_ranges.csv", str(work_dir))
     )
@@ -181,9 +181,12 @@ def test_hc18_best_trains_one_epoch_and_predicts_with_flags(hc18_root, work_dir,
     for name in ranges.hc_range:
         assert f"val/hc_mae_mm_{name}" in run.data.metrics, name
         assert (
-            f"val/hc_bias_mm_{name}_best" in final and f"val/hc_outliers_10mm_{name}_best" in final
+            f"val/hc_bias_mm_{name}_best" in final.metrics
+            and f"val/hc_outliers_10mm_{name}_best" in final.metrics
         )
-        assert final[f"val/hc_mae_mm_{name}_last"] == run.data.metrics[f"val/hc_mae_mm_{name}"]
+        assert (
+            final.metrics[f"val/hc_mae_mm_{name}_last"] == run.data.metrics[f"val/hc_mae_mm_{name}"]
+        )
     # predict flags with the width limit of the validation epoch the best weights had
     evaluation = load_model(client, run.info.run_id)[2]  # what the checkpoint carries
     assert evaluation["flip_tta"] and evaluation["single_object"]

@@ -34,7 +34,7 @@ def test_blame_from_another_folder_puts_cells_with_a_runs(tmp_path, hc18_root, m
     from segexp import tracking
 
     client, artifacts = tracking.open_store({"uri": f"sqlite:///{tmp_path}/w/mlflow.db"}, "w")
-    plan = blame(client, artifacts, runs[0]["run_id"], runs[1]["run_id"], dry_run=True).plan
+    plan = blame(client, artifacts, runs[0].run_id, runs[1].run_id, dry_run=True).plan
     assert plan.work_dir == tmp_path / "w"
     assert not (elsewhere / "w").exists()
 
@@ -66,9 +66,9 @@ def test_blame_reuses_no_run_trained_on_other_data(work_dir, client, hc18_root, 
     from segexp.data import make_hc18
 
     other = make_hc18(tmp_path / "other", n=24, seed=1, n_test=0)
-    a = train(tiny(work_dir, hc18_root, "optimizer.lr=1e-3"))["run_id"]
-    b = train(tiny(work_dir, hc18_root, "optimizer.lr=1e-2"))["run_id"]
-    twin = train(tiny(work_dir, other, "optimizer.lr=1e-3"))["run_id"]  # A's hash, other data
+    a = train(tiny(work_dir, hc18_root, "optimizer.lr=1e-3")).run_id
+    b = train(tiny(work_dir, hc18_root, "optimizer.lr=1e-2")).run_id
+    twin = train(tiny(work_dir, other, "optimizer.lr=1e-3")).run_id  # A's hash, other data
     artifacts = (work_dir / "artifacts").as_uri()
     plan = blame(client, artifacts, a, b, seeds=1, dry_run=True).plan
     cells = list(plan.cells.rows.values())

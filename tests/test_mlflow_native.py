@@ -46,7 +46,7 @@ def trained(tmp_path_factory, store_template, tiny_cfg, hc18_root):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
         patch.setattr(MlflowClient, "log_inputs", recording)
-        run_id = train(cfg)["run_id"]
+        run_id = train(cfg).run_id
         resume = [f"resume={run_id}", "trainer.max_epochs=3"]
         train(make_cfg(work_dir, *resume), resume)
     client = MlflowClient(tracking_uri=f"sqlite:///{work_dir / 'mlflow.db'}")

@@ -27,12 +27,12 @@ def test_a_longer_runs_history_gives_the_shorter_runs_result(work_dir, client, h
     long = train(tiny(work_dir, hc18_root, "trainer.max_epochs=4", *extra))
     cfg = tiny(work_dir, hc18_root, *extra)
     nest = Nesting(0, 2, 4, cfg.checkpoint.monitor, cfg.checkpoint.mode, "val/dice")
-    assert value_at_budget(client, long["run_id"], nest) == pytest.approx(
-        short["val/dice_best"], abs=1e-6
+    assert value_at_budget(client, long.run_id, nest) == pytest.approx(
+        short.metrics["val/dice_best"], abs=1e-6
     )
     whole = Nesting(0, 4, 4, cfg.checkpoint.monitor, cfg.checkpoint.mode, "val/dice")
-    assert value_at_budget(client, long["run_id"], whole) == pytest.approx(
-        long["val/dice_best"], abs=1e-6
+    assert value_at_budget(client, long.run_id, whole) == pytest.approx(
+        long.metrics["val/dice_best"], abs=1e-6
     )
 
 
@@ -80,10 +80,10 @@ def test_a_blame_reading_the_shorter_budget_reaches_the_verdicts_of_training_bot
 ):
     # batch 2, batch norm, Dice loss: the learning cells reach Dice ~0.8 within 8 epochs
     base = ["model.batch_norm=true", "loss=dice", "dataset.batch_size=2", "seed=1"]
-    run_a = train(tiny(work_dir, hc18_root, *base, "trainer.max_epochs=8"))["run_id"]
+    run_a = train(tiny(work_dir, hc18_root, *base, "trainer.max_epochs=8")).run_id
     # lr 0: nothing learns, the harm; 10 epochs: the budget read back for the 8-epoch cells
     b = tiny(work_dir, hc18_root, *base, "trainer.max_epochs=10", "optimizer.lr=0")
-    run_b = train(b)["run_id"]
+    run_b = train(b).run_id
     artifacts = (work_dir / "artifacts").as_uri()
 
     nested = blame(

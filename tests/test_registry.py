@@ -31,7 +31,7 @@ def model(tmp_path_factory, store_template, tiny_cfg, hc18_root):
     with open_dict(cfg):
         cfg.work_dir, cfg.dataset.root = str(work_dir), str(hc18_root)
         cfg.tracking.log_model, cfg.tracking.register_as = True, "hc18-unet"
-    run_id = train(cfg)["run_id"]
+    run_id = train(cfg).run_id
     client = MlflowClient(tracking_uri=f"sqlite:///{work_dir / 'mlflow.db'}")
     return SimpleNamespace(client=client, run=client.get_run(run_id), work_dir=work_dir)
 

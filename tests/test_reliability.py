@@ -65,7 +65,7 @@ def test_kill_9_then_cleanup_then_resume_finishes_the_same_run(cfg, work_dir, cl
     # exactly what an uninterrupted run of the same config ends with
     cfg.trainer.max_epochs, cfg.run_name = epochs, "straight"
     straight = train(cfg)
-    straight_run = client.get_run(straight["run_id"])
+    straight_run = client.get_run(straight.run_id)
 
     def artifacts(run_id, path=""):
         found = set()
@@ -73,15 +73,15 @@ def test_kill_9_then_cleanup_then_resume_finishes_the_same_run(cfg, work_dir, cl
             found |= artifacts(run_id, item.path) if item.is_dir else {item.path}
         return found
 
-    assert artifacts(run.info.run_id) == artifacts(straight["run_id"])  # one best.ckpt, no -v1
+    assert artifacts(run.info.run_id) == artifacts(straight.run_id)  # one best.ckpt, no -v1
     assert run.data.metrics["best_epoch"] == straight_run.data.metrics["best_epoch"]
-    assert run.data.metrics["val/dice_best"] == pytest.approx(straight["val/dice_best"])
+    assert run.data.metrics["val/dice_best"] == pytest.approx(straight.metrics["val/dice_best"])
     best = [
         torch.load(
             Path(client.get_run(r).data.tags["segexp.output_dir"]) / "checkpoints" / "best.ckpt",
             weights_only=True,
         )
-        for r in (run.info.run_id, straight["run_id"])
+        for r in (run.info.run_id, straight.run_id)
     ]
     assert best[0]["epoch"] == best[1]["epoch"]
     for key, value in best[1]["state_dict"].items():
@@ -101,10 +101,10 @@ def test_a_resumed_run_matches_the_uninterrupted_one(work_dir, client, hc18_root
     straight = train(make_cfg(work_dir, *common, "trainer.max_epochs=3", "run_name=straight"))
     first = train(make_cfg(work_dir, *common, "trainer.max_epochs=2", "run_name=interrupted"))
     resumed = train(
-        make_cfg(work_dir, f"resume={first['run_id']}", "trainer.max_epochs=3"),
-        [f"resume={first['run_id']}", "trainer.max_epochs=3"],
+        make_cfg(work_dir, f"resume={first.run_id}", "trainer.max_epochs=3"),
+        [f"resume={first.run_id}", "trainer.max_epochs=3"],
     )
-    assert resumed["run_id"] == first["run_id"]
+    assert resumed.run_id == first.run_id
 
     def curve(run_id):
         return [
@@ -112,10 +112,10 @@ def test_a_resumed_run_matches_the_uninterrupted_one(work_dir, client, hc18_root
             for m in sorted(client.get_metric_history(run_id, "val/dice"), key=lambda m: m.step)
         ]
 
-    assert len(curve(straight["run_id"])) == 3
-    assert curve(straight["run_id"]) == curve(first["run_id"])
+    assert len(curve(straight.run_id)) == 3
+    assert curve(straight.run_id) == curve(first.run_id)
     weights = []
-    for run_id in (straight["run_id"], first["run_id"]):
+    for run_id in (straight.run_id, first.run_id):
         out = Path(client.get_run(run_id).data.tags["segexp.output_dir"])
         weights.append(
             torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -138,17 +138,17 @@ class Payload:
 def test_a_malicious_checkpoint_is_refused_and_never_runs(cfg, work_dir, client, hc18_root, capsys):
     cfg.trainer.max_epochs = 1
     first = train(cfg)
-    out = Path(client.get_run(first["run_id"]).data.tags["segexp.output_dir"])
+    out = Path(client.get_run(first.run_id).data.tags["segexp.output_dir"])
     marker = work_dir / "pwned"
     torch.save({"state_dict": Payload(marker)}, out / "checkpoints" / "last.ckpt")
     with pytest.raises(ConfigError, match="unreadable"):
-        train(make_cfg(work_dir, f"resume={first['run_id']}"), [f"resume={first['run_id']}"])
+        train(make_cfg(work_dir, f"resume={first.run_id}"), [f"resume={first.run_id}"])
     assert not marker.exists()
     # the same file as a best checkpoint, for prediction
     torch.save({"state_dict": Payload(marker)}, out / "checkpoints" / "best.ckpt")
-    client.log_artifact(first["run_id"], str(out / "checkpoints" / "best.ckpt"), "checkpoints")
+    client.log_artifact(first.run_id, str(out / "checkpoints" / "best.ckpt"), "checkpoints")
     capsys.readouterr()
-    assert cli.main(predict_args(first["run_id"], hc18_root, work_dir)) == 2
+    assert cli.main(predict_args(first.run_id, hc18_root, work_dir)) == 2
     assert "best.ckpt" in capsys.readouterr().err  # one line naming the file
     assert not marker.exists()
 
@@ -405,18 +405,16 @@ def test_a_sweep_job_killed_like_the_oom_killer_is_killed_and_resume_finishes_it
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(cfg, work_dir, client):
     cfg.trainer.max_epochs = 1
     first = train(cfg)
-    checkpoints = (
-        Path(client.get_run(first["run_id"]).data.tags["segexp.output_dir"]) / "checkpoints"
-    )
+    checkpoints = Path(client.get_run(first.run_id).data.tags["segexp.output_dir"]) / "checkpoints"
     before = (checkpoints / "last.ckpt").read_bytes()
     # the next save (this process: train runs in it) cannot write its temporary file
     (checkpoints / f".last.ckpt.{os.getpid()}.tmp").mkdir()
-    resume = [f"resume={first['run_id']}", "trainer.max_epochs=3"]
+    resume = [f"resume={first.run_id}", "trainer.max_epochs=3"]
     with pytest.raises(OSError):
         train(make_cfg(work_dir, *resume), resume)
     assert (checkpoints / "last.ckpt").read_bytes() == before
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 0
-    assert client.get_run(first["run_id"]).info.status == "FAILED"
+    assert client.get_run(first.run_id).info.status == "FAILED"
 
 
 def test_a_loss_that_turns_nan_at_epoch_2_keeps_the_earlier_best_checkpoint(

@@ -119,7 +119,7 @@ def plant_search(client: MlflowClient, work_dir, trials: list) -> str:
     """A search's parent and one FINISHED child per trial, as `segexp train -m` logs them."""
     experiment = client.create_experiment("planted", (work_dir / "artifacts").as_uri())
     parent = client.create_run(
-        experiment, tags={"segexp.role": "sweep", search.SPACE_TAG: json.dumps(SPACE)}
+        experiment, tags={"segexp.role": "sweep", tracking.tags.SEARCH_SPACE: json.dumps(SPACE)}
     ).info.run_id
     for trial in trials:
         run_id = client.create_run(experiment, tags={tracking.tags.PARENT: parent}).info.run_id
@@ -195,7 +195,7 @@ def test_a_search_is_one_parent_with_a_finished_child_per_trial(searched):
     [parent] = parents(client)
     assert parent.info.status == "FINISHED", log[-3000:]
     assert parent.info.run_name == "sweep lr x wd x bs x loss (4 runs)"
-    assert json.loads(parent.data.tags[search.SPACE_TAG]) == SPACE
+    assert json.loads(parent.data.tags[tracking.tags.SEARCH_SPACE]) == SPACE
     kids = tracking.children(client, parent)
     assert [k.info.status for k in kids] == ["FINISHED"] * 4
     for kid in kids:  # named by the sampled values, 3 significant digits

@@ -29,7 +29,7 @@ def planted(tmp_path_factory, store_template, hc18_root):
     work_dir = tmp_path_factory.mktemp("planted")
     shutil.copy(store_template, work_dir / "mlflow.db")
     cfg = make_cfg(work_dir, "debug=tiny", f"dataset.root={hc18_root}", "trainer.max_epochs=1")
-    run_id = train(cfg)["run_id"]
+    run_id = train(cfg).run_id
     client = MlflowClient(tracking_uri=f"sqlite:///{work_dir / 'mlflow.db'}")
     marker = work_dir / "pwned"
     artifacts = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
@@ -70,7 +70,7 @@ def test_blame_refuses_a_planted_run_before_any_training(planted, capsys):
         make_cfg(
             work_dir, "debug=tiny", f"dataset.root={hc18_root}", "trainer.max_epochs=1", "seed=3"
         )
-    )["run_id"]
+    ).run_id
     before = len(
         client.search_runs([client.get_experiment_by_name("hc18_synthetic").experiment_id])
     )
@@ -134,7 +134,7 @@ def test_a_run_logged_before_performance_channels_last_still_predicts(
     cfg, work_dir, client, hc18_root
 ):
     cfg.trainer.max_epochs = 1
-    run_id = train(cfg)["run_id"]
+    run_id = train(cfg).run_id
     artifacts = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
     stored = yaml.safe_load((artifacts / "config.yaml").read_text())
     stored["model"]["channels_last"] = stored.pop("performance")["channels_last"]  # old layout

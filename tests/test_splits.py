@@ -84,14 +84,14 @@ def test_a_run_with_a_test_split_evaluates_the_best_weights_once(work_dir, hc18_
     assert len(steps(client, run.info.run_id, "test/dice")) == 1
     path = client.download_artifacts(run.info.run_id, "evaluation/test_cases.csv", str(work_dir))
     cases = pd.read_csv(path)
-    assert len(cases) >= 3 and final["test/dice"] == pytest.approx(cases.dice.mean())
-    assert "test/hc_mae_mm" in final
+    assert len(cases) >= 3 and final.metrics["test/dice"] == pytest.approx(cases.dice.mean())
+    assert "test/hc_mae_mm" in final.metrics
     path = client.download_artifacts(
         run.info.run_id, "evaluation/test_hc_ranges.csv", str(work_dir)
     )
     ranges = pd.read_csv(path)  # per head-size range of the test cases, as validation has it
     assert set(ranges.hc_range) == set(cases.hc_range) and ranges.images.sum() == len(cases)
-    assert all(f"test/hc_mae_mm_{name}" in final for name in ranges.hc_range)
+    assert all(f"test/hc_mae_mm_{name}" in final.metrics for name in ranges.hc_range)
     history = client.get_metric_history(run.info.run_id, "val/dice")
     last = max(history, key=lambda m: m.step).value
     assert run.data.metrics["val/dice_last"] == pytest.approx(last)

@@ -125,7 +125,7 @@ def test_two_epoch_run_lands_in_mlflow(cfg, work_dir, client):
         assert steps(client, run.info.run_id, key) == [0, 1], key
     assert "val/dice_volume" not in run.data.metrics
     assert 0 <= run.data.metrics["val/dice_best"] <= 1 and run.data.metrics["best_epoch"] in (0, 1)
-    assert final["val/dice_best"] == pytest.approx(run.data.metrics["val/dice_best"])
+    assert final.metrics["val/dice_best"] == pytest.approx(run.data.metrics["val/dice_best"])
     assert run.data.params["optimizer.lr"] == "0.001"
     assert run.data.params["run_name"] == long_name
     assert run.data.params["dataset.image_size"] == "32"
@@ -416,9 +416,9 @@ def test_bf16_mixed_and_channels_last_train_on_cpu(cfg, client):
     run = only_run(client, "hc18_synthetic")
     assert run.info.status == "FINISHED" and run.data.params["trainer.precision"] == "bf16-mixed"
     assert run.data.tags["segexp.channels_last"] == "True"
-    assert math.isfinite(final["val/dice_best"]) and steps(client, run.info.run_id, "val/dice") == [
-        0
-    ]
+    assert math.isfinite(final.metrics["val/dice_best"]) and steps(
+        client, run.info.run_id, "val/dice"
+    ) == [0]
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "plateau"])
@@ -489,11 +489,11 @@ def test_bf16_dice_matches_fp32_after_the_same_epochs(work_dir, client, tmp_path
     ]
     fp32 = train(make_cfg(work_dir, *common, "trainer.precision=32-true", "run_name=fp32"))
     bf16 = train(make_cfg(work_dir, *common, "trainer.precision=bf16-mixed", "run_name=bf16"))
-    assert fp32["val/dice_best"] > 0.8, fp32  # a trained model, not two empty predictions
+    assert fp32.metrics["val/dice_best"] > 0.8, fp32  # a trained model, not two empty predictions
     # bf16 rounding moves the trajectory as another seed would, and by how much depends on the
     # CPU's bf16 kernels: 0.011 on an AMD EPYC with AVX-512 BF16, 0.023 on an Intel Xeon without
-    gap = abs(fp32["val/dice_best"] - bf16["val/dice_best"])
-    assert gap < 0.03, (fp32["val/dice_best"], bf16["val/dice_best"])
+    gap = abs(fp32.metrics["val/dice_best"] - bf16.metrics["val/dice_best"])
+    assert gap < 0.03, (fp32.metrics["val/dice_best"], bf16.metrics["val/dice_best"])
 
 
 def test_precision_and_channels_last_auto_are_resolved_and_recorded(cfg, client, any_load_is_idle):

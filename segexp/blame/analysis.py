@@ -191,10 +191,16 @@ def screened(result: Analysis, results, fit, plain: dict, floors, stalled, inter
         )
     result.left_out = left_out_runs(observed, factors, metric, screen, flat)
     result.takeoff = takeoffs(observed, factors, screen, alpha)
-    if (kept_dead := int((screen.dead & screen.kept).sum())) > 0:
+    alike = int((screen.alike & screen.kept).sum())
+    if (kept_dead := int((screen.dead & screen.kept).sum()) - alike) > 0:
         result.notes.append(
             f"{kept_dead} runs that never learned are kept as data: no run of their cell (or of"
             " their factor level) learned, so that is the configuration's result"
+        )
+    if alike:
+        result.notes.append(
+            f"{alike} runs that never learned are kept as data: each scored like its cell's runs"
+            " that learned (inside the 99% prediction interval), so leaving it out hides nothing"
         )
     if not result.left_out:
         return

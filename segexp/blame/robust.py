@@ -8,7 +8,9 @@ batched over replications (columns of y) so that simulations run the code real t
   0), or a training loss that never fell (the caller reads it from the run's history). Such runs are left out like failed runs, unless a factor explains them (Fisher's exact
   test of learned vs not between its levels, Holm over factors at ALPHA_EXPLAIN): then the level
   that stops training keeps its runs, and the harm shows in the effects. (`analyze` also keeps
-  cells in which every run is dead when leaving them out would lose a term.)
+  cells in which every run is dead when leaving them out would lose a term.) A dead run that
+  scores like the runs of its cell that learned (inside their 99% prediction interval, with the
+  pure-error SD of the kept runs) stays too: leaving it out would hide nothing, only cost power.
 - Unusual: a LAD-started Huber, then Tukey-bisquare M-fit of the additive model (the IRLS of
   statsmodels' RLM) marks runs beyond CANDIDATE robust SDs; each is tested, mildest first,
   against the least-squares fit of the analysis model on the other runs (a prediction t test,
@@ -29,6 +31,7 @@ HUBER, BISQUARE = 1.345, 4.685  # the tuning constants of statsmodels' HuberT an
 CANDIDATE = 3.0  # robust residuals beyond this many robust SDs are tested
 ALPHA_OUTLIER = 0.0001  # per table: the chance of leaving out a run when none is unusual
 ALPHA_EXPLAIN = 0.001  # family-wise, over factors: "this level stops training" by chance
+ALPHA_ALIKE = 0.01  # a dead run inside this prediction interval of its learned twins stays
 FLOOR_TOLERANCE = 0.01  # a metric this close to a constant prediction's level never learned
 ITERATIONS, LAD_ITERATIONS = 40, 60
 SEARCH_STEPS = 30  # candidates tested one by one; more are tested at once
@@ -41,6 +44,7 @@ class Screen:
     kept: np.ndarray  # bool: the runs the robust analysis fits
     dead: np.ndarray  # bool: at a constant prediction's level
     explained: np.ndarray  # bool: dead, but at a level that stops training (kept)
+    alike: np.ndarray  # bool: dead, but scored like its cell's runs that learned (kept)
     unusual: np.ndarray  # bool: far from the fit of the others (left out)
     t: np.ndarray  # prediction t of each tested run against the fit of the others (else NaN)
     predicted: np.ndarray  # the analysis model's value of a tested run, fitted without it
@@ -155,6 +159,23 @@ def never_learned(
     return dead, dead & at_bad, p
 
 
+def like_twins(fit: Model, y, keep, dead, floor: float) -> np.ndarray:
+    """(runs, R): dead runs inside the prediction interval of their cell's kept runs (the
+    cell-means fit, pure-error SD pooled over the cells), where the cell has a kept run."""
+    cells = np.unique(fit.cells, return_inverse=True)[1].ravel()
+    means = np.eye(cells.max() + 1)[cells]  # (runs, cells): the saturated model
+    twinned = (means @ (means.T @ keep.astype(float))) > 0
+    candidates = dead & ~keep & twinned
+    if not candidates.any():
+        return candidates
+    clean = wls(means, y, keep)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = clean.resid / (clean.sd * np.sqrt(1 + clean.leverage))
+    t = np.where(np.abs(clean.resid) > floor, t, 0.0)
+    bound = stats.t.ppf(1 - ALPHA_ALIKE / 2, np.where(clean.dof > 0, clean.dof, np.nan))
+    return candidates & (np.abs(t) <= bound)  # NaN (no replicated cell): not alike
+
+
 def screen(
     fit: Model,
     y: np.ndarray,
@@ -183,6 +204,8 @@ def screen(
     # too few runs learned to fit anything (none, say): every run stays data, as it scored
     short = keep.sum(axis=0) < np.linalg.matrix_rank(additive)
     keep[:, short] = finite[:, short]
+    alike = like_twins(fit, y, keep, dead, floor)
+    keep |= alike
     beta, scale = m_fit(additive, y, keep, floor)
     runs = keep.sum(axis=0)
     dof = np.maximum(runs - np.linalg.matrix_rank(additive), 1)
@@ -190,7 +213,7 @@ def screen(
     out = keep & (score > CANDIDATE)
     keep_one_per_cell(out, keep, score, fit.cells)
     t, predicted = forward_search(fit, y, keep, out, score, floor, alpha)
-    return Screen(keep & ~out, dead, explained, out, t, predicted, takeoff)
+    return Screen(keep & ~out, dead, explained, alike, out, t, predicted, takeoff)
 
 
 def prediction_t(fit, y, keep, out, floor, alpha):

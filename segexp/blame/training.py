@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from mlflow import MlflowClient
-from omegaconf import OmegaConf
 
-from segexp import config, sweep, tracking
+from segexp import sweep, tracking
 
 from .factors import Cell
 
@@ -35,26 +32,11 @@ def reuse(
 
 def launch(cells: list[Cell], parent_run_id: str, launcher: list[str], work_dir: Path):
     """Train `cells` as the jobs of one `segexp train -m` through the chosen Hydra launcher."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=work_dir) as handle:
-        json.dump(
-            [{"name": c.name, "overrides": c.overrides, "tags": c.tags} for c in cells], handle
-        )
-    command = [
-        sys.executable, "-m", "segexp.cli", "train", "-m", *launcher,
-        f"work_dir={work_dir}", f"+blame.cells={handle.name}",
-        "+blame.cell=" + ",".join(str(i) for i in range(len(cells))),
-    ]  # fmt: skip
+    jobs = [{"name": c.name, "overrides": c.overrides, "tags": c.tags} for c in cells]
+    jobs_file, listed = sweep.write_jobs(jobs, work_dir)
+    command = [sys.executable, "-m", "segexp.cli", "train", "-m", *launcher, f"work_dir={work_dir}"]
     env = {**os.environ, sweep.PARENT_ENV: parent_run_id}
-    return subprocess.Popen(command, env=env), Path(handle.name)
-
-
-def cell_config(cells_file: str, index: int):
-    """(config, overrides) of cell `index` of a launched cells file, with its name and tags."""
-    cell = json.loads(Path(cells_file).read_text())[index]
-    cfg = config.compose(cell["overrides"])
-    cfg.run_name = cell["name"]
-    OmegaConf.update(cfg, "tracking.tags", cell.get("tags", {}), force_add=True)
-    return cfg, list(cell["overrides"])
+    return subprocess.Popen(command + listed, env=env), jobs_file
 
 
 def train_cells(
@@ -104,7 +86,7 @@ def train_in_process(cells: list[Cell], parent_run_id: str) -> None:
         cfg.run_name = cell.name
         cfg.tracking.tags = cell.tags
         try:
-            cell.run_id = train(cfg, cell.overrides)["run_id"]
+            cell.run_id = train(cfg, cell.overrides).run_id
         except Exception as err:  # a failed cell is listed in the report, never dropped silently
             print(f"cell {cell.name} failed: {err}")
 

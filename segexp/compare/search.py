@@ -2,8 +2,8 @@
 TPE via `hparams_search=`): each searched parameter's importance over the FINISHED trials, from
 Optuna's own evaluators (`optuna.importance`). Grids keep the ANOVA of `importance.py`.
 
-The parent records its search space (SPACE_TAG); the distributions are rebuilt from it by the
-sweeper's own parser, the trials' values come from each child's params and config-group choices.
+The parent records its search space (tag `SEARCH_SPACE`); the distributions are rebuilt from it by
+the sweeper's own parser, the trials' values come from each child's params and config-group choices.
 PED-ANOVA runs where the installed optuna has it (3.6+), fANOVA where it runs; when neither does,
 Optuna's mean decrease impurity ranks, and the output names the method and why the others did not.
 """
@@ -24,8 +24,6 @@ from segexp import tracking
 from segexp.evaluation import lower_is_better
 from segexp.plots import figure, save
 
-SPACE_TAG = "segexp.search_space"  # JSON list of `key=distribution`, as the sweeper read them
-SAMPLER_TAG = "segexp.search_sampler"
 MDI = "MDI"  # the fallback where neither PED-ANOVA nor fANOVA runs
 NAMES = {"PED-ANOVA": "PED-ANOVA", "fANOVA": "functional ANOVA", MDI: "mean decrease impurity"}
 
@@ -57,7 +55,7 @@ class SearchImportance:
 
 
 def is_search(parent: Run) -> bool:
-    return SPACE_TAG in parent.data.tags
+    return tracking.tags.SEARCH_SPACE in parent.data.tags
 
 
 def distributions(space: list[str]) -> dict:
@@ -192,9 +190,7 @@ def failure(evaluator, err: Exception) -> str:
 
 def search_runs(client: MlflowClient, parent: Run) -> list[Run]:
     """The search's FINISHED trials: its children and the runs a `sweep.resume` reused."""
-    from segexp.sweep import reused_runs  # segexp.sweep imports this package
-
-    runs = tracking.children(client, parent) + reused_runs(client, parent)
+    runs = tracking.children(client, parent) + tracking.reused_runs(client, parent)
     unique = {r.info.run_id: r for r in runs if r.info.status == "FINISHED"}
     return list(unique.values())
 
@@ -236,7 +232,7 @@ def effects(client: MlflowClient, parent_run_id: str, metric: str | None, out: P
     if not runs:
         raise ValueError(f"run {parent_run_id} has no FINISHED child runs")
     metric = metric or tracking.optimized_metric(runs)
-    space = distributions(json.loads(parent.data.tags[SPACE_TAG]))
+    space = distributions(json.loads(parent.data.tags[tracking.tags.SEARCH_SPACE]))
     trials = frozen_trials(runs, space, metric)
     result = search_importance(trials, space, metric)
     print("\n".join(result.lines()))

@@ -5,7 +5,15 @@ and progress lines, so a sweep, a blame and a resume agree on them.
 """
 
 from . import tags
-from .lookup import MAX_RUNS, children, finished_run, optimized_metric, run_key, stored_config
+from .lookup import (
+    MAX_RUNS,
+    children,
+    finished_run,
+    optimized_metric,
+    reused_runs,
+    run_key,
+    stored_config,
+)
 from .names import run_label, short_key, short_number, short_value
 from .progress import Progress
 from .runs import EpochMetricsToMLflow, NonFiniteMetricError, TrackedRun, git_tags
@@ -61,6 +69,7 @@ __all__ = [
     "children",
     "finished_run",
     "optimized_metric",
+    "reused_runs",
     "run_key",
     "stored_config",
     "run_label",

@@ -1,4 +1,4 @@
-"""Runs read back from the store: a run's stored config, its children, its FINISHED twin."""
+"""Runs read back from the store: a stored config, children, adopted runs, a FINISHED twin."""
 
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ def children(client: MlflowClient, parent: Run) -> list[Run]:
         [parent.info.experiment_id],
         f"tags.`{tags.PARENT}` = '{parent.info.run_id}'",
         order_by=["attributes.start_time ASC"],
+        max_results=MAX_RUNS,
+    )
+
+
+def reused_runs(client: MlflowClient, parent: Run) -> list[Run]:
+    """Runs of earlier sweeps that a `sweep.resume=true` job of `parent` adopted, not retrained."""
+    return client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`{tags.REUSED_BY_SWEEP}` = '{parent.info.run_id}'",
         max_results=MAX_RUNS,
     )
 

@@ -9,6 +9,8 @@ CHOICES = "segexp.choices"  # the config-group options Hydra chose, as JSON
 OUTPUT_DIR = "segexp.output_dir"  # checkpoints and Hydra's outputs
 SWEEP_GRID = "segexp.sweep_grid"  # a sweep's task overrides: equal grids, same sweep
 REUSED_BY_SWEEP = "segexp.reused_by_sweep"  # a FINISHED run a resumed sweep adopted
+SEARCH_SPACE = "segexp.search_space"  # a search parent's: JSON list of `key=distribution`
+SEARCH_SAMPLER = "segexp.search_sampler"  # a search parent's sampler `_target_`
 RESUMED_WITH = "segexp.resumed_with"
 FINGERPRINT = "dataset.fingerprint"  # the data a run saw: its files' list, sizes and mtimes
 PARENT = "mlflow.parentRunId"
