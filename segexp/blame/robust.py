@@ -160,19 +160,25 @@ def never_learned(
 
 
 def like_twins(fit: Model, y, keep, dead, floor: float) -> np.ndarray:
-    """(runs, R): dead runs inside the prediction interval of their cell's kept runs (the
-    cell-means fit, pure-error SD pooled over the cells), where the cell has a kept run."""
+    """(runs, R): dead runs inside the prediction interval of their cell's kept runs (cell
+    means, pure-error SD pooled over the cells), where the cell has a kept run."""
     cells = np.unique(fit.cells, return_inverse=True)[1].ravel()
-    means = np.eye(cells.max() + 1)[cells]  # (runs, cells): the saturated model
-    twinned = (means @ (means.T @ keep.astype(float))) > 0
-    candidates = dead & ~keep & twinned
+    w = keep.astype(float)
+    n = np.zeros((cells.max() + 1, y.shape[1]))
+    np.add.at(n, cells, w)  # (cells, R): kept runs
+    total = np.zeros_like(n)
+    np.add.at(total, cells, w * y)
+    candidates = dead & ~keep & (n[cells] > 0)
     if not candidates.any():
         return candidates
-    clean = wls(means, y, keep)
+    mean = total / np.maximum(n, 1)
+    resid = y - mean[cells]  # (runs, R)
+    dof = w.sum(axis=0) - (n > 0).sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = clean.resid / (clean.sd * np.sqrt(1 + clean.leverage))
-    t = np.where(np.abs(clean.resid) > floor, t, 0.0)
-    bound = stats.t.ppf(1 - ALPHA_ALIKE / 2, np.where(clean.dof > 0, clean.dof, np.nan))
+        sd = np.sqrt((w * resid**2).sum(axis=0) / dof)
+        t = resid / (sd * np.sqrt(1 + 1 / np.maximum(n[cells], 1)))
+    t = np.where(np.abs(resid) > floor, t, 0.0)
+    bound = stats.t.ppf(1 - ALPHA_ALIKE / 2, np.where(dof > 0, dof, np.nan))
     return candidates & (np.abs(t) <= bound)  # NaN (no replicated cell): not alike
 
 
