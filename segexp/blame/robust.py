@@ -162,8 +162,7 @@ def never_learned(
 def like_twins(fit: Model, y, keep, dead, floor: float) -> np.ndarray:
     """(runs, R): dead runs inside the prediction interval of their cell's kept runs (cell
     means, pure-error SD pooled over the cells), where the cell has a kept run."""
-    cells = np.unique(fit.cells, return_inverse=True)[1].ravel()
-    w = keep.astype(float)
+    cells, w = fit.cells, keep.astype(float)
     n = np.zeros((cells.max() + 1, y.shape[1]))
     np.add.at(n, cells, w)  # (cells, R): kept runs
     total = np.zeros_like(n)
@@ -171,13 +170,11 @@ def like_twins(fit: Model, y, keep, dead, floor: float) -> np.ndarray:
     candidates = dead & ~keep & (n[cells] > 0)
     if not candidates.any():
         return candidates
-    mean = total / np.maximum(n, 1)
-    resid = y - mean[cells]  # (runs, R)
+    resid = y - (total / np.maximum(n, 1))[cells]  # (runs, R), from the cell's mean
     dof = w.sum(axis=0) - (n > 0).sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         sd = np.sqrt((w * resid**2).sum(axis=0) / dof)
-        t = resid / (sd * np.sqrt(1 + 1 / np.maximum(n[cells], 1)))
-    t = np.where(np.abs(resid) > floor, t, 0.0)
+    t = held_out_t(resid, sd, 1 / np.maximum(n[cells], 1), floor)
     bound = stats.t.ppf(1 - ALPHA_ALIKE / 2, np.where(dof > 0, dof, np.nan))
     return candidates & (np.abs(t) <= bound)  # NaN (no replicated cell): not alike
 
@@ -222,16 +219,19 @@ def screen(
     return Screen(keep & ~out, dead, explained, alike, out, t, predicted, takeoff)
 
 
+def held_out_t(resid, sd, leverage, floor: float) -> np.ndarray:
+    """Prediction t of runs against a fit: resid / (sd sqrt(1 + leverage)); 0 within `floor`."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.abs(resid) > floor, resid / (sd * np.sqrt(1 + leverage)), 0.0)
+
+
 def prediction_t(fit, y, keep, out, floor, alpha):
     """(t, predicted, beyond) of every run against the fit of the kept runs that are not out.
 
     beyond: |t| past the Bonferroni bound over the kept runs (no dof: never).
     """
     clean = wls(fit.x, y, keep & ~out)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(
-            np.abs(clean.resid) > floor, clean.resid / (clean.sd * np.sqrt(1 + clean.leverage)), 0.0
-        )
+    t = held_out_t(clean.resid, clean.sd, clean.leverage, floor)
     dof = np.where(clean.dof > 0, clean.dof, np.nan)
     bound = stats.t.ppf(1 - alpha / (2 * keep.sum(axis=0)), dof)
     return t, y - clean.resid, np.abs(t) > bound
